@@ -1,0 +1,145 @@
+"""Canonical msgpack: the only encoding of anything that is signed or hashed.
+
+Invariants:
+- One value has exactly one encoding. Maps are written with their keys sorted by
+  their encoded bytes, integers in their shortest form (msgpack does that),
+  strings as UTF-8 `str`, bytes as `bin`. Floats, extension types and non-string
+  map keys are refused: a float has several encodings and rounding, and a signed
+  field must not depend on either.
+- Decoding is strict and bounded: total size, nesting depth, and the length of
+  every string, binary, array and map are capped before anything is allocated
+  (msgpack's own limits) or walked (our depth check). Finally the input must be
+  the canonical encoding of what it decodes to, so a duplicate map key, an
+  unsorted map or a long-form integer is refused rather than silently accepted
+  with two possible hashes.
+- Every failure is a `ProtocolError` with code `malformed_msgpack`,
+  `non_canonical` or `too_large`; nothing else escapes `decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "decode_map", "encode"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Upper bounds a decoder enforces on untrusted input."""
+
+    max_bytes: int = 64 * 1024
+    """Total size of the encoded input."""
+    max_depth: int = 16
+    """Nesting depth of arrays and maps."""
+    max_str: int = 16 * 1024
+    """Length in bytes of one string."""
+    max_bin: int = 64 * 1024
+    """Length of one binary value."""
+    max_array: int = 4096
+    """Items in one array."""
+    max_map: int = 256
+    """Pairs in one map."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _canonical(value: Any, depth: int) -> Any:
+    """Return `value` with every map rebuilt in canonical key order; refuse what is not allowed."""
+    if depth > 64:
+        raise ProtocolError("value nests too deeply to encode", code="too_deep")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        raise ProtocolError(f"integer {value} is outside msgpack's range", code="non_canonical")
+    if value is None or isinstance(value, bool | int | str | bytes):
+        return value
+    if isinstance(value, list | tuple):
+        return [_canonical(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
+            items.append((key.encode("utf-8"), key, _canonical(item, depth + 1)))
+        items.sort(key=lambda entry: entry[0])
+        return {key: item for _, key, item in items}
+    raise ProtocolError(
+        f"type {type(value).__name__} cannot be encoded canonically", code="non_canonical"
+    )
+
+
+def encode(value: Any) -> bytes:
+    """Encode `value` canonically: None, bool, int, str, bytes, list/tuple, str-keyed dict."""
+    result: bytes = msgpack.packb(
+        _canonical(value, 0), use_bin_type=True, strict_types=False, datetime=False
+    )
+    return result
+
+
+def _check_depth(value: Any, max_depth: int) -> None:
+    # Iterative, so a hostile input cannot exhaust the Python stack.
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list | dict):
+            if depth >= max_depth:
+                raise ProtocolError(f"nesting deeper than {max_depth}", code="too_deep")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, float):
+            raise ProtocolError("floats are not allowed", code="non_canonical")
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Decode canonical msgpack from an untrusted source, enforcing `limits`."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("expected bytes", code="malformed_msgpack")
+    data = bytes(data)
+    if len(data) > limits.max_bytes:
+        raise ProtocolError(
+            f"{len(data)} bytes exceeds the limit of {limits.max_bytes}",
+            code="too_large",
+            status=413,
+        )
+    if not data:
+        raise ProtocolError("empty input", code="malformed_msgpack")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=limits.max_str,
+            max_bin_len=limits.max_bin,
+            max_array_len=limits.max_array,
+            max_map_len=limits.max_map,
+            max_ext_len=0,
+            timestamp=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises a dozen unrelated types; all mean "malformed"
+        raise ProtocolError(f"malformed msgpack: {exc}", code="malformed_msgpack") from exc
+    _check_depth(value, limits.max_depth)
+    try:
+        canonical = encode(value)
+    except ProtocolError as exc:
+        raise ProtocolError(f"not canonical: {exc}", code="non_canonical") from exc
+    if canonical != data:
+        raise ProtocolError(
+            "not the canonical encoding (duplicate or unsorted keys, or long-form numbers)",
+            code="non_canonical",
+        )
+    return value
+
+
+def decode_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Decode and require a map at the top level."""
+    value = decode(data, limits)
+    if not isinstance(value, dict):
+        raise ProtocolError("expected a map at the top level", code="malformed_msgpack")
+    return value

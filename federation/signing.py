@@ -1,0 +1,89 @@
+"""Ed25519 signing keys: the identity of a node and of the federation authority.
+
+Keys are handled as raw 32-byte public keys on the wire and in the roster, and
+as PKCS#8 PEM private keys on disk (the gateway writes those with mode 0600).
+Verification never raises anything but `TrustError`: a bad signature, a key of
+the wrong length and a malformed key are all the same refusal to a caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import ConfigError, TrustError
+from .identity import key_id
+
+__all__ = ["SigningKey", "public_key_id", "verify_signature"]
+
+PUBLIC_KEY_SIZE = 32
+SIGNATURE_SIZE = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A private Ed25519 key with its derived public key and key id."""
+
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        """A new random key."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningKey:
+        """Load a PKCS#8 PEM private key; `ConfigError` if it is not an Ed25519 key."""
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                "signing key file is not a valid PEM private key", code="bad_key"
+            ) from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError("signing key file does not hold an Ed25519 key", code="bad_key")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        """PKCS#8 PEM, unencrypted (the file's mode protects it)."""
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def public_raw(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    @property
+    def key_id(self) -> str:
+        """First 16 hex characters of SHA-256 of the raw public key."""
+        return key_id(self.public_raw)
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte Ed25519 signature over `message`."""
+        return self.private.sign(message)
+
+
+def public_key_id(raw_public_key: bytes) -> str:
+    """Key id of a raw public key (checked for length)."""
+    if len(raw_public_key) != PUBLIC_KEY_SIZE:
+        raise TrustError("public key must be 32 bytes", code="bad_key")
+    return key_id(raw_public_key)
+
+
+def verify_signature(raw_public_key: bytes, signature: bytes, message: bytes) -> None:
+    """Raise `TrustError` unless `signature` is a valid signature of `message`."""
+    if len(raw_public_key) != PUBLIC_KEY_SIZE or len(signature) != SIGNATURE_SIZE:
+        raise TrustError("malformed key or signature", code="bad_signature")
+    try:
+        Ed25519PublicKey.from_public_bytes(raw_public_key).verify(signature, message)
+    except (InvalidSignature, ValueError) as exc:
+        raise TrustError("signature does not verify", code="bad_signature") from exc

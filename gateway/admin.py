@@ -1,0 +1,214 @@
+"""The admin API: how the CLI talks to its running node, over a Unix socket only.
+
+The socket lives in the node's home with mode 0600, so only the account that
+runs the node (and root) can use it; it is never exposed on the network. The
+API is JSON; refusals carry {error, message, hint} like the federation API.
+
+A node refuses to start if another process already answers on the socket of
+the same home (two nodes on one database would corrupt nothing, thanks to
+SQLite, but would confuse everyone); a stale socket left by a crash is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from federation.errors import ConfigError, KakehashiError, ProtocolError, TransportError
+from federation.invites import Approval, parse_duration
+from federation.roster import MemberStatus
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["AdminClient", "admin_app", "serve_admin"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, exc: KakehashiError) -> web.Response:
+    return web.json_response(
+        {"error": exc.code, "message": str(exc), "hint": exc.hint}, status=status
+    )
+
+
+def admin_app(node: Node) -> web.Application:
+    """JSON routes over the node's state; authority routes refuse on a member node."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return _error(exc.status, exc)
+        except KakehashiError as exc:
+            return _error(409, exc)
+
+    def authority() -> Any:
+        if node.authority is None:
+            raise ConfigError(
+                f"{node.node_id} is not the federation authority",
+                code="not_authority",
+                hint=f"run this on the authority node ({node.roster.authority})",
+            )
+        return node.authority
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise ProtocolError("request body is not JSON", code="bad_request") from exc
+        if not isinstance(data, dict):
+            raise ProtocolError("request body must be an object", code="bad_request")
+        return data
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(node.status())
+
+    async def peers(request: web.Request) -> web.Response:
+        return web.json_response(node.peer_views())
+
+    async def invite(request: web.Request) -> web.Response:
+        data = await body(request)
+        issued = await authority().invite(
+            str(data.get("node_id", "")),
+            expires_in=parse_duration(str(data.get("expires", "72h"))),
+            approval=Approval(str(data.get("approval", "auto"))),
+            relay=bool(data.get("relay", False)),
+        )
+        return web.json_response(
+            {
+                "token": issued.token,
+                "node_id": issued.invitation.node_id,
+                "expires_at": issued.invitation.expires_at,
+                "approval": issued.invitation.approval.value,
+                "relay": issued.invitation.relay,
+            }
+        )
+
+    async def pending(request: web.Request) -> web.Response:
+        rows = await authority().pending()
+        return web.json_response(
+            [{"node_id": r.node_id, "requested_at": r.updated_at, "relay": r.relay} for r in rows]
+        )
+
+    async def approve(request: web.Request) -> web.Response:
+        data = await body(request)
+        roster = await authority().approve(str(data.get("node_id", "")))
+        return web.json_response({"node_id": data["node_id"], "roster_version": roster.version})
+
+    async def deny(request: web.Request) -> web.Response:
+        data = await body(request)
+        await authority().deny(str(data.get("node_id", "")))
+        return web.json_response({"node_id": data["node_id"], "denied": True})
+
+    async def set_status(request: web.Request) -> web.Response:
+        data = await body(request)
+        try:
+            status = MemberStatus(str(data.get("status")))
+        except ValueError as exc:
+            raise ProtocolError(
+                "status must be active, suspended or revoked", code="bad_request"
+            ) from exc
+        roster = await authority().set_status(
+            str(data.get("node_id", "")), status, str(data.get("reason", ""))
+        )
+        return web.json_response(
+            {"node_id": data["node_id"], "status": status.value, "roster_version": roster.version}
+        )
+
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app.add_routes(
+        [
+            web.get("/v1/status", status),
+            web.get("/v1/peers", peers),
+            web.post("/v1/peers/invite", invite),
+            web.get("/v1/peers/pending", pending),
+            web.post("/v1/peers/approve", approve),
+            web.post("/v1/peers/deny", deny),
+            web.post("/v1/peers/status", set_status),
+        ]
+    )
+    return app
+
+
+def _socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+async def serve_admin(runner: web.AppRunner, path: Path) -> None:
+    """Listen on the admin socket with mode 0600; refuse if another node answers on it."""
+    if path.exists():
+        if _socket_answers(path):
+            raise ConfigError(
+                f"a node is already running on this home ({path})",
+                code="already_running",
+                hint="stop it first, or use another --home",
+            )
+        path.unlink()
+    old_umask = os.umask(0o177)  # the socket is created 0600, never briefly wider
+    try:
+        await web.UnixSite(runner, str(path)).start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
+class AdminClient:
+    """The CLI's side: one JSON request to the node on its admin socket."""
+
+    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+        self._path = socket_path
+        self._timeout = timeout
+
+    def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
+        return asyncio.run(self._request(method, path, payload))
+
+    async def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
+        if not self._path.exists():
+            raise _not_running(self._path)
+        try:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.UnixConnector(path=str(self._path)),
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                ) as session,
+                session.request(method, f"http://node{path}", json=payload) as response,
+            ):
+                data = await response.json(content_type=None)
+                status = response.status
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise _not_running(self._path) from exc
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TransportError(f"admin request failed: {exc}", code="admin_failed") from exc
+        if status >= 400:
+            with contextlib.suppress(AttributeError, KeyError, TypeError):
+                raise ConfigError(
+                    str(data["message"]), code=str(data["error"]), hint=data.get("hint")
+                )
+            raise TransportError(f"node answered HTTP {status}", code="admin_failed")
+        return data
+
+
+def _not_running(path: Path) -> ConfigError:
+    return ConfigError(
+        f"the node is not running (no answer on {path})",
+        code="node_not_running",
+        hint=f"start it with: kakehashi run --home {path.parent}",
+    )

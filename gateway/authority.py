@@ -1,0 +1,329 @@
+"""The federation authority's duties on a running node: invite, admit, approve, change status.
+
+Only the node that created the federation holds the federation key and the CA
+key, so only it runs this. Every change to the roster goes through one lock,
+and is persisted in the same transaction as the invitation state that caused
+it, so a crash between "certificate issued" and "roster saved" cannot happen.
+The join lifecycle itself is the pure table in `federation.invites`; this module
+feeds it the stored state and the request, and carries out the effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+
+from federation.errors import ConfigError, TrustError
+from federation.invites import (
+    Approval,
+    Invitation,
+    JoinEffect,
+    JoinInput,
+    JoinReply,
+    JoinRequest,
+    JoinState,
+    JoinStatus,
+    check_not_expired,
+    issue_invitation,
+    join_transition,
+    new_nonce,
+    verify_invitation,
+)
+from federation.roster import (
+    MemberStatus,
+    PublishedKey,
+    Roster,
+    RosterEntry,
+    SignedRoster,
+    sign_roster,
+)
+from federation.signing import SigningKey
+
+from . import tls
+from .config import Home, NodeConfig
+from .store import InvitationRow, Store
+
+__all__ = ["Authority", "IssuedInvitation"]
+
+log = structlog.get_logger("kakehashi.authority")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IssuedInvitation:
+    """A token just issued, with its claims."""
+
+    token: str
+    invitation: Invitation
+
+
+class Authority:
+    """Issues invitations and roster versions for the federation this node created."""
+
+    def __init__(
+        self,
+        *,
+        home: Home,
+        config: NodeConfig,
+        store: Store,
+        current: Callable[[], SignedRoster],
+        publish: Callable[[SignedRoster], Awaitable[None]],
+        clock: Callable[[], float],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._current = current
+        self._publish = publish
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        try:
+            self._federation_key = SigningKey.from_pem(home.federation_key.read_bytes())
+            ca_key = tls.load_private_key_pem(home.ca_key.read_bytes())
+            self._ca_pem = home.ca_cert.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"authority key material missing in {home.root}: {exc}", code="authority_keys"
+            ) from exc
+        if not isinstance(ca_key, EllipticCurvePrivateKey):
+            raise ConfigError("CA key is not an EC key", code="bad_key")
+        self._ca_key = ca_key
+        self._ca_cert = tls.load_certificate_pem(self._ca_pem)
+
+    @property
+    def roster(self) -> Roster:
+        return self._current().roster
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    async def invite(
+        self,
+        node_id: str,
+        *,
+        expires_in: int,
+        approval: Approval = Approval.AUTO,
+        relay: bool = False,
+    ) -> IssuedInvitation:
+        """Issue a single-use invitation token for `node_id`."""
+        existing = self.roster.member(node_id)
+        if existing is not None:
+            if existing.status is MemberStatus.REVOKED:
+                raise TrustError(
+                    f"node id {node_id!r} was revoked and cannot join again",
+                    code="node_revoked",
+                    hint="invite the town under a new node id",
+                )
+            raise TrustError(
+                f"{node_id!r} is already a member",
+                code="already_member",
+                hint="a node that lost its home is restored from backup; otherwise revoke it "
+                "and invite a new node id",
+            )
+        now = self._now()
+        endpoints = tuple(endpoint.url for endpoint in self._config.endpoints)
+        invitation = Invitation(
+            federation_id=self.roster.federation_id,
+            node_id=node_id,
+            authority_endpoints=endpoints,
+            ca_fingerprint=self.roster.ca_fingerprint,
+            federation_key_id=self._federation_key.key_id,
+            nonce=new_nonce(),
+            issued_at=now,
+            expires_at=now + expires_in,
+            approval=approval,
+            relay=relay,
+        )
+        token = issue_invitation(invitation, self._federation_key)
+        await self._store.add_invitation(
+            nonce=invitation.nonce,
+            node_id=node_id,
+            expires_at=invitation.expires_at,
+            approval=approval,
+            relay=relay,
+            now=now,
+        )
+        log.info(
+            "invitation_issued",
+            node=node_id,
+            approval=approval.value,
+            expires_at=invitation.expires_at,
+            relay=relay,
+        )
+        return IssuedInvitation(token=token, invitation=invitation)
+
+    async def join(self, body: bytes) -> JoinReply:
+        """Handle a join request: admit, hold for approval, repeat an answer, or refuse."""
+        request = JoinRequest.from_bytes(body)
+        now = self._now()
+        invitation = verify_invitation(
+            request.token,
+            self.roster.federation_key,
+            now=now,
+            federation_id=self.roster.federation_id,
+        )
+        csr = tls.load_csr_pem(request.csr_pem)
+        keys = request.signing_key + csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        async with self._lock:
+            row = await self._store.invitation(invitation.nonce)
+            if row is None:
+                raise TrustError(
+                    "this invitation is not known to the authority", code="unknown_invitation"
+                )
+            if row.state is JoinState.ISSUED:
+                check_not_expired(invitation, now)
+                event = (
+                    JoinInput.REQUEST_AUTO
+                    if row.approval is Approval.AUTO
+                    else JoinInput.REQUEST_MANUAL
+                )
+            else:
+                same = row.request_keys == keys
+                event = JoinInput.REQUEST_SAME_KEYS if same else JoinInput.REQUEST_OTHER_KEYS
+            effect, state = join_transition(row.state, event)
+            log.info(
+                "join_request", node=invitation.node_id, input=event.name, effect=effect.name
+            )
+            if effect is JoinEffect.REFUSE_REUSED:
+                raise TrustError(
+                    f"the invitation for {invitation.node_id!r} has already been used",
+                    code="token_reused",
+                    hint="invitation tokens are single-use; ask for a new one",
+                )
+            if effect is JoinEffect.REFUSE_DENIED:
+                raise TrustError(
+                    f"the authority denied the join of {invitation.node_id!r}", code="join_denied"
+                )
+            if effect is JoinEffect.HOLD:
+                async with self._store.transaction() as db:
+                    await self._store.update_invitation(
+                        db, row.nonce, state=state, now=now, request=body, request_keys=keys
+                    )
+                return JoinReply(status=JoinStatus.PENDING)
+            if effect is JoinEffect.DELIVER:
+                assert row.certificate is not None
+                return self._reply(row.certificate)
+            assert effect is JoinEffect.ADMIT
+            return await self._admit(row, request, keys, body, now)
+
+    async def _admit(
+        self, row: InvitationRow, request: JoinRequest, keys: bytes, body: bytes, now: int
+    ) -> JoinReply:
+        """Issue the certificate, add the member, persist both at once, publish. Lock held."""
+        csr = tls.load_csr_pem(request.csr_pem)
+        when = datetime.fromtimestamp(now, UTC)
+        cert = tls.issue_node_certificate(
+            self._ca_key, self._ca_cert, csr, row.node_id, when, days=self._config.certificate_days
+        )
+        entry = RosterEntry(
+            node_id=row.node_id,
+            name=request.name,
+            code=request.code,
+            endpoints=tuple(sorted(request.endpoints, key=lambda e: e.segment)),
+            signing_keys=(PublishedKey(public_key=request.signing_key, not_before=now),),
+            tls_fingerprint=tls.fingerprint(cert),
+            status=MemberStatus.ACTIVE,
+            status_since=now,
+            relay=row.relay,
+            joined_at=now,
+        )
+        signed = sign_roster(self.roster.with_member(entry, issued_at=now), self._federation_key)
+        cert_pem = tls.cert_to_pem(cert)
+        async with self._store.transaction() as db:
+            await self._store.update_invitation(
+                db,
+                row.nonce,
+                state=JoinState.APPROVED,
+                now=now,
+                request=body,
+                request_keys=keys,
+                certificate=cert_pem,
+            )
+            await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+        await self._publish(signed)
+        log.info("member_admitted", node=row.node_id, roster_version=signed.version)
+        return self._reply(cert_pem)
+
+    def _reply(self, certificate_pem: bytes) -> JoinReply:
+        return JoinReply(
+            status=JoinStatus.ADMITTED,
+            certificate_pem=certificate_pem,
+            ca_pem=self._ca_pem,
+            roster=self._current().to_bytes(),
+        )
+
+    async def _pending_for(self, node_id: str) -> InvitationRow:
+        rows = [r for r in await self._store.invitations(JoinState.PENDING) if r.node_id == node_id]
+        if not rows:
+            raise TrustError(
+                f"no join request from {node_id!r} is waiting for approval",
+                code="nothing_pending",
+                hint="see waiting requests with: kakehashi peer pending",
+            )
+        return rows[-1]
+
+    async def approve(self, node_id: str) -> Roster:
+        """Admit the waiting join of `node_id`."""
+        async with self._lock:
+            row = await self._pending_for(node_id)
+            effect, _ = join_transition(row.state, JoinInput.APPROVE)
+            assert effect is JoinEffect.ADMIT and row.request is not None
+            request = JoinRequest.from_bytes(row.request)
+            assert row.request_keys is not None
+            await self._admit(row, request, row.request_keys, row.request, self._now())
+            return self.roster
+
+    async def deny(self, node_id: str) -> None:
+        """Refuse the waiting join of `node_id`."""
+        async with self._lock:
+            row = await self._pending_for(node_id)
+            _, state = join_transition(row.state, JoinInput.DENY)
+            async with self._store.transaction() as db:
+                await self._store.update_invitation(db, row.nonce, state=state, now=self._now())
+            log.info("join_denied", node=node_id)
+
+    async def pending(self) -> list[InvitationRow]:
+        """Join requests waiting for an operator."""
+        return await self._store.invitations(JoinState.PENDING)
+
+    async def set_status(self, node_id: str, status: MemberStatus, reason: str) -> Roster:
+        """Suspend, resume or revoke a member: a new roster version, signed and published."""
+        async with self._lock:
+            entry = self.roster.member(node_id)
+            if entry is None:
+                raise TrustError(f"{node_id!r} is not a member", code="unknown_peer")
+            if node_id == self.roster.authority:
+                raise TrustError("the authority cannot change its own status", code="self_status")
+            if entry.status is MemberStatus.REVOKED:
+                raise TrustError(f"{node_id!r} is revoked; that is final", code="peer_revoked")
+            if entry.status is status:
+                return self.roster
+            now = self._now()
+            changed = RosterEntry(
+                **{
+                    **{f: getattr(entry, f) for f in entry.__dataclass_fields__},
+                    "status": status,
+                    "status_reason": reason,
+                    "status_since": now,
+                }
+            )
+            signed = sign_roster(
+                self.roster.with_member(changed, issued_at=now), self._federation_key
+            )
+            async with self._store.transaction() as db:
+                await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+            await self._publish(signed)
+            log.info(
+                "member_status_changed",
+                node=node_id,
+                status=status.value,
+                reason=reason,
+                roster_version=signed.version,
+            )
+            return self.roster

@@ -1,0 +1,420 @@
+"""The `kakehashi` command: set up a node, run it, and operate the federation.
+
+Commands that set a node up (`init`, `federation create`, `federation join`)
+work on the home directly and need the node stopped. Every other command talks
+to the running node through its admin socket.
+
+Output is for people by default (tables, colours on a terminal) and JSON with
+`--json`. Exit codes: 0 ok, 1 failure (one line saying what and one saying the
+fix), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from federation.errors import KakehashiError
+
+from . import logging as node_logging
+from .admin import AdminClient
+from .config import load_config, resolve_home
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def home_option(func: F) -> F:
+    return click.option(
+        "--home",
+        "home",
+        envvar="KAKEHASHI_HOME",
+        type=click.Path(file_okay=False),
+        required=True,
+        help="The node's home directory (or set KAKEHASHI_HOME).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def _admin(home: str) -> AdminClient:
+    return AdminClient(resolve_home(home).admin_socket)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="kakehashi")
+def cli() -> None:
+    """Kakehashi (架け橋): a federation gateway linking the prefecture and its municipalities.
+
+    Each municipality runs a node; nodes exchange signed envelopes over mutual TLS.
+    Start with `kakehashi init`, then `federation create` (prefecture) or
+    `federation join TOKEN` (town), then `kakehashi run`.
+    """
+
+
+@cli.command()
+@home_option
+@click.option("--node-id", required=True, help="Short lowercase id, e.g. tsu or mie-pref.")
+@click.option("--name", required=True, help="Display name, e.g. 津市.")
+@click.option("--code", default=None, help="6-digit local government code, e.g. 242012.")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="HOST:PORT",
+    help="Address of the federation API, e.g. 0.0.0.0:8443.",
+)
+@click.option(
+    "--segment",
+    "segments",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Network segment and this node's endpoint on it; repeat per segment "
+    "(e.g. lgwan=https://10.20.0.2:8443). Default: one segment at the listen address.",
+)
+def init(
+    home: str, node_id: str, name: str, code: str | None, listen: str, segments: tuple[str, ...]
+) -> None:
+    """Create a node home: configuration, keys (mode 0600) and database."""
+    from .membership import init_home
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT, e.g. 0.0.0.0:8443", param_hint="--listen")
+    pairs: dict[str, str] = {}
+    for item in segments:
+        segment, sep, url = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected NAME=URL", param_hint="--segment")
+        pairs[segment.strip()] = url.strip()
+    target = resolve_home(home)
+    config = init_home(
+        target,
+        node_id=node_id,
+        name=name,
+        code=code,
+        listen_host=host.strip("[]"),
+        listen_port=int(port),
+        segments=pairs,
+    )
+    out.print(f"initialised node [bold]{config.node_id}[/] ({config.name}) in {target.root}")
+    for endpoint in config.endpoints:
+        out.print(f"  segment {endpoint.segment}: {endpoint.url}")
+    out.print("next: `kakehashi federation create` (prefecture) or `federation join TOKEN` (town)")
+
+
+@cli.command()
+@home_option
+def run(home: str) -> None:
+    """Run the node until interrupted (Ctrl-C or SIGTERM stops it cleanly)."""
+    from .node import Node
+
+    target = resolve_home(home)
+    config = load_config(target)
+    node_logging.configure(config.log_format, config.log_level)
+
+    async def serve() -> None:
+        node = Node(target)
+        await node.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    asyncio.run(serve())
+
+
+@cli.group()
+def federation() -> None:
+    """Create a federation (authority) or join one (member)."""
+
+
+@federation.command("create")
+@home_option
+@click.option("--name", required=True, help="Federation name, e.g. '三重県 市町連携'.")
+@json_option
+def federation_create(home: str, name: str, as_json: bool) -> None:
+    """Make this node the federation authority: federation key, CA, roster v1."""
+    from .membership import create_federation
+
+    roster = asyncio.run(create_federation(resolve_home(home), name=name))
+    if as_json:
+        _print_json({"federation_id": roster.federation_id, "roster_version": roster.version})
+        return
+    out.print(f"created federation [bold]{roster.federation_name}[/] ({roster.federation_id})")
+    out.print(f"CA fingerprint (SHA-256): {roster.ca_fingerprint.hex()}")
+    out.print("next: `kakehashi run`, then `kakehashi peer invite NODE_ID` for each town")
+
+
+@federation.command("join")
+@home_option
+@click.argument("token")
+@click.option(
+    "--wait",
+    default=600,
+    show_default=True,
+    help="Seconds to wait for an operator's approval when the invitation needs one.",
+)
+@json_option
+def federation_join(home: str, token: str, wait: int, as_json: bool) -> None:
+    """Join the federation TOKEN invites this node to (run before `kakehashi run`)."""
+    from .membership import join_federation
+
+    if token == "-":  # noqa: S105 - "-" means: read the token from standard input
+        token = sys.stdin.readline().strip()
+
+    def pending() -> None:
+        err.print("waiting for the authority to approve this join (kakehashi peer approve) ...")
+
+    outcome = asyncio.run(
+        join_federation(resolve_home(home), token, wait_seconds=wait, on_pending=pending)
+    )
+    if as_json:
+        _print_json(
+            {
+                "federation_id": outcome.federation_id,
+                "roster_version": outcome.roster_version,
+                "members": list(outcome.members),
+            }
+        )
+        return
+    out.print(
+        f"joined [bold]{outcome.federation_name}[/] ({outcome.federation_id}); "
+        f"authority {outcome.authority}; {len(outcome.members)} members"
+    )
+    out.print("next: `kakehashi run`")
+
+
+@cli.group()
+def peer() -> None:
+    """Manage the federation's members (invite, approve, list, suspend, revoke)."""
+
+
+@peer.command("invite")
+@home_option
+@click.argument("node_id")
+@click.option("--expires", default="72h", show_default=True, help="Validity: 30m, 72h, 7d ...")
+@click.option(
+    "--approval",
+    type=click.Choice(["auto", "manual"]),
+    default="auto",
+    show_default=True,
+    help="manual: the join waits for `kakehashi peer approve`.",
+)
+@click.option("--relay", is_flag=True, help="The node will relay between network segments.")
+@json_option
+def peer_invite(
+    home: str, node_id: str, expires: str, approval: str, relay: bool, as_json: bool
+) -> None:
+    """Issue a single-use invitation token for NODE_ID (authority only)."""
+    data = _admin(home).request(
+        "POST",
+        "/v1/peers/invite",
+        {"node_id": node_id, "expires": expires, "approval": approval, "relay": relay},
+    )
+    if as_json:
+        _print_json(data)
+        return
+    if sys.stdout.isatty():
+        expiry = datetime.fromtimestamp(data["expires_at"], UTC).isoformat(timespec="minutes")
+        err.print(
+            f"invitation for [bold]{node_id}[/] (single use, expires {expiry}, "
+            f"approval {approval}); give it to the town's IT over a trusted channel:"
+        )
+    click.echo(data["token"])
+
+
+@peer.command("pending")
+@home_option
+@json_option
+def peer_pending(home: str, as_json: bool) -> None:
+    """Join requests waiting for approval (authority only)."""
+    rows = _admin(home).request("GET", "/v1/peers/pending")
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no join request is waiting")
+        return
+    table = Table("node", "requested", "relay")
+    for row in rows:
+        when = datetime.fromtimestamp(row["requested_at"], UTC).isoformat(timespec="seconds")
+        table.add_row(row["node_id"], when, "yes" if row["relay"] else "")
+    out.print(table)
+
+
+@peer.command("approve")
+@home_option
+@click.argument("node_id")
+@json_option
+def peer_approve(home: str, node_id: str, as_json: bool) -> None:
+    """Admit the waiting join of NODE_ID (authority only)."""
+    data = _admin(home).request("POST", "/v1/peers/approve", {"node_id": node_id})
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(f"approved {node_id}; roster version {data['roster_version']}")
+
+
+@peer.command("deny")
+@home_option
+@click.argument("node_id")
+@json_option
+def peer_deny(home: str, node_id: str, as_json: bool) -> None:
+    """Refuse the waiting join of NODE_ID (authority only)."""
+    data = _admin(home).request("POST", "/v1/peers/deny", {"node_id": node_id})
+    if as_json:
+        _print_json(data)
+    else:
+        out.print(f"denied the join of {node_id}")
+
+
+def _status_command(status: str, verb: str) -> Callable[..., None]:
+    def command(home: str, node_id: str, reason: str, as_json: bool) -> None:
+        data = _admin(home).request(
+            "POST", "/v1/peers/status", {"node_id": node_id, "status": status, "reason": reason}
+        )
+        if as_json:
+            _print_json(data)
+        else:
+            out.print(f"{verb} {node_id}; roster version {data['roster_version']}")
+
+    return command
+
+
+for _name, _status, _verb, _doc in (
+    (
+        "suspend",
+        "suspended",
+        "suspended",
+        "Suspend NODE_ID: its connections are refused until resumed.",
+    ),
+    ("resume", "active", "resumed", "Resume a suspended NODE_ID."),
+    (
+        "revoke",
+        "revoked",
+        "revoked",
+        "Revoke NODE_ID for good: its certificate and keys are refused.",
+    ),
+):
+    peer.command(_name, help=_doc + " (authority only)")(
+        home_option(
+            click.argument("node_id")(
+                click.option("--reason", default="", help="Why (kept in the roster).")(
+                    json_option(_status_command(_status, _verb))
+                )
+            )
+        )
+    )
+
+
+def _ago(iso: str | None) -> str:
+    if iso is None:
+        return "never"
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds())
+    return f"{seconds}s ago" if seconds < 120 else f"{seconds // 60}m ago"
+
+
+@peer.command("list")
+@home_option
+@json_option
+def peer_list(home: str, as_json: bool) -> None:
+    """Every member: status, segments, health, last contact, round-trip time."""
+    rows = _admin(home).request("GET", "/v1/peers")
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("node", "name", "status", "health", "segments", "last contact", "rtt")
+    colours = {"up": "green", "down": "red", "self": "cyan"}
+    for row in rows:
+        health = row["health"]
+        table.add_row(
+            row["node_id"] + (" (relay)" if row["relay"] else ""),
+            row["name"],
+            row["status"],
+            f"[{colours.get(health, 'yellow')}]{health}[/]",
+            ",".join(row["segments"]),
+            "-" if row["self"] else _ago(row["last_contact"]),
+            "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
+        )
+    out.print(table)
+
+
+@cli.command()
+@home_option
+@json_option
+def status(home: str, as_json: bool) -> None:
+    """This node: id, federation, roster version, certificate expiry, peers up/down."""
+    data = _admin(home).request("GET", "/v1/status")
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    for key, label in (
+        ("node_id", "node"),
+        ("name", "name"),
+        ("federation_name", "federation"),
+        ("federation_id", "federation id"),
+        ("role", "role"),
+        ("roster_version", "roster version"),
+        ("listen", "listening on"),
+        ("certificate_expires", "certificate expires"),
+        ("certificate_days_left", "certificate days left"),
+        ("peers_up", "peers up"),
+        ("peers_down", "peers down"),
+    ):
+        table.add_row(label, str(data[key]))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning Kakehashi errors into one clear line and exit code 1."""
+    # Set-up and admin commands print for people; their logs only matter when something
+    # goes wrong. `run` reconfigures from the node's config.
+    node_logging.configure("auto", "warning")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else 1)
+    except KakehashiError as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))} [dim]({exc.code})[/]")
+        if exc.hint:
+            err.print(f"  fix: {escape(exc.hint)}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

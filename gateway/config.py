@@ -1,0 +1,291 @@
+"""A node's home directory and its configuration file.
+
+The home holds everything a node is: `config.toml` (what the operator may edit),
+`keys/` (private keys, mode 0600, directory 0700), `certs/` (the node's TLS
+certificate and the federation CA), `node.db` (SQLite) and `admin.sock` (the
+CLI's Unix socket, mode 0600). Errors in the config name the file and the field
+and say what is expected, because the person reading them is a town's IT staff
+member at a terminal, not the author.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import tomli_w
+
+from federation.errors import ConfigError, ProtocolError
+from federation.identity import check_municipality_code, check_node_id, check_segment_name
+from federation.roster import Endpoint
+
+__all__ = ["DEFAULT_SEGMENT", "Home", "NodeConfig", "load_config", "resolve_home", "write_config"]
+
+DEFAULT_SEGMENT = "default"
+CONFIG_NAME = "config.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """Paths inside a node's home directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def database(self) -> Path:
+        return self.root / "node.db"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.root / "admin.sock"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.keys / "signing.key"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.keys / "tls.key"
+
+    @property
+    def federation_key(self) -> Path:
+        """The federation root signing key (authority only)."""
+        return self.keys / "federation.key"
+
+    @property
+    def ca_key(self) -> Path:
+        """The federation CA key (authority only)."""
+        return self.keys / "ca.key"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.certs / "node.crt"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+    def create_dirs(self) -> None:
+        """Create the home with private permissions (0700)."""
+        for path in (self.root, self.keys, self.certs):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+    def require_initialised(self) -> None:
+        """`ConfigError` with the fix if this is not a node home."""
+        if not self.config.is_file():
+            raise ConfigError(
+                f"{self.root} is not a Kakehashi node home (no {CONFIG_NAME})",
+                code="not_initialised",
+                hint="create one with: kakehashi init --home DIR --node-id ID --name NAME "
+                "--listen HOST:PORT",
+            )
+
+
+def resolve_home(home: str | Path | None) -> Home:
+    """The home from `--home`, else from KAKEHASHI_HOME; `ConfigError` if neither is set."""
+    value = home if home is not None else os.environ.get("KAKEHASHI_HOME")
+    if not value:
+        raise ConfigError(
+            "no node home given",
+            code="no_home",
+            hint="pass --home DIR or set KAKEHASHI_HOME",
+        )
+    return Home(Path(value).expanduser().absolute())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    """Settings of one node, as read from its config.toml."""
+
+    node_id: str
+    """This node's id, e.g. 'tsu'."""
+    name: str
+    """Display name, e.g. '津市'."""
+    code: str | None = None
+    """6-digit local government code, if any."""
+    listen_host: str = "127.0.0.1"
+    """Address the federation API listens on."""
+    listen_port: int = 8443
+    """Port the federation API listens on."""
+    endpoints: tuple[Endpoint, ...] = ()
+    """Published endpoint per network segment, sorted by segment."""
+    health_interval: float = 5.0
+    """Seconds between health checks of each peer."""
+    request_timeout: float = 10.0
+    """Seconds before a request to a peer is abandoned."""
+    log_format: str = "auto"
+    """'auto' (readable on a terminal, JSON otherwise), 'json' or 'console'."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    certificate_days: int = 365
+    """Validity of node certificates this node issues (authority only)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Sections this version does not know, kept so a rewrite does not lose them."""
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(
+        {"str": "a string", "int": "an integer", "float": "a number"}.get(k.__name__, k.__name__)
+        for k in kinds
+    )
+
+
+def _field(
+    table: dict[str, Any], section: str, name: str, kind: type | tuple[type, ...], path: Path
+) -> Any:
+    value = table.get(name)
+    if value is None:
+        raise ConfigError(
+            f"{path}: missing field '{section}.{name}'",
+            code="config_missing_field",
+            hint=f"add `{name} = ...` under [{section}]",
+        )
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{path}: field '{section}.{name}' must be {_kind_name(kind)}, "
+            f"not {type(value).__name__}",
+            code="config_bad_field",
+        )
+    return value
+
+
+def _optional(
+    table: dict[str, Any],
+    section: str,
+    name: str,
+    kind: type | tuple[type, ...],
+    path: Path,
+    default: Any,
+) -> Any:
+    if name not in table:
+        return default
+    return _field(table, section, name, kind, path)
+
+
+def parse_endpoints(pairs: dict[str, Any], source: str) -> tuple[Endpoint, ...]:
+    """Endpoints from {segment: url}; `ConfigError` naming `source` on a bad one."""
+    endpoints = []
+    for segment, url in sorted(pairs.items()):
+        try:
+            check_segment_name(segment)
+            if not isinstance(url, str):
+                raise ProtocolError(f"endpoint for {segment} must be a string", code="bad_endpoint")
+            parts = urlsplit(url)
+            if parts.scheme != "https" or not parts.hostname or parts.port is None:
+                raise ProtocolError(
+                    f"endpoint {url!r} must look like https://HOST:PORT", code="bad_endpoint"
+                )
+            endpoints.append(Endpoint(segment=segment, url=url.rstrip("/")))
+        except (ProtocolError, ValueError) as exc:
+            raise ConfigError(
+                f"{source}: segment {segment!r}: {exc}", code="config_bad_field"
+            ) from exc
+    return tuple(endpoints)
+
+
+def load_config(home: Home) -> NodeConfig:
+    """Read and validate `home`'s config.toml."""
+    home.require_initialised()
+    path = home.config
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", code="config_syntax") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", code="config_unreadable") from exc
+    node = raw.get("node")
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: missing section [node]", code="config_missing_field")
+    listen = raw.get("listen", {})
+    health = raw.get("health", {})
+    log = raw.get("log", {})
+    for section, table in (("listen", listen), ("health", health), ("log", log)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table", code="config_bad_field")
+    segments = raw.get("segments", {})
+    if not isinstance(segments, dict) or not segments:
+        raise ConfigError(
+            f'{path}: missing section [segments] (at least one SEGMENT = "https://HOST:PORT")',
+            code="config_missing_field",
+        )
+    node_id = _field(node, "node", "id", str, path)
+    code = _optional(node, "node", "code", str, path, None)
+    try:
+        check_node_id(node_id)
+        if code is not None:
+            check_municipality_code(code)
+    except ProtocolError as exc:
+        raise ConfigError(f"{path}: {exc}", code="config_bad_field") from exc
+    log_format = _optional(log, "log", "format", str, path, "auto")
+    if log_format not in ("auto", "json", "console"):
+        raise ConfigError(
+            f"{path}: field 'log.format' must be auto, json or console", code="config_bad_field"
+        )
+    port = _field(listen, "listen", "port", int, path)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{path}: field 'listen.port' must be 1-65535", code="config_bad_field")
+    interval = _optional(health, "health", "interval_seconds", (int, float), path, 5.0)
+    if interval <= 0:
+        raise ConfigError(
+            f"{path}: field 'health.interval_seconds' must be positive", code="config_bad_field"
+        )
+    known = {"node", "listen", "health", "log", "segments"}
+    return NodeConfig(
+        node_id=node_id,
+        name=_field(node, "node", "name", str, path),
+        code=code,
+        listen_host=_field(listen, "listen", "host", str, path),
+        listen_port=port,
+        endpoints=parse_endpoints(segments, f"{path} [segments]"),
+        health_interval=float(interval),
+        request_timeout=float(
+            _optional(health, "health", "request_timeout_seconds", (int, float), path, 10.0)
+        ),
+        log_format=log_format,
+        log_level=_optional(log, "log", "level", str, path, "info"),
+        certificate_days=_optional(node, "node", "certificate_days", int, path, 365),
+        extra={key: value for key, value in raw.items() if key not in known},
+    )
+
+
+def write_config(home: Home, config: NodeConfig) -> None:
+    """Write config.toml (mode 0600; it names no secret but belongs to the node's operator)."""
+    document: dict[str, Any] = {
+        "node": {"id": config.node_id, "name": config.name},
+        "listen": {"host": config.listen_host, "port": config.listen_port},
+        "segments": {e.segment: e.url for e in config.endpoints},
+        "health": {
+            "interval_seconds": config.health_interval,
+            "request_timeout_seconds": config.request_timeout,
+        },
+        "log": {"format": config.log_format, "level": config.log_level},
+    }
+    if config.code is not None:
+        document["node"]["code"] = config.code
+    if config.certificate_days != 365:
+        document["node"]["certificate_days"] = config.certificate_days
+    document.update(config.extra)
+    header = "# Kakehashi node configuration. Restart the node after editing.\n"
+    tmp = home.config.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(header + tomli_w.dumps(document))
+    os.replace(tmp, home.config)

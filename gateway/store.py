@@ -1,0 +1,356 @@
+"""The node's durable state in SQLite (WAL): roster history, invitations, peer health.
+
+One `Store` owns one aiosqlite connection. Writes that belong together happen in
+one transaction (`async with store.transaction()`), so a crash leaves either the
+old or the new state, never half. Every aiosqlite/sqlite3 error is translated to
+`StorageError` here, with 'disk full' and 'locked' called out, because those are
+what an operator can fix.
+
+Schema changes are numbered migrations applied at open; the version lives in
+`PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from federation.errors import StorageError
+from federation.invites import Approval, JoinState
+
+__all__ = ["InvitationRow", "PeerHealth", "Store"]
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE roster (
+        version INTEGER PRIMARY KEY,
+        signed BLOB NOT NULL,
+        stored_at INTEGER NOT NULL
+    );
+    CREATE TABLE invitation (
+        nonce TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        approval TEXT NOT NULL,
+        relay INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        request BLOB,
+        request_keys BLOB,
+        certificate BLOB
+    );
+    CREATE INDEX invitation_node ON invitation (node_id, state);
+    CREATE TABLE peer_health (
+        node_id TEXT PRIMARY KEY,
+        last_contact_ms INTEGER,
+        rtt_ms REAL,
+        last_attempt_ms INTEGER NOT NULL,
+        failures INTEGER NOT NULL,
+        last_error TEXT
+    );
+    """,
+)
+
+
+def _translate(exc: BaseException) -> StorageError:
+    text = str(exc)
+    if ("disk" in text and "full" in text) or "SQLITE_FULL" in text:
+        return StorageError(
+            f"the node's disk is full: {text}", code="disk_full", hint="free space, then retry"
+        )
+    if "locked" in text:
+        return StorageError(f"the database is locked: {text}", code="database_locked")
+    return StorageError(f"database error: {text}", code="database_error")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InvitationRow:
+    """An invitation as the authority stores it."""
+
+    nonce: str
+    node_id: str
+    expires_at: int
+    approval: Approval
+    relay: bool
+    state: JoinState
+    created_at: int
+    updated_at: int
+    request: bytes | None
+    request_keys: bytes | None
+    certificate: bytes | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerHealth:
+    """What the last health checks of a peer found."""
+
+    node_id: str
+    last_contact_ms: int | None
+    """Unix milliseconds of the last successful exchange."""
+    rtt_ms: float | None
+    """Round-trip time of the last successful health check."""
+    last_attempt_ms: int
+    """Unix milliseconds of the last attempt."""
+    failures: int
+    """Consecutive failed attempts."""
+    last_error: str | None
+    """Why the last attempt failed, if it did."""
+
+
+class Store:
+    """The node's SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StorageError("store is not open", code="store_closed")
+        return self._db
+
+    async def open(self) -> None:
+        try:
+            self._db = await aiosqlite.connect(self._path, isolation_level=None)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=FULL")
+            await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise _translate(exc) from exc
+        with suppress(OSError):
+            self._path.chmod(0o600)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            try:
+                await db.close()
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One atomic write: committed on success, rolled back on any error."""
+        db = self.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        try:
+            yield db
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        try:
+            await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await db.execute("ROLLBACK")
+            raise _translate(exc) from exc
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> Iterable[Any]:
+        try:
+            async with self.db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
+        try:
+            async with self.transaction() as db:
+                await db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    # meta ---------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> bytes | None:
+        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        return bytes(row[0]) if row else None
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        await self._write(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # roster -------------------------------------------------------------
+
+    async def latest_roster(self) -> bytes | None:
+        """The signed bytes of the newest roster held."""
+        row = await self._fetchone("SELECT signed FROM roster ORDER BY version DESC LIMIT 1")
+        return bytes(row[0]) if row else None
+
+    async def save_roster(self, version: int, signed: bytes, now_ms: int) -> None:
+        """Keep a verified roster version (history is kept for audit and key-rotation chains)."""
+        try:
+            async with self.transaction() as db:
+                await self.insert_roster(db, version, signed, now_ms)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    @staticmethod
+    async def insert_roster(
+        db: aiosqlite.Connection, version: int, signed: bytes, now_ms: int
+    ) -> None:
+        """Inside a caller's transaction: keep a roster version."""
+        await db.execute(
+            "INSERT INTO roster (version, signed, stored_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (version) DO NOTHING",
+            (version, signed, now_ms),
+        )
+
+    # invitations (authority) -------------------------------------------
+
+    @staticmethod
+    def _invitation(row: Any) -> InvitationRow:
+        return InvitationRow(
+            nonce=row[0],
+            node_id=row[1],
+            expires_at=row[2],
+            approval=Approval(row[3]),
+            relay=bool(row[4]),
+            state=JoinState(row[5]),
+            created_at=row[6],
+            updated_at=row[7],
+            request=None if row[8] is None else bytes(row[8]),
+            request_keys=None if row[9] is None else bytes(row[9]),
+            certificate=None if row[10] is None else bytes(row[10]),
+        )
+
+    _INVITATION_COLUMNS = (
+        "nonce, node_id, expires_at, approval, relay, state, created_at, updated_at, "
+        "request, request_keys, certificate"
+    )
+
+    async def add_invitation(
+        self,
+        *,
+        nonce: str,
+        node_id: str,
+        expires_at: int,
+        approval: Approval,
+        relay: bool,
+        now: int,
+    ) -> None:
+        await self._write(
+            "INSERT INTO invitation (nonce, node_id, expires_at, approval, relay, state, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                nonce,
+                node_id,
+                expires_at,
+                approval.value,
+                int(relay),
+                JoinState.ISSUED.value,
+                now,
+                now,
+            ),
+        )
+
+    async def invitation(self, nonce: str) -> InvitationRow | None:
+        row = await self._fetchone(
+            f"SELECT {self._INVITATION_COLUMNS} FROM invitation WHERE nonce = ?",  # noqa: S608
+            (nonce,),
+        )
+        return self._invitation(row) if row else None
+
+    async def invitations(self, state: JoinState | None = None) -> list[InvitationRow]:
+        if state is None:
+            rows = await self._fetchall(
+                f"SELECT {self._INVITATION_COLUMNS} FROM invitation ORDER BY created_at"  # noqa: S608
+            )
+        else:
+            rows = await self._fetchall(
+                f"SELECT {self._INVITATION_COLUMNS} FROM invitation "  # noqa: S608
+                "WHERE state = ? ORDER BY created_at",
+                (state.value,),
+            )
+        return [self._invitation(row) for row in rows]
+
+    async def update_invitation(
+        self,
+        db: aiosqlite.Connection,
+        nonce: str,
+        *,
+        state: JoinState,
+        now: int,
+        request: bytes | None = None,
+        request_keys: bytes | None = None,
+        certificate: bytes | None = None,
+    ) -> None:
+        """Inside a caller's transaction: move an invitation on, keeping fields not given."""
+        await db.execute(
+            "UPDATE invitation SET state = ?, updated_at = ?, "
+            "request = COALESCE(?, request), request_keys = COALESCE(?, request_keys), "
+            "certificate = COALESCE(?, certificate) WHERE nonce = ?",
+            (state.value, now, request, request_keys, certificate, nonce),
+        )
+
+    # peer health --------------------------------------------------------
+
+    async def record_health(self, health: PeerHealth) -> None:
+        await self._write(
+            "INSERT INTO peer_health (node_id, last_contact_ms, rtt_ms, last_attempt_ms, "
+            "failures, last_error) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+            "last_contact_ms = excluded.last_contact_ms, rtt_ms = excluded.rtt_ms, "
+            "last_attempt_ms = excluded.last_attempt_ms, failures = excluded.failures, "
+            "last_error = excluded.last_error",
+            (
+                health.node_id,
+                health.last_contact_ms,
+                health.rtt_ms,
+                health.last_attempt_ms,
+                health.failures,
+                health.last_error,
+            ),
+        )
+
+    async def peer_health(self) -> dict[str, PeerHealth]:
+        rows = await self._fetchall(
+            "SELECT node_id, last_contact_ms, rtt_ms, last_attempt_ms, failures, last_error "
+            "FROM peer_health"
+        )
+        return {
+            row[0]: PeerHealth(
+                node_id=row[0],
+                last_contact_ms=row[1],
+                rtt_ms=row[2],
+                last_attempt_ms=row[3],
+                failures=row[4],
+                last_error=row[5],
+            )
+            for row in rows
+        }

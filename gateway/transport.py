@@ -1,0 +1,308 @@
+"""The federation API over mutual TLS: the server's gatekeeping and the client to peers.
+
+Server: TLS 1.3 only. The TLS layer checks that a presented client certificate
+chains to the federation CA; `authenticate` then checks, for every route but the
+two open ones (`/ca`, `/join`), that a certificate was presented, that its
+SHA-256 fingerprint is the one the roster publishes for the node id the request
+claims, and that the node is active. A refusal answers with a typed msgpack
+error and is logged with its reason; the connection is closed and the server goes
+on serving.
+
+Client: presents this node's certificate and checks the server's: chain to the
+CA (the TLS context) and the fingerprint the roster publishes for the node it
+meant to reach (aiohttp's `Fingerprint`, applied after the handshake by a
+connector that keeps our own mutual-TLS context). Host names are not checked:
+peers are identified by the roster, not by DNS.
+
+Every request and response carries the sender's roster version
+(`Kakehashi-Roster-Version`), so whichever side is behind learns it at once.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from federation import codec
+from federation.errors import KakehashiError, ProtocolError, TransportError, TrustError
+from federation.roster import Roster, RosterEntry
+
+from . import tls
+
+__all__ = [
+    "FEDERATION_PREFIX",
+    "HEADER_NODE",
+    "HEADER_ROSTER",
+    "MSGPACK",
+    "FederationService",
+    "PeerClient",
+    "PeerResponse",
+    "PinnedConnector",
+    "error_body",
+    "federation_app",
+    "raise_for_error",
+]
+
+FEDERATION_PREFIX = "/federation/v1"
+HEADER_NODE = "Kakehashi-Node"
+HEADER_ROSTER = "Kakehashi-Roster-Version"
+MSGPACK = "application/msgpack"
+OPEN_ROUTES = frozenset({f"{FEDERATION_PREFIX}/ca", f"{FEDERATION_PREFIX}/join"})
+MAX_REQUEST_BYTES = 1024 * 1024
+
+log = structlog.get_logger("kakehashi.transport")
+
+
+def error_body(code: str, message: str, hint: str | None = None) -> bytes:
+    """The msgpack body of every refusal: {error, message, hint}."""
+    return codec.encode({"error": code, "message": message, "hint": hint})
+
+
+def raise_for_error(status: int, body: bytes) -> None:
+    """Turn a peer's refusal into the matching typed error."""
+    try:
+        raw = codec.decode_map(body)
+        code, message, hint = str(raw["error"]), str(raw["message"]), raw.get("hint")
+    except (KakehashiError, KeyError):
+        raise TransportError(f"peer answered HTTP {status} without a readable error") from None
+    hint = hint if isinstance(hint, str) else None
+    if status in (401, 403):
+        raise TrustError(message, code=code, hint=hint)
+    if status in (400, 404, 409, 413, 422):
+        raise ProtocolError(message, code=code, hint=hint, status=status)
+    raise TransportError(f"peer answered HTTP {status}: {message}", code=code, hint=hint)
+
+
+def _refusal(status: int, code: str, message: str, hint: str | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(code, message, hint),
+        content_type=MSGPACK,
+        headers={"Connection": "close"} if status in (401, 403) else None,
+    )
+
+
+class FederationService(Protocol):
+    """What the server needs from the node."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def roster(self) -> Roster: ...
+
+    def routes(self) -> list[web.RouteDef]: ...
+
+    async def roster_hint(self, version: int, peer: RosterEntry | None) -> None:
+        """A peer showed roster `version`; sync if ours is older (peer None: unauthenticated)."""
+
+    def record_refusal(self, reason: str, **fields: Any) -> None:
+        """Count and log a refused peer request."""
+
+
+def _peer_certificate(request: web.Request) -> bytes | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    return tls.peer_certificate_der(transport.get_extra_info("ssl_object"))
+
+
+def _claimed_version(request: web.Request) -> int:
+    try:
+        return max(0, int(request.headers.get(HEADER_ROSTER, "0")))
+    except ValueError:
+        return 0
+
+
+def federation_app(service: FederationService) -> web.Application:
+    """The aiohttp application of the federation API."""
+
+    @web.middleware
+    async def authenticate(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        remote = request.remote
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+            service.record_refusal("too_large", remote=remote, size=request.content_length)
+            return _refusal(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+        if request.path not in OPEN_ROUTES:
+            refused = await _check_peer(request, service)
+            if refused is not None:
+                return refused
+        try:
+            response = await handler(request)
+        except KakehashiError as exc:
+            status = getattr(exc, "status", 400)
+            service.record_refusal(exc.code, remote=remote, path=request.path, message=str(exc))
+            response = _refusal(status, exc.code, str(exc), exc.hint)
+        except web.HTTPRequestEntityTooLarge:
+            service.record_refusal("too_large", remote=remote, path=request.path)
+            response = _refusal(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+        except web.HTTPException as exc:
+            response = _refusal(exc.status, "http_" + str(exc.status), exc.reason)
+        except Exception:  # a bug must not take the node down; answer, and say where
+            log.exception("handler_failed", path=request.path, remote=remote)
+            response = _refusal(500, "internal_error", "the node failed to handle the request")
+        response.headers[HEADER_ROSTER] = str(service.roster.version)
+        response.headers[HEADER_NODE] = service.node_id
+        return response
+
+    app = web.Application(middlewares=[authenticate], client_max_size=MAX_REQUEST_BYTES)
+    app.add_routes(service.routes())
+    return app
+
+
+async def _check_peer(request: web.Request, service: FederationService) -> web.Response | None:
+    """None if the client is an active member presenting its roster certificate; else a refusal."""
+    remote = request.remote
+    der = _peer_certificate(request)
+    if der is None:
+        service.record_refusal("client_certificate_required", remote=remote, path=request.path)
+        return _refusal(
+            401,
+            "client_certificate_required",
+            "a client certificate issued by the federation CA is required",
+        )
+    claimed = request.headers.get(HEADER_NODE, "")
+    fingerprint = tls.fingerprint_der(der)
+    version = _claimed_version(request)
+    entry = service.roster.by_fingerprint(fingerprint)
+    if entry is None and version > service.roster.version:
+        # A node that joined after our roster was fetched: catch up, then look again.
+        await service.roster_hint(version, None)
+        entry = service.roster.by_fingerprint(fingerprint)
+    if entry is None or entry.node_id != claimed:
+        service.record_refusal(
+            "unknown_certificate",
+            remote=remote,
+            claimed=claimed,
+            fingerprint=fingerprint.hex()[:16],
+        )
+        return _refusal(
+            403,
+            "unknown_certificate",
+            f"the certificate is not the one the roster publishes for {claimed or 'any node'!r}",
+        )
+    try:
+        service.roster.active_member(entry.node_id)
+    except TrustError as exc:
+        service.record_refusal(exc.code, remote=remote, peer=entry.node_id)
+        return _refusal(403, exc.code, str(exc))
+    request["peer"] = entry
+    if version > service.roster.version:
+        await service.roster_hint(version, entry)
+    return None
+
+
+class PinnedConnector(aiohttp.TCPConnector):
+    """A connector that always uses our mutual-TLS context, even when a request pins a fingerprint.
+
+    aiohttp falls back to an unverified context without a client certificate when
+    `ssl=Fingerprint(...)`; we want both: the chain check and client certificate
+    of our context, and the per-peer fingerprint pin from the roster.
+    """
+
+    def __init__(self, context: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(ssl=context, **kwargs)
+        self._mtls_context = context
+
+    def _get_ssl_context(self, req: Any) -> ssl.SSLContext:
+        return self._mtls_context
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerResponse:
+    """A peer's successful answer."""
+
+    status: int
+    body: bytes
+    roster_version: int
+    """The peer's roster version, from its response header."""
+    rtt_ms: float
+    """Time from sending the request to reading the whole answer."""
+
+
+class PeerClient:
+    """Requests to peers over mutual TLS, each pinned to the peer's roster fingerprint."""
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        node_id: str,
+        roster_version: Callable[[], int],
+        timeout: float,
+        segments: tuple[str, ...] = (),
+    ) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=PinnedConnector(context, limit_per_host=8, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+        )
+        self._node_id = node_id
+        self._roster_version = roster_version
+        self._segments = segments
+
+    def endpoint_for(self, peer: RosterEntry) -> str:
+        """Direct endpoint: one on a segment we share, else the peer's first."""
+        for endpoint in peer.endpoints:
+            if endpoint.segment in self._segments:
+                return endpoint.url
+        if not peer.endpoints:
+            raise TransportError(f"peer {peer.node_id} publishes no endpoint", code="no_route")
+        return peer.endpoints[0].url
+
+    async def request(
+        self, peer: RosterEntry, method: str, path: str, body: bytes | None = None
+    ) -> PeerResponse:
+        """Send one request; `TrustError` if the server is not `peer`, typed errors for refusals."""
+        url = f"{self.endpoint_for(peer)}{FEDERATION_PREFIX}{path}"
+        headers = {HEADER_NODE: self._node_id, HEADER_ROSTER: str(self._roster_version())}
+        if body is not None:
+            headers["Content-Type"] = MSGPACK
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                ssl=aiohttp.Fingerprint(peer.tls_fingerprint),
+            ) as response:
+                payload = await response.read()
+                status = response.status
+                version = response.headers.get(HEADER_ROSTER, "0")
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise TrustError(
+                f"the server at {url} is not {peer.node_id} (certificate fingerprint differs)",
+                code="server_certificate_mismatch",
+            ) from exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TrustError(
+                f"the server at {url} has no certificate from the federation CA",
+                code="untrusted_server",
+            ) from exc
+        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            raise TransportError(
+                f"{peer.node_id} unreachable at {url}: {exc or type(exc).__name__}",
+                code="peer_unreachable",
+            ) from exc
+        rtt_ms = (time.perf_counter() - started) * 1000
+        if status >= 300:
+            raise_for_error(status, payload)
+        try:
+            roster_version = max(0, int(version))
+        except ValueError:
+            roster_version = 0
+        return PeerResponse(
+            status=status, body=payload, roster_version=roster_version, rtt_ms=rtt_ms
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
