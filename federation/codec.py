@@ -80,18 +80,52 @@ def encode(value: Any) -> bytes:
     return result
 
 
-def _check_depth(value: Any, max_depth: int) -> None:
-    # Iterative, so a hostile input cannot exhaust the Python stack.
-    stack: list[tuple[Any, int]] = [(value, 0)]
+def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Decoder hook: a map's keys must be strings in strictly increasing order.
+
+    Comparing `str` values compares code points, which is the order of their UTF-8
+    bytes, so this is the canonical order, and "strictly" also refuses duplicates.
+    """
+    previous: str | None = None
+    for key, _ in pairs:
+        if not isinstance(key, str):
+            raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
+        if previous is not None and key <= previous:
+            raise ProtocolError("map keys are unsorted or repeated", code="non_canonical")
+        previous = key
+    return dict(pairs)
+
+
+_SCALARS = frozenset({type(None), bool, int, str, bytes})
+
+
+def _refuse_kind(kind: type) -> None:
+    what = "floats are" if kind is float else f"{kind.__name__} values are"
+    raise ProtocolError(f"{what} not allowed", code="non_canonical")
+
+
+def _check_shape(value: Any, max_depth: int) -> None:
+    """Allow only None, bool, int, str, bytes, lists and maps, nested at most `max_depth`.
+
+    Iterative, so hostile nesting cannot exhaust the Python stack. Floats have
+    several encodings and extension types have meanings we do not define.
+    """
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        if kind not in _SCALARS:
+            _refuse_kind(kind)
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, list | dict):
-            if depth >= max_depth:
-                raise ProtocolError(f"nesting deeper than {max_depth}", code="too_deep")
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-        elif isinstance(item, float):
-            raise ProtocolError("floats are not allowed", code="non_canonical")
+        if depth > max_depth:
+            raise ProtocolError(f"nesting deeper than {max_depth}", code="too_deep")
+        for child in item.values() if type(item) is dict else item:
+            kind = type(child)
+            if kind is dict or kind is list:
+                stack.append((child, depth + 1))
+            elif kind not in _SCALARS:
+                _refuse_kind(kind)
 
 
 def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
@@ -112,7 +146,8 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             data,
             raw=False,
             use_list=True,
-            strict_map_key=True,
+            strict_map_key=False,  # _sorted_pairs refuses non-string keys with a clear reason
+            object_pairs_hook=_sorted_pairs,
             max_str_len=limits.max_str,
             max_bin_len=limits.max_bin,
             max_array_len=limits.max_array,
@@ -124,14 +159,17 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         raise
     except Exception as exc:  # msgpack raises a dozen unrelated types; all mean "malformed"
         raise ProtocolError(f"malformed msgpack: {exc}", code="malformed_msgpack") from exc
-    _check_depth(value, limits.max_depth)
+    _check_shape(value, limits.max_depth)
+    # Maps were checked to be in canonical order and dicts keep that order, so packing
+    # them again as they are must give back the input byte for byte, unless a length or
+    # integer used a longer form than needed, or an extension type slipped in.
     try:
-        canonical = encode(value)
-    except ProtocolError as exc:
+        canonical = msgpack.packb(value, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"not canonical: {exc}", code="non_canonical") from exc
     if canonical != data:
         raise ProtocolError(
-            "not the canonical encoding (duplicate or unsorted keys, or long-form numbers)",
+            "not the canonical encoding (a length or number in a longer form than needed)",
             code="non_canonical",
         )
     return value

@@ -7,8 +7,13 @@ federation CA to pin on the first TLS connection, and the id of the federation
 key that signs the roster it will receive. It names the one node id it admits,
 expires, and carries a random nonce that makes it single-use.
 
-Strategy: the token is verified in pure code with time passed in (`now`); pyjwt's
-own clock checks are switched off so no clock is read here. Single use is a
+Strategy: the token is a compact JWS (RFC 7515/7519) with exactly one algorithm,
+EdDSA over Ed25519, made and checked here with `cryptography`. A header naming any
+other algorithm, or carrying anything but alg, kid and typ, is refused, so
+there is no algorithm to confuse. Time is passed in (`now`); no clock is read.
+(PyJWT would do the same job, but importing it loads its JWKS client and with it
+urllib, socket and ssl, which this pure package must not load; the tests check
+that PyJWT and this module accept each other's tokens.) Single use is a
 property of the authority's stored invitation, driven by the `JOIN_TABLE` state
 machine: the first join request binds the invitation to the joiner's keys; a
 retry with the same keys (a lost response, or polling while an operator decides)
@@ -19,20 +24,19 @@ after the token's expiry without making the town start over.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import secrets
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from . import codec
 from .errors import ProtocolError, TrustError
 from .identity import check_federation_id, check_municipality_code, check_node_id, key_id
 from .roster import Endpoint
-from .signing import SigningKey
+from .signing import SigningKey, verify_signature
 
 __all__ = [
     "JOIN_AUDIENCE",
@@ -139,7 +143,7 @@ class Invitation:
                 approval=Approval(claims.get("approval", "auto")),
                 relay=bool(claims.get("relay", False)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ProtocolError(f"invitation token is incomplete: {exc}", code="bad_token") from exc
 
 
@@ -163,13 +167,49 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    """Strict base64url without padding: the one spelling `_b64encode` produces."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(data) != text:
+        raise ValueError("non-canonical base64url")
+    return data
+
+
+def _json_part(text: str) -> dict[str, Any]:
+    value = json.loads(_b64decode(text))
+    if not isinstance(value, dict):
+        raise ValueError("a token part is not a JSON object")
+    return value
+
+
+def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
+    """Header, claims, signing input and signature of a compact JWS; ValueError if malformed."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError("a token has three dot-separated parts")
+    header, claims = _json_part(parts[0]), _json_part(parts[1])
+    if header.get("alg") != "EdDSA" or not set(header) <= {"alg", "kid", "typ"}:
+        raise ValueError("only EdDSA tokens without extra header fields are accepted")
+    return header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), _b64decode(parts[2])
+
+
 def issue_invitation(invitation: Invitation, key: SigningKey) -> str:
-    """Sign `invitation` as a compact JWT with the federation key."""
+    """Sign `invitation` as a compact JWT (EdDSA) with the federation key."""
     if key.key_id != invitation.federation_key_id:
         raise TrustError("invitation must be signed by the key it names", code="bad_token")
-    return jwt.encode(
-        invitation.to_claims(), key.private, algorithm="EdDSA", headers={"kid": key.key_id}
-    )
+    header = {"alg": "EdDSA", "kid": key.key_id, "typ": "JWT"}
+    encoded = [
+        _b64encode(json.dumps(part, separators=(",", ":"), sort_keys=True).encode())
+        for part in (header, invitation.to_claims())
+    ]
+    signing_input = ".".join(encoded).encode("ascii")
+    return f"{signing_input.decode('ascii')}.{_b64encode(key.sign(signing_input))}"
 
 
 def _check_shape(token: object) -> str:
@@ -187,8 +227,8 @@ def read_invitation(token: str) -> Invitation:
     """
     token = _check_shape(token)
     try:
-        claims = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
+        _, claims, _, _ = _split(token)
+    except ValueError as exc:
         raise ProtocolError(
             "this is not a Kakehashi invitation token (it does not decode)", code="bad_token"
         ) from exc
@@ -204,23 +244,23 @@ def verify_invitation(
     `check_not_expired`, because it applies to the first use only.
     """
     token = _check_shape(token)
-    try:
-        public = Ed25519PublicKey.from_public_bytes(federation_key)
-        claims = jwt.decode(
-            token,
-            public,
-            algorithms=["EdDSA"],
-            audience=JOIN_AUDIENCE,
-            options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    if len(federation_key) != 32:
+        raise TrustError(
+            "the federation key to check the token with is malformed", code="bad_token"
         )
-    except jwt.InvalidSignatureError as exc:
+    try:
+        _, claims, signing_input, signature = _split(token)
+    except ValueError as exc:
+        raise TrustError(f"invitation token is not valid: {exc}", code="bad_token") from exc
+    try:
+        verify_signature(federation_key, signature, signing_input)
+    except TrustError as exc:
         raise TrustError(
             "invitation token signature is not valid (forged or altered)", code="token_forged"
         ) from exc
-    except jwt.InvalidAudienceError as exc:
-        raise TrustError("token is not an invitation to join", code="bad_token") from exc
-    except (jwt.PyJWTError, ValueError) as exc:
-        raise TrustError(f"invitation token is not valid: {exc}", code="bad_token") from exc
+    audience = claims.get("aud")
+    if audience != JOIN_AUDIENCE and not (isinstance(audience, list) and JOIN_AUDIENCE in audience):
+        raise TrustError("token is not an invitation to join", code="bad_token")
     invitation = Invitation.from_claims(claims)
     if invitation.federation_id != federation_id or invitation.federation_key_id != key_id(
         federation_key

@@ -339,7 +339,7 @@ class Roster:
     @classmethod
     def from_bytes(cls, data: bytes) -> Roster:
         raw = codec.decode_map(data, ROSTER_LIMITS)
-        if raw.get("format") != ROSTER_FORMAT:
+        if isinstance(raw.get("format"), bool) or raw.get("format") != ROSTER_FORMAT:
             raise ProtocolError(
                 f"unsupported roster format {raw.get('format')!r}", code="bad_roster"
             )

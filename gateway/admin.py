@@ -11,25 +11,22 @@ SQLite, but would confuse everyone); a stale socket left by a crash is removed.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
-from federation.errors import ConfigError, KakehashiError, ProtocolError, TransportError
+from federation.errors import ConfigError, KakehashiError, ProtocolError
 from federation.invites import Approval, parse_duration
 from federation.roster import MemberStatus
 
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["AdminClient", "admin_app", "serve_admin"]
+__all__ = ["admin_app", "serve_admin"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -168,47 +165,3 @@ async def serve_admin(runner: web.AppRunner, path: Path) -> None:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-
-
-class AdminClient:
-    """The CLI's side: one JSON request to the node on its admin socket."""
-
-    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
-        self._path = socket_path
-        self._timeout = timeout
-
-    def request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
-        return asyncio.run(self._request(method, path, payload))
-
-    async def _request(self, method: str, path: str, payload: dict[str, Any] | None) -> Any:
-        if not self._path.exists():
-            raise _not_running(self._path)
-        try:
-            async with (
-                aiohttp.ClientSession(
-                    connector=aiohttp.UnixConnector(path=str(self._path)),
-                    timeout=aiohttp.ClientTimeout(total=self._timeout),
-                ) as session,
-                session.request(method, f"http://node{path}", json=payload) as response,
-            ):
-                data = await response.json(content_type=None)
-                status = response.status
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise _not_running(self._path) from exc
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise TransportError(f"admin request failed: {exc}", code="admin_failed") from exc
-        if status >= 400:
-            with contextlib.suppress(AttributeError, KeyError, TypeError):
-                raise ConfigError(
-                    str(data["message"]), code=str(data["error"]), hint=data.get("hint")
-                )
-            raise TransportError(f"node answered HTTP {status}", code="admin_failed")
-        return data
-
-
-def _not_running(path: Path) -> ConfigError:
-    return ConfigError(
-        f"the node is not running (no answer on {path})",
-        code="node_not_running",
-        hint=f"start it with: kakehashi run --home {path.parent}",
-    )

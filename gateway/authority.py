@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 from federation.errors import ConfigError, TrustError
+from federation.identity import check_node_id
 from federation.invites import (
     Approval,
     Invitation,
@@ -110,6 +111,8 @@ class Authority:
         relay: bool = False,
     ) -> IssuedInvitation:
         """Issue a single-use invitation token for `node_id`."""
+        approval = Approval(approval)
+        check_node_id(node_id)
         existing = self.roster.member(node_id)
         if existing is not None:
             if existing.status is MemberStatus.REVOKED:
@@ -160,13 +163,16 @@ class Authority:
         """Handle a join request: admit, hold for approval, repeat an answer, or refuse."""
         request = JoinRequest.from_bytes(body)
         now = self._now()
+        csr = tls.load_csr_pem(request.csr_pem)
         invitation = verify_invitation(
             request.token,
             self.roster.federation_key,
             now=now,
             federation_id=self.roster.federation_id,
+            # The CSR's CN is the node id the requester asks to become; refuse before the
+            # request can bind (or, under manual approval, be held against) the invitation.
+            node_id=tls._single_cn(csr.subject) or "",
         )
-        csr = tls.load_csr_pem(request.csr_pem)
         keys = request.signing_key + csr.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -187,9 +193,7 @@ class Authority:
                 same = row.request_keys == keys
                 event = JoinInput.REQUEST_SAME_KEYS if same else JoinInput.REQUEST_OTHER_KEYS
             effect, state = join_transition(row.state, event)
-            log.info(
-                "join_request", node=invitation.node_id, input=event.name, effect=effect.name
-            )
+            log.info("join_request", node=invitation.node_id, input=event.name, effect=effect.name)
             if effect is JoinEffect.REFUSE_REUSED:
                 raise TrustError(
                     f"the invitation for {invitation.node_id!r} has already been used",

@@ -28,14 +28,15 @@ from rich.table import Table
 from federation.errors import KakehashiError
 
 from . import logging as node_logging
-from .admin import AdminClient
+from .admin_client import AdminClient
 from .config import load_config, resolve_home
 
 __all__ = ["main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+# soft_wrap: an error is one line even when stderr is a pipe or a log (rich would wrap at 80).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def home_option(func: F) -> F:
@@ -107,14 +108,16 @@ def init(
             raise click.BadParameter(f"{item!r}: expected NAME=URL", param_hint="--segment")
         pairs[segment.strip()] = url.strip()
     target = resolve_home(home)
-    config = init_home(
-        target,
-        node_id=node_id,
-        name=name,
-        code=code,
-        listen_host=host.strip("[]"),
-        listen_port=int(port),
-        segments=pairs,
+    config = asyncio.run(
+        init_home(
+            target,
+            node_id=node_id,
+            name=name,
+            code=code,
+            listen_host=host.strip("[]"),
+            listen_port=int(port),
+            segments=pairs,
+        )
     )
     out.print(f"initialised node [bold]{config.node_id}[/] ({config.name}) in {target.root}")
     for endpoint in config.endpoints:

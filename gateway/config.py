@@ -158,7 +158,7 @@ def _field(
             code="config_missing_field",
             hint=f"add `{name} = ...` under [{section}]",
         )
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or isinstance(value, bool):  # TOML true is not a number
         raise ConfigError(
             f"{path}: field '{section}.{name}' must be {_kind_name(kind)}, "
             f"not {type(value).__name__}",
@@ -247,6 +247,23 @@ def load_config(home: Home) -> NodeConfig:
         raise ConfigError(
             f"{path}: field 'health.interval_seconds' must be positive", code="config_bad_field"
         )
+    log_level = _optional(log, "log", "level", str, path, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"{path}: field 'log.level' must be debug, info, warning or error",
+            code="config_bad_field",
+        )
+    certificate_days = _optional(node, "node", "certificate_days", int, path, 365)
+    if not 1 <= certificate_days <= 3650:
+        raise ConfigError(
+            f"{path}: field 'node.certificate_days' must be 1-3650", code="config_bad_field"
+        )
+    timeout = _optional(health, "health", "request_timeout_seconds", (int, float), path, 10.0)
+    if timeout <= 0:
+        raise ConfigError(
+            f"{path}: field 'health.request_timeout_seconds' must be positive",
+            code="config_bad_field",
+        )
     known = {"node", "listen", "health", "log", "segments"}
     return NodeConfig(
         node_id=node_id,
@@ -256,12 +273,10 @@ def load_config(home: Home) -> NodeConfig:
         listen_port=port,
         endpoints=parse_endpoints(segments, f"{path} [segments]"),
         health_interval=float(interval),
-        request_timeout=float(
-            _optional(health, "health", "request_timeout_seconds", (int, float), path, 10.0)
-        ),
+        request_timeout=float(timeout),
         log_format=log_format,
-        log_level=_optional(log, "log", "level", str, path, "info"),
-        certificate_days=_optional(node, "node", "certificate_days", int, path, 365),
+        log_level=log_level,
+        certificate_days=certificate_days,
         extra={key: value for key, value in raw.items() if key not in known},
     )
 

@@ -68,7 +68,7 @@ def load_signing_key(path: Home | None, file: str | None = None) -> SigningKey:
         ) from exc
 
 
-def init_home(
+async def init_home(
     home: Home,
     *,
     node_id: str,
@@ -112,13 +112,9 @@ def init_home(
     tls.write_secret_file(home.signing_key, SigningKey.generate().to_pem())
     tls.write_private_key(home.tls_key, tls.generate_tls_key())
     write_config(home, config)
-    asyncio.run(_create_database(home))
-    return config
-
-
-async def _create_database(home: Home) -> None:
     async with Store(home.database):
-        pass
+        pass  # opening creates the schema
+    return config
 
 
 def _self_entry(

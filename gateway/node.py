@@ -39,7 +39,7 @@ from .authority import Authority
 from .config import Home, NodeConfig, load_config
 from .peers import PeerMonitor, is_up
 from .store import Store
-from .transport import FEDERATION_PREFIX, MSGPACK, PeerClient, federation_app
+from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
 
 __all__ = ["Node"]
 
@@ -290,7 +290,7 @@ class Node:
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         codec.decode_map(await request.read())
-        self.monitor.note_inbound(request["peer"].node_id)
+        self.monitor.note_inbound(request[PEER].node_id)
         body = codec.encode({"node": self.node_id, "time_ms": int(self.clock() * 1000)})
         return web.Response(body=body, content_type=MSGPACK)
 

@@ -12,6 +12,7 @@ Schema changes are numbered migrations applied at open; the version lives in
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -111,6 +112,9 @@ class Store:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: aiosqlite.Connection | None = None
+        # One connection, so one transaction at a time: concurrent writers queue here
+        # instead of failing with "cannot start a transaction within a transaction".
+        self._write_lock = asyncio.Lock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -127,6 +131,10 @@ class Store:
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
         except (sqlite3.Error, OSError) as exc:
+            if self._db is not None:
+                db, self._db = self._db, None
+                with suppress(sqlite3.Error):
+                    await db.close()
             raise _translate(exc) from exc
         with suppress(OSError):
             self._path.chmod(0o600)
@@ -156,21 +164,24 @@ class Store:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One atomic write: committed on success, rolled back on any error."""
-        db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
-        try:
-            yield db
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        try:
-            await db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            await db.execute("ROLLBACK")
-            raise _translate(exc) from exc
+        async with self._write_lock:
+            db = self.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+            try:
+                yield db
+            except BaseException as exc:
+                await db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _translate(exc) from exc
+                raise
+            try:
+                await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await db.execute("ROLLBACK")
+                raise _translate(exc) from exc
 
     async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
         try:

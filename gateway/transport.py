@@ -41,6 +41,7 @@ __all__ = [
     "HEADER_NODE",
     "HEADER_ROSTER",
     "MSGPACK",
+    "PEER",
     "FederationService",
     "PeerClient",
     "PeerResponse",
@@ -54,6 +55,8 @@ FEDERATION_PREFIX = "/federation/v1"
 HEADER_NODE = "Kakehashi-Node"
 HEADER_ROSTER = "Kakehashi-Roster-Version"
 MSGPACK = "application/msgpack"
+PEER = web.RequestKey("peer", RosterEntry)
+"""The authenticated roster entry of the client, set on every request but the open ones."""
 OPEN_ROUTES = frozenset({f"{FEDERATION_PREFIX}/ca", f"{FEDERATION_PREFIX}/join"})
 MAX_REQUEST_BYTES = 1024 * 1024
 
@@ -195,7 +198,7 @@ async def _check_peer(request: web.Request, service: FederationService) -> web.R
     except TrustError as exc:
         service.record_refusal(exc.code, remote=remote, peer=entry.node_id)
         return _refusal(403, exc.code, str(exc))
-    request["peer"] = entry
+    request[PEER] = entry
     if version > service.roster.version:
         await service.roster_hint(version, entry)
     return None
@@ -248,6 +251,15 @@ class PeerClient:
         self._node_id = node_id
         self._roster_version = roster_version
         self._segments = segments
+        # aiohttp pools connections by a key that includes the Fingerprint object, which
+        # compares by identity: one object per certificate, or every request handshakes anew.
+        self._pins: dict[bytes, aiohttp.Fingerprint] = {}
+
+    def _pin(self, fingerprint: bytes) -> aiohttp.Fingerprint:
+        pin = self._pins.get(fingerprint)
+        if pin is None:
+            pin = self._pins[fingerprint] = aiohttp.Fingerprint(fingerprint)
+        return pin
 
     def endpoint_for(self, peer: RosterEntry) -> str:
         """Direct endpoint: one on a segment we share, else the peer's first."""
@@ -273,7 +285,7 @@ class PeerClient:
                 url,
                 data=body,
                 headers=headers,
-                ssl=aiohttp.Fingerprint(peer.tls_fingerprint),
+                ssl=self._pin(peer.tls_fingerprint),
             ) as response:
                 payload = await response.read()
                 status = response.status

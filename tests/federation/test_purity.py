@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "federation"
 
@@ -74,14 +72,6 @@ def test_importing_the_protocol_core_loads_no_event_loop_socket_tls_database_or_
     assert _forbidden_modules_loaded_by(PURE_MODULES) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "federation.invites imports PyJWT, whose package __init__ imports jwt.jwks_client -> "
-        "urllib.request -> socket, ssl, selectors. Remove this marker once invites no longer "
-        "depends on PyJWT (strict: the test fails as soon as invites becomes pure)."
-    ),
-)
 def test_importing_invites_loads_no_event_loop_socket_tls_database_or_logger() -> None:
     assert _forbidden_modules_loaded_by(("federation.invites",)) == []
 

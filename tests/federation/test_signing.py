@@ -125,13 +125,10 @@ def test_from_pem_on_an_rsa_key_raises_config_error() -> None:
 
 
 def test_from_pem_on_an_encrypted_key_raises_config_error() -> None:
-    pem = (
-        key_from_seed(4)
-        .private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"secret"),
-        )
+    pem = key_from_seed(4).private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
     )
     with pytest.raises(ConfigError):
         SigningKey.from_pem(pem)

@@ -1,0 +1,190 @@
+"""A local federation on 127.0.0.1: Mie prefecture and three of its cities.
+
+Everything here is done with the `kakehashi` command, exactly as operators would
+on four machines: the prefecture initialises its node, creates the federation,
+runs it and invites each city; each city initialises, joins with its token and
+runs. Then every node prints its view of the federation (`peer list`).
+
+    make demo                 # runs until Ctrl-C, then stops every node cleanly
+    python examples/demo.py --once   # form, show, stop (used by the tests)
+
+Homes and logs are kept in `.demo/` (wiped at each start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KAKEHASHI = str(Path(sys.executable).parent / "kakehashi")
+AUTHORITY = ("mie-pref", "三重県", "240001")
+TOWNS = (
+    ("tsu", "津市", "242012"),
+    ("yokkaichi", "四日市市", "242021"),
+    ("ise", "伊勢市", "242039"),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def kakehashi(*args: str, capture: bool = False) -> str:
+    """Run one CLI command; stop the demo with its message if it fails."""
+    result = subprocess.run(
+        [KAKEHASHI, *args], capture_output=capture, text=True, check=False, env=os.environ
+    )
+    if result.returncode != 0:
+        if capture:
+            sys.stderr.write(result.stderr)
+        raise SystemExit(f"demo: `kakehashi {' '.join(args[:2])}` failed")
+    return result.stdout if capture else ""
+
+
+def step(text: str) -> None:
+    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
+
+
+class Demo:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def home(self, node_id: str) -> str:
+        return str(self.base / node_id)
+
+    def init(self, node_id: str, name: str, code: str) -> None:
+        kakehashi(
+            "init",
+            "--home",
+            self.home(node_id),
+            "--node-id",
+            node_id,
+            "--name",
+            name,
+            "--code",
+            code,
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        )
+        config = Path(self.home(node_id)) / "config.toml"
+        # A short health interval so the demo shows everyone up within a second or two.
+        config.write_text(
+            config.read_text().replace("interval_seconds = 5.0", "interval_seconds = 1.0")
+        )
+
+    def run(self, node_id: str) -> None:
+        log = open(self.base / f"{node_id}.log", "wb")  # noqa: SIM115 - owned by the child's lifetime
+        self.processes[node_id] = subprocess.Popen(
+            [KAKEHASHI, "run", "--home", self.home(node_id)], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.processes[node_id].poll() is not None:
+                raise SystemExit(f"demo: node {node_id} exited; see {self.base / node_id}.log")
+            probe = subprocess.run(
+                [KAKEHASHI, "status", "--home", self.home(node_id), "--json"],
+                capture_output=True,
+                check=False,
+            )
+            if probe.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"demo: node {node_id} did not start; see {self.base / node_id}.log")
+
+    def all_up(self) -> bool:
+        expected = 1 + len(TOWNS)
+        for node_id in self.processes:
+            rows = json.loads(
+                kakehashi("peer", "list", "--home", self.home(node_id), "--json", capture=True)
+            )
+            if len(rows) != expected or any(r["health"] not in ("up", "self") for r in rows):
+                return False
+        return True
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for node_id, process in self.processes.items():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                print(f"demo: {node_id} did not stop in time; killing it", file=sys.stderr)
+                process.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--once", action="store_true", help="form the federation, show it, stop")
+    parser.add_argument("--dir", default=str(ROOT / ".demo"), help="where the node homes go")
+    args = parser.parse_args()
+    base = Path(args.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    demo = Demo(base)
+    try:
+        node_id, name, code = AUTHORITY
+        step(f"{name} ({node_id}): init, create the federation, run")
+        demo.init(node_id, name, code)
+        kakehashi("federation", "create", "--home", demo.home(node_id), "--name", "三重県 市町連携")
+        demo.run(node_id)
+        for town, town_name, town_code in TOWNS:
+            step(f"{town_name} ({town}): invited by {name}, init, join, run")
+            token = kakehashi(
+                "peer", "invite", "--home", demo.home(node_id), town, capture=True
+            ).strip()
+            print(f"invitation token for {town}: {token[:24]}…")
+            demo.init(town, town_name, town_code)
+            kakehashi("federation", "join", "--home", demo.home(town), token)
+            demo.run(town)
+        deadline = time.monotonic() + 20
+        while not demo.all_up():
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    "demo: not every node sees every peer up after 20 s; see .demo/*.log"
+                )
+            time.sleep(0.3)
+        for node in demo.processes:
+            step(f"kakehashi peer list --home .demo/{node}")
+            kakehashi("peer", "list", "--home", demo.home(node))
+        step(f"kakehashi status --home .demo/{AUTHORITY[0]}")
+        kakehashi("status", "--home", demo.home(AUTHORITY[0]))
+        if args.once:
+            return
+        print(
+            "\nThe federation is running. Try, in another terminal:\n"
+            f"  .venv/bin/kakehashi peer list --home {base}/tsu\n"
+            f"  .venv/bin/kakehashi peer invite --home {base}/mie-pref matsusaka\n"
+            "Ctrl-C stops every node.",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        step("stopping every node")
+        demo.stop()
+        print("stopped cleanly")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    # SIGTERM (e.g. from a service manager) stops the demo like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    main()

@@ -1,0 +1,222 @@
+"""Tests for gateway.store: migrations, transactions, the write lock and error translation."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from federation.errors import StorageError
+from federation.invites import Approval, JoinState
+from gateway.store import MIGRATIONS, PeerHealth, Store
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with Store(tmp_path / "node.db") as opened:
+        yield opened
+
+
+async def _schema(store: Store) -> tuple[int, list[str]]:
+    async with store.db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    async with store.db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    ) as cursor:
+        tables = [r[0] for r in await cursor.fetchall()]
+    assert row is not None
+    return int(row[0]), tables
+
+
+def _health(node_id: str, now_ms: int = 1_000) -> PeerHealth:
+    return PeerHealth(
+        node_id=node_id,
+        last_contact_ms=now_ms,
+        rtt_ms=2.5,
+        last_attempt_ms=now_ms,
+        failures=0,
+        last_error=None,
+    )
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.db"
+    async with Store(path) as store:
+        version, tables = await _schema(store)
+        assert version == len(MIGRATIONS)
+        assert tables == ["invitation", "meta", "peer_health", "roster"]
+        await store.set_meta("federation_id", b"mie-1234abcd")
+        await store.save_roster(1, b"signed-v1", 1_000)
+
+    # Reopening must not re-run the migration (CREATE TABLE would fail) nor lose data.
+    async with Store(path) as store:
+        assert await _schema(store) == (len(MIGRATIONS), tables)
+        assert await store.get_meta("federation_id") == b"mie-1234abcd"
+        assert await store.latest_roster() == b"signed-v1"
+
+
+async def test_closed_store_raises_storage_error_store_closed(tmp_path: Path) -> None:
+    store = Store(tmp_path / "node.db")
+    with pytest.raises(StorageError) as caught:
+        await store.get_meta("role")
+    assert caught.value.code == "store_closed"
+
+
+# --------------------------------------------------------------------------- roster
+
+
+async def test_latest_roster_is_none_in_an_empty_store(store: Store) -> None:
+    assert await store.latest_roster() is None
+
+
+async def test_latest_roster_returns_the_highest_version_not_the_last_saved(
+    store: Store,
+) -> None:
+    await store.save_roster(1, b"v1", 1_000)
+    await store.save_roster(3, b"v3", 3_000)
+    await store.save_roster(2, b"v2", 4_000)  # an older version arriving late
+    assert await store.latest_roster() == b"v3"
+
+
+async def test_saving_a_roster_version_twice_keeps_the_first_copy(store: Store) -> None:
+    await store.save_roster(5, b"original", 1_000)
+    await store.save_roster(5, b"replay", 2_000)
+    assert await store.latest_roster() == b"original"
+
+
+# --------------------------------------------------------------------------- transactions
+
+
+async def test_transaction_that_raises_rolls_back_everything_it_wrote(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        async with store.transaction() as db:
+            await Store.insert_roster(db, 1, b"v1", 1_000)
+            await db.execute("INSERT INTO meta (key, value) VALUES ('role', x'00')")
+            raise RuntimeError("boom")
+    assert await store.latest_roster() is None
+    assert await store.get_meta("role") is None
+    # The lock was released and no transaction is left open: the next write works.
+    await store.save_roster(2, b"v2", 2_000)
+    assert await store.latest_roster() == b"v2"
+
+
+async def test_sqlite_error_inside_a_transaction_surfaces_as_storage_error(
+    store: Store,
+) -> None:
+    await store.set_meta("role", b"member")
+    with pytest.raises(StorageError) as caught:
+        async with store.transaction() as db:
+            await db.execute("UPDATE meta SET value = x'01' WHERE key = 'role'")
+            await db.execute("INSERT INTO meta (key, value) VALUES ('role', x'02')")  # duplicate
+    assert not isinstance(caught.value, sqlite3.Error)
+    assert isinstance(caught.value.code, str)
+    assert await store.get_meta("role") == b"member"  # the first statement was rolled back
+
+
+async def test_fifty_concurrent_health_writes_all_succeed_under_the_write_lock(
+    store: Store,
+) -> None:
+    nodes = [f"node-{i:02d}" for i in range(50)]
+    await asyncio.gather(*(store.record_health(_health(n, 1_000 + i)) for i, n in enumerate(nodes)))
+    health = await store.peer_health()
+    assert sorted(health) == nodes
+    assert health["node-07"].last_contact_ms == 1_007
+
+
+async def test_record_health_overwrites_the_previous_record_of_a_peer(store: Store) -> None:
+    await store.record_health(_health("tsu", 1_000))
+    failed = PeerHealth(
+        node_id="tsu",
+        last_contact_ms=1_000,
+        rtt_ms=2.5,
+        last_attempt_ms=6_000,
+        failures=1,
+        last_error="transport_error: refused",
+    )
+    await store.record_health(failed)
+    assert await store.peer_health() == {"tsu": failed}
+
+
+# --------------------------------------------------------------------------- invitations
+
+
+async def test_invitation_round_trips_and_update_inside_a_transaction_keeps_unset_fields(
+    store: Store,
+) -> None:
+    await store.add_invitation(
+        nonce="n-1", node_id="tsu", expires_at=9_000, approval=Approval.MANUAL, relay=True, now=100
+    )
+    row = await store.invitation("n-1")
+    assert row is not None
+    assert (row.node_id, row.expires_at, row.approval, row.relay) == (
+        "tsu",
+        9_000,
+        Approval.MANUAL,
+        True,
+    )
+    assert (row.state, row.created_at, row.updated_at) == (JoinState.ISSUED, 100, 100)
+    assert (row.request, row.request_keys, row.certificate) == (None, None, None)
+
+    async with store.transaction() as db:
+        await store.update_invitation(
+            db, "n-1", state=JoinState.PENDING, now=200, request=b"req", request_keys=b"keys"
+        )
+    async with store.transaction() as db:
+        await store.update_invitation(
+            db, "n-1", state=JoinState.APPROVED, now=300, certificate=b"cert"
+        )
+
+    row = await store.invitation("n-1")
+    assert row is not None
+    assert (row.state, row.created_at, row.updated_at) == (JoinState.APPROVED, 100, 300)
+    assert (row.request, row.request_keys, row.certificate) == (b"req", b"keys", b"cert")
+    assert [r.nonce for r in await store.invitations(JoinState.APPROVED)] == ["n-1"]
+    assert await store.invitations(JoinState.PENDING) == []
+    assert [r.nonce for r in await store.invitations()] == ["n-1"]
+
+
+async def test_unknown_invitation_is_none(store: Store) -> None:
+    assert await store.invitation("missing") is None
+
+
+async def test_invitation_update_in_a_failed_transaction_is_not_kept(store: Store) -> None:
+    await store.add_invitation(
+        nonce="n-2", node_id="ise", expires_at=9_000, approval=Approval.AUTO, relay=False, now=100
+    )
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as db:
+            await store.update_invitation(db, "n-2", state=JoinState.DENIED, now=200)
+            raise RuntimeError("operator interrupted")
+    row = await store.invitation("n-2")
+    assert row is not None
+    assert (row.state, row.updated_at) == (JoinState.ISSUED, 100)
+
+
+# --------------------------------------------------------------------------- open errors
+
+
+async def test_opening_a_directory_as_the_database_raises_storage_error(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(StorageError) as caught:
+        await store.open()
+    assert type(caught.value) is StorageError
+    assert not isinstance(caught.value, sqlite3.Error)
+    assert isinstance(caught.value.code, str)
+    assert caught.value.code
+
+
+async def test_opening_a_database_in_a_missing_directory_raises_storage_error(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(StorageError) as caught:
+        async with Store(tmp_path / "no-such-dir" / "node.db"):
+            pass
+    assert isinstance(caught.value.code, str)
