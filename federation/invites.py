@@ -182,7 +182,10 @@ def _b64decode(text: str) -> bytes:
 
 
 def _json_part(text: str) -> dict[str, Any]:
-    value = json.loads(_b64decode(text))
+    try:
+        value = json.loads(_b64decode(text))
+    except RecursionError as exc:  # hostile nesting: "[[[[..." fits easily in a token
+        raise ValueError("a token part nests too deeply") from exc
     if not isinstance(value, dict):
         raise ValueError("a token part is not a JSON object")
     return value

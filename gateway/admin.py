@@ -21,12 +21,13 @@ from aiohttp import web
 
 from federation.errors import ConfigError, KakehashiError, ProtocolError
 from federation.invites import Approval, parse_duration
+from federation.rooms import RoomKind
 from federation.roster import MemberStatus
 
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["admin_app", "serve_admin"]
+__all__ = ["admin_app", "claim_admin_socket", "serve_admin"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -68,10 +69,10 @@ def admin_app(node: Node) -> web.Application:
         return data
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(node.status())
+        return web.json_response(await node.status())
 
     async def peers(request: web.Request) -> web.Response:
-        return web.json_response(node.peer_views())
+        return web.json_response(await node.peer_report())
 
     async def invite(request: web.Request) -> web.Response:
         data = await body(request)
@@ -122,7 +123,47 @@ def admin_app(node: Node) -> web.Application:
             {"node_id": data["node_id"], "status": status.value, "roster_version": roster.version}
         )
 
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    async def rooms(request: web.Request) -> web.Response:
+        return web.json_response(await node.room_views())
+
+    async def room_create(request: web.Request) -> web.Response:
+        data = await body(request)
+        nodes = data.get("nodes", [])
+        if not isinstance(nodes, list):
+            raise ProtocolError("nodes must be a list", code="bad_request")
+        try:
+            kind = RoomKind(str(data.get("kind", "standard")))
+        except ValueError as exc:
+            raise ProtocolError(
+                "kind must be standard or announcement", code="bad_request"
+            ) from exc
+        room = await node.rooms.create(str(data.get("name", "")), nodes=nodes, kind=kind)
+        return web.json_response({"room_id": room})
+
+    async def room_invite(request: web.Request) -> web.Response:
+        data = await body(request)
+        result = await node.rooms.invite(str(data.get("room", "")), str(data.get("node_id", "")))
+        return web.json_response(
+            {"room_id": data["room"], "node_id": data["node_id"], "result": result}
+        )
+
+    async def room_send(request: web.Request) -> web.Response:
+        data = await body(request)
+        texts = data.get("texts")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ProtocolError("texts must be a non-empty list of strings", code="bad_request")
+        ids = await node.rooms.send(str(data.get("room", "")), texts)
+        return web.json_response({"room_id": data["room"], "ids": [i.hex() for i in ids]})
+
+    async def room_history(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError as exc:
+            raise ProtocolError("limit must be a number", code="bad_request") from exc
+        room = request.query.get("room", "")
+        return web.json_response(await node.history_view(room, max(1, min(limit, 100_000))))
+
+    app = web.Application(middlewares=[errors], client_max_size=16 * 1024 * 1024)
     app.add_routes(
         [
             web.get("/v1/status", status),
@@ -132,6 +173,11 @@ def admin_app(node: Node) -> web.Application:
             web.post("/v1/peers/approve", approve),
             web.post("/v1/peers/deny", deny),
             web.post("/v1/peers/status", set_status),
+            web.get("/v1/rooms", rooms),
+            web.post("/v1/rooms", room_create),
+            web.post("/v1/rooms/invite", room_invite),
+            web.post("/v1/rooms/send", room_send),
+            web.get("/v1/rooms/history", room_history),
         ]
     )
     return app
@@ -149,8 +195,8 @@ def _socket_answers(path: Path) -> bool:
         probe.close()
 
 
-async def serve_admin(runner: web.AppRunner, path: Path) -> None:
-    """Listen on the admin socket with mode 0600; refuse if another node answers on it."""
+def claim_admin_socket(path: Path) -> None:
+    """Refuse if a node already answers on `path`; remove a stale socket left by a crash."""
     if path.exists():
         if _socket_answers(path):
             raise ConfigError(
@@ -159,6 +205,11 @@ async def serve_admin(runner: web.AppRunner, path: Path) -> None:
                 hint="stop it first, or use another --home",
             )
         path.unlink()
+
+
+async def serve_admin(runner: web.AppRunner, path: Path) -> None:
+    """Listen on the admin socket with mode 0600; refuse if another node answers on it."""
+    claim_admin_socket(path)
     old_umask = os.umask(0o177)  # the socket is created 0600, never briefly wider
     try:
         await web.UnixSite(runner, str(path)).start()

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import click
 from rich.console import Console
@@ -345,12 +346,14 @@ def _ago(iso: str | None) -> str:
 @home_option
 @json_option
 def peer_list(home: str, as_json: bool) -> None:
-    """Every member: status, segments, health, last contact, round-trip time."""
+    """Every member: status, health, segments, last contact, round trip, outbox depth, lag."""
     rows = _admin(home).request("GET", "/v1/peers")
     if as_json:
         _print_json(rows)
         return
-    table = Table("node", "name", "status", "health", "segments", "last contact", "rtt")
+    table = Table(
+        "node", "name", "status", "health", "segments", "last contact", "rtt", "outbox", "lag"
+    )
     colours = {"up": "green", "down": "red", "self": "cyan"}
     for row in rows:
         health = row["health"]
@@ -362,8 +365,136 @@ def peer_list(home: str, as_json: bool) -> None:
             ",".join(row["segments"]),
             "-" if row["self"] else _ago(row["last_contact"]),
             "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
+            str(row.get("outbox", 0)),
+            f"{row['delivery_lag_s']:.1f} s" if row.get("outbox") else "-",
         )
     out.print(table)
+
+
+@cli.group()
+def room() -> None:
+    """Shared rooms: create, invite nodes, send, read history."""
+
+
+@room.command("create")
+@home_option
+@click.argument("name")
+@click.option("--node", "nodes", multiple=True, metavar="NODE_ID", help="Member node; repeat.")
+@click.option(
+    "--announcement", is_flag=True, help="An announcement room: only admins post messages."
+)
+@json_option
+def room_create(
+    home: str, name: str, nodes: tuple[str, ...], announcement: bool, as_json: bool
+) -> None:
+    """Create a room NAME with this node as its home; prints the room id."""
+    data = _admin(home).request(
+        "POST",
+        "/v1/rooms",
+        {
+            "name": name,
+            "nodes": list(nodes),
+            "kind": "announcement" if announcement else "standard",
+        },
+    )
+    if as_json:
+        _print_json({"room_id": data["room_id"]})
+    else:
+        click.echo(data["room_id"])
+
+
+@room.command("invite")
+@home_option
+@click.argument("room_id", metavar="ROOM")
+@click.argument("node_id")
+@json_option
+def room_invite(home: str, room_id: str, node_id: str, as_json: bool) -> None:
+    """Add NODE_ID to ROOM (at the room's home directly; elsewhere by request to the home)."""
+    data = _admin(home).request("POST", "/v1/rooms/invite", {"room": room_id, "node_id": node_id})
+    if as_json:
+        _print_json(data)
+    elif data["result"] == "added":
+        out.print(f"added {node_id} to {room_id}")
+    else:
+        out.print(f"asked the room's home to add {node_id} to {room_id}")
+
+
+@room.command("list")
+@home_option
+@json_option
+def room_list(home: str, as_json: bool) -> None:
+    """Rooms this node takes part in."""
+    rows = _admin(home).request("GET", "/v1/rooms")
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no rooms yet; create one with: kakehashi room create NAME --node NODE_ID")
+        return
+    table = Table("room", "name", "home", "nodes", "envelopes", "waiting")
+    for row in rows:
+        table.add_row(
+            row["room_id"],
+            row["name"] or "(joining)",
+            row["home"],
+            ",".join(row["nodes"]),
+            str(row["envelopes"]),
+            str(row["pending"]) if row["pending"] else "",
+        )
+    out.print(table)
+
+
+@room.command("send")
+@home_option
+@click.argument("room_id", metavar="ROOM")
+@click.argument("text")
+@json_option
+def room_send(home: str, room_id: str, text: str, as_json: bool) -> None:
+    """Send TEXT to ROOM; with TEXT '-', send each line of standard input as one message."""
+    client = _admin(home)
+    if text != "-":
+        data = client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": [text]})
+        if as_json:
+            _print_json(data)
+        return
+    ids: list[str] = []
+    chunk: list[str] = []
+    for line in sys.stdin:
+        line = line.rstrip("\n")
+        if line:
+            chunk.append(line)
+        if len(chunk) >= 1000:
+            ids += client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})[
+                "ids"
+            ]
+            chunk = []
+    if chunk:
+        ids += client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})["ids"]
+    if as_json:
+        _print_json({"room_id": room_id, "ids": ids})
+    else:
+        err.print(f"sent {len(ids)} messages")
+
+
+@room.command("history")
+@home_option
+@click.argument("room_id", metavar="ROOM")
+@click.option("--limit", default=50, show_default=True, help="Newest N entries.")
+@json_option
+def room_history(home: str, room_id: str, limit: int, as_json: bool) -> None:
+    """The room's timeline as this node holds it (oldest first)."""
+    rows = _admin(home).request("GET", f"/v1/rooms/history?room={quote(room_id)}&limit={limit}")
+    if as_json:
+        _print_json(rows)
+        return
+    for row in rows:
+        when = row["time"][11:19]
+        who = row["sender"] or row["origin"]
+        if row["kind"] == "message":
+            out.print(f"{when} [bold]{escape(who)}[/] {escape(row['text'] or '')}")
+        else:
+            detail = escape(json.dumps(row["body"], ensure_ascii=False))
+            out.print(f"{when} [dim]{escape(who)} {row['kind']} {detail}[/]")
 
 
 @cli.command()

@@ -130,6 +130,10 @@ class NodeConfig:
     """Seconds between health checks of each peer."""
     request_timeout: float = 10.0
     """Seconds before a request to a peer is abandoned."""
+    retry_cap: float = 30.0
+    """Longest wait, in seconds, between delivery retries to an unreachable peer."""
+    catch_up_interval: float = 30.0
+    """Seconds between routine catch-up passes with every peer."""
     log_format: str = "auto"
     """'auto' (readable on a terminal, JSON otherwise), 'json' or 'console'."""
     log_level: str = "info"
@@ -264,7 +268,20 @@ def load_config(home: Home) -> NodeConfig:
             f"{path}: field 'health.request_timeout_seconds' must be positive",
             code="config_bad_field",
         )
-    known = {"node", "listen", "health", "log", "segments"}
+    delivery = raw.get("delivery", {})
+    if not isinstance(delivery, dict):
+        raise ConfigError(f"{path}: [delivery] must be a table", code="config_bad_field")
+    retry_cap = _optional(delivery, "delivery", "retry_cap_seconds", (int, float), path, 30.0)
+    catch_up = _optional(
+        delivery, "delivery", "catch_up_interval_seconds", (int, float), path, 30.0
+    )
+    if retry_cap < 0.2 or catch_up <= 0:
+        raise ConfigError(
+            f"{path}: [delivery] retry_cap_seconds must be >= 0.2 and "
+            "catch_up_interval_seconds positive",
+            code="config_bad_field",
+        )
+    known = {"node", "listen", "health", "log", "segments", "delivery"}
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -276,6 +293,8 @@ def load_config(home: Home) -> NodeConfig:
         request_timeout=float(timeout),
         log_format=log_format,
         log_level=log_level,
+        retry_cap=float(retry_cap),
+        catch_up_interval=float(catch_up),
         certificate_days=certificate_days,
         extra={key: value for key, value in raw.items() if key not in known},
     )
@@ -292,6 +311,10 @@ def write_config(home: Home, config: NodeConfig) -> None:
             "request_timeout_seconds": config.request_timeout,
         },
         "log": {"format": config.log_format, "level": config.log_level},
+        "delivery": {
+            "retry_cap_seconds": config.retry_cap,
+            "catch_up_interval_seconds": config.catch_up_interval,
+        },
     }
     if config.code is not None:
         document["node"]["code"] = config.code

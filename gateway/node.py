@@ -23,7 +23,10 @@ import structlog
 from aiohttp import web
 
 from federation import codec
-from federation.errors import ConfigError, KakehashiError, TrustError
+from federation.backoff import Backoff
+from federation.causal import hlc_to_ms
+from federation.envelope import Envelope, Kind, check_room_id, room_home
+from federation.errors import ConfigError, KakehashiError, ProtocolError, TrustError
 from federation.roster import (
     Roster,
     RosterChange,
@@ -32,12 +35,16 @@ from federation.roster import (
     check_update,
     verify_roster,
 )
+from federation.signing import SigningKey
 
 from . import tls
-from .admin import admin_app, serve_admin
+from .admin import admin_app, claim_admin_socket, serve_admin
 from .authority import Authority
+from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
+from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
+from .rooms import BATCH_LIMITS, RoomService
 from .store import Store
 from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
 
@@ -59,6 +66,9 @@ class Node:
         self._signed: SignedRoster | None = None
         self._client: PeerClient | None = None
         self._monitor: PeerMonitor | None = None
+        self._rooms: RoomService | None = None
+        self._outbox: Outbox | None = None
+        self._catchup: CatchUp | None = None
         self._runners: list[web.BaseRunner] = []
         self._sync_lock = asyncio.Lock()
         self._started_at = 0.0
@@ -91,6 +101,21 @@ class Node:
         return self._client
 
     @property
+    def rooms(self) -> RoomService:
+        assert self._rooms is not None
+        return self._rooms
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self._outbox is not None
+        return self._outbox
+
+    @property
+    def catchup(self) -> CatchUp:
+        assert self._catchup is not None
+        return self._catchup
+
+    @property
     def federation_port(self) -> int:
         """The port actually bound (useful when the config asks for port 0)."""
         for runner in self._runners:
@@ -103,6 +128,7 @@ class Node:
 
     async def start(self) -> None:
         """Open the database, load and check the roster, start servers and the monitor."""
+        claim_admin_socket(self.home.admin_socket)  # before touching anything a running node owns
         await self.store.open()
         try:
             await self._start()
@@ -145,6 +171,36 @@ class Node:
             timeout=self.config.request_timeout,
             segments=tuple(e.segment for e in self.config.endpoints),
         )
+        try:
+            signing = SigningKey.from_pem(self.home.signing_key.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {self.home.signing_key}: {exc}", code="bad_key"
+            ) from exc
+        self._rooms = RoomService(
+            node_id=self.node_id,
+            store=self.store,
+            signing_key=signing,
+            roster=lambda: self.roster,
+            clock=self.clock,
+            on_enqueued=lambda peers: self.outbox.wake_many(peers),
+        )
+        self._outbox = Outbox(
+            store=self._rooms.store,
+            client=self._client,
+            roster=lambda: self.roster,
+            settings=DeliverySettings(
+                backoff=Backoff(base=0.2, cap=self.config.retry_cap, jitter=0.2)
+            ),
+        )
+        await self._rooms.load()
+        self._catchup = CatchUp(
+            node_id=self.node_id,
+            rooms=self._rooms,
+            client=self._client,
+            roster=lambda: self.roster,
+            interval=self.config.catch_up_interval,
+        )
         self._monitor = PeerMonitor(
             node_id=self.node_id,
             client=self._client,
@@ -153,6 +209,7 @@ class Node:
             on_roster_version=self.roster_hint,
             interval=self.config.health_interval,
             clock=self.clock,
+            on_peer_up=self._peer_up,
         )
         server_ssl = tls.server_context(
             self.home.tls_cert, self.home.tls_key, self.home.ca_cert, require_client_cert=False
@@ -160,18 +217,29 @@ class Node:
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
-        await web.TCPSite(
-            federation,
-            self.config.listen_host,
-            self.config.listen_port,
-            ssl_context=server_ssl,
-            reuse_address=True,
-        ).start()
+        try:
+            await web.TCPSite(
+                federation,
+                self.config.listen_host,
+                self.config.listen_port,
+                ssl_context=server_ssl,
+                reuse_address=True,
+            ).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
+                f"{exc.strerror or exc}",
+                code="listen_failed",
+                hint=f"is another program using port {self.config.listen_port}? "
+                f"change [listen] in {self.home.config}",
+            ) from exc
         admin = web.AppRunner(admin_app(self), access_log=None, shutdown_timeout=1.0)
         await admin.setup()
         self._runners.append(admin)
         await serve_admin(admin, self.home.admin_socket)
         await self._monitor.start()
+        await self._outbox.start()
+        self._catchup.start()
         self._started_at = self.clock()
         log.info(
             "node_started",
@@ -184,6 +252,10 @@ class Node:
 
     async def stop(self) -> None:
         """Stop everything this node started, in reverse order. Safe to call twice."""
+        if self._catchup is not None:
+            await self._catchup.stop()
+        if self._outbox is not None:
+            await self._outbox.stop()
         if self._monitor is not None:
             await self._monitor.stop()
         for runner in reversed(self._runners):
@@ -267,7 +339,16 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/join", self._handle_join),
             web.get(f"{FEDERATION_PREFIX}/roster", self._handle_roster),
             web.post(f"{FEDERATION_PREFIX}/health", self._handle_health),
+            web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
+            web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
         ]
+
+    def _peer_up(self, peer: str) -> None:
+        """A peer answered again: resume delivery at once and catch up with it."""
+        if self._outbox is not None:
+            self._outbox.retry_now(peer)
+        if self._catchup is not None:
+            self._catchup.request(peer)
 
     def record_refusal(self, reason: str, **fields: Any) -> None:
         self.refusals[reason] += 1
@@ -294,12 +375,48 @@ class Node:
         body = codec.encode({"node": self.node_id, "time_ms": int(self.clock() * 1000)})
         return web.Response(body=body, content_type=MSGPACK)
 
+    async def _handle_envelopes(self, request: web.Request) -> web.Response:
+        """A batch pushed by a peer; answered only after it is durably committed."""
+        peer = request[PEER]
+        body = codec.decode_map(await request.read(), BATCH_LIMITS)
+        wires = body.get("envelopes")
+        if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
+            raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
+        accepted, duplicates, refused = await self.rooms.receive(peer.node_id, wires)
+        if self.rooms.pending_count():
+            self.catchup.request(peer.node_id)  # fetch the dependencies we still lack
+        answer = {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "refused": [[r.envelope_id, r.code] for r in refused],
+        }
+        return web.Response(body=codec.encode(answer), content_type=MSGPACK)
+
+    async def _handle_sync(self, request: web.Request) -> web.Response:
+        """Catch-up: everything beyond the peer's vectors in rooms it is a member of."""
+        peer = request[PEER]
+        body = codec.decode_map(await request.read())
+        rooms, limit = body.get("rooms"), body.get("limit", 2000)
+        if not isinstance(rooms, dict) or not isinstance(limit, int) or not 0 < limit <= 5000:
+            raise ProtocolError("sync needs rooms (map) and limit (1-5000)", code="bad_sync")
+        vectors: dict[str, dict[str, int]] = {}
+        for room, vector in rooms.items():
+            if not isinstance(vector, dict) or not all(
+                isinstance(o, str) and isinstance(q, int) for o, q in vector.items()
+            ):
+                raise ProtocolError("a vector maps origin to seq", code="bad_sync")
+            vectors[room] = vector
+        wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
+        return web.Response(
+            body=codec.encode({"envelopes": wires, "more": more}), content_type=MSGPACK
+        )
+
     # views for the CLI --------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         now = datetime.fromtimestamp(self.clock(), UTC)
         certificate = tls.load_certificate_pem(self.home.tls_cert.read_bytes())
-        peers = self.peer_views()
+        peers = await self.peer_report()
         others = [p for p in peers if not p["self"] and p["status"] == "active"]
         return {
             "node_id": self.node_id,
@@ -318,10 +435,62 @@ class Node:
             "peers_down": sum(1 for p in others if p["health"] != "up"),
             "uptime_seconds": int(self.clock() - self._started_at),
             "refusals": dict(self.refusals),
+            "rooms": len(self.rooms.room_ids()),
+            "pending_envelopes": self.rooms.pending_count(),
         }
 
-    def peer_views(self) -> list[dict[str, Any]]:
+    async def room_views(self) -> list[dict[str, Any]]:
+        counts = await self.rooms.store.counts()
+        views = []
+        for room in self.rooms.room_ids():
+            state = self.rooms.state(room)
+            accepted, pending = counts.get(room, (0, 0))
+            views.append(
+                {
+                    "room_id": room,
+                    "name": state.name if state else None,
+                    "kind": state.kind.value if state else None,
+                    "home": room_home(room),
+                    "nodes": sorted(state.nodes) if state else [],
+                    "member": bool(state and self.node_id in state.nodes),
+                    "envelopes": accepted,
+                    "pending": pending,
+                    "vector": self.rooms.vector(room),
+                }
+            )
+        return views
+
+    async def history_view(self, room: str, limit: int) -> list[dict[str, Any]]:
+        check_room_id(room)
+        if self.rooms.state(room) is None:
+            raise ProtocolError(f"this node knows no room {room}", code="unknown_room", status=404)
+        rows = await self.rooms.store.history(room, limit)
+        entries = []
+        for envelope_id, wire in reversed(rows):
+            content = Envelope.from_bytes(wire).content
+            entries.append(
+                {
+                    "id": envelope_id.hex(),
+                    "origin": content.origin,
+                    "seq": content.seq,
+                    "kind": content.kind.value,
+                    "sender": content.sender,
+                    "time": datetime.fromtimestamp(hlc_to_ms(content.hlc) / 1000, UTC).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    "text": content.body.get("text") if content.kind is Kind.MESSAGE else None,
+                    "body": _jsonable(content.body),
+                }
+            )
+        return entries
+
+    async def peer_report(self) -> list[dict[str, Any]]:
+        """`peer_views` with each peer's outbox depth and delivery lag."""
+        return self.peer_views(await self.rooms.store.outbox_depths())
+
+    def peer_views(self, depths: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
         now_ms = int(self.clock() * 1000)
+        depths = depths or {}
         views = []
         for member in self.roster.members:
             health = self.monitor.health(member.node_id)
@@ -350,6 +519,21 @@ class Node:
                     "rtt_ms": health.rtt_ms if health else None,
                     "clock_offset_ms": self.monitor.clock_offset_ms(member.node_id),
                     "last_error": health.last_error if health else None,
+                    "outbox": depths.get(member.node_id, (0, 0))[0],
+                    "delivery_lag_s": round((now_ms - depths[member.node_id][1]) / 1000, 1)
+                    if member.node_id in depths
+                    else 0.0,
                 }
             )
         return views
+
+
+def _jsonable(value: Any) -> Any:
+    """Body values for JSON output: bytes (envelope ids) as hex."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    return value

@@ -58,6 +58,7 @@ class PeerMonitor:
         on_roster_version: Callable[[int, RosterEntry], Awaitable[None]],
         interval: float,
         clock: Callable[[], float] = time.time,
+        on_peer_up: Callable[[str], None] | None = None,
     ) -> None:
         self._node_id = node_id
         self._client = client
@@ -66,6 +67,7 @@ class PeerMonitor:
         self._on_roster_version = on_roster_version
         self._interval = interval
         self._clock = clock
+        self._on_peer_up = on_peer_up
         self._links: dict[str, _Link] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +145,8 @@ class PeerMonitor:
             return
         if previous is None or previous.health.failures:
             log.info("peer_up", peer=peer.node_id, rtt_ms=round(response.rtt_ms, 2))
+            if self._on_peer_up is not None:
+                self._on_peer_up(peer.node_id)
         peer_time = answer.get("time_ms")
         offset = (
             int(peer_time - (sent_ms + response.rtt_ms / 2)) if isinstance(peer_time, int) else None

@@ -58,6 +58,35 @@ MIGRATIONS: tuple[str, ...] = (
         last_error TEXT
     );
     """,
+    """
+    CREATE TABLE room (
+        room_id TEXT PRIMARY KEY,
+        home TEXT NOT NULL,
+        joined_at INTEGER NOT NULL
+    );
+    CREATE TABLE envelope (
+        id BLOB PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        hlc INTEGER NOT NULL,
+        wire BLOB NOT NULL,
+        status INTEGER NOT NULL,
+        verdict TEXT,
+        received_ms INTEGER NOT NULL,
+        UNIQUE (room_id, origin, seq)
+    );
+    CREATE INDEX envelope_timeline ON envelope (room_id, status, hlc, origin, seq);
+    CREATE TABLE outbox (
+        pos INTEGER PRIMARY KEY AUTOINCREMENT,
+        peer TEXT NOT NULL,
+        envelope_id BLOB NOT NULL,
+        enqueued_ms INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_peer ON outbox (peer, pos);
+    """,
 )
 
 

@@ -59,6 +59,9 @@ PEER = web.RequestKey("peer", RosterEntry)
 """The authenticated roster entry of the client, set on every request but the open ones."""
 OPEN_ROUTES = frozenset({f"{FEDERATION_PREFIX}/ca", f"{FEDERATION_PREFIX}/join"})
 MAX_REQUEST_BYTES = 1024 * 1024
+# Envelope batches may be larger (a sender bounds them at 4 MiB of envelopes).
+MAX_BATCH_REQUEST_BYTES = 8 * 1024 * 1024
+LARGE_ROUTES = frozenset({f"{FEDERATION_PREFIX}/envelopes"})
 
 log = structlog.get_logger("kakehashi.transport")
 
@@ -132,9 +135,10 @@ def federation_app(service: FederationService) -> web.Application:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         remote = request.remote
-        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+        limit = MAX_BATCH_REQUEST_BYTES if request.path in LARGE_ROUTES else MAX_REQUEST_BYTES
+        if request.content_length is not None and request.content_length > limit:
             service.record_refusal("too_large", remote=remote, size=request.content_length)
-            return _refusal(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+            return _refusal(413, "too_large", f"request body over {limit} bytes")
         if request.path not in OPEN_ROUTES:
             refused = await _check_peer(request, service)
             if refused is not None:
@@ -157,7 +161,7 @@ def federation_app(service: FederationService) -> web.Application:
         response.headers[HEADER_NODE] = service.node_id
         return response
 
-    app = web.Application(middlewares=[authenticate], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(middlewares=[authenticate], client_max_size=MAX_BATCH_REQUEST_BYTES)
     app.add_routes(service.routes())
     return app
 
@@ -299,6 +303,11 @@ class PeerClient:
             raise TrustError(
                 f"the server at {url} has no certificate from the federation CA",
                 code="untrusted_server",
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+            raise TransportError(
+                f"{peer.node_id} unreachable at {url}: {reason}", code="peer_unreachable"
             ) from exc
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             raise TransportError(

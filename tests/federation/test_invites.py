@@ -556,17 +556,40 @@ def test_join_reply_with_a_bad_field_is_refused(changes: dict[str, Any]) -> None
 NO_DB = settings(database=None, deadline=None)
 
 
-def unsigned_token(claims_json: str) -> str:
-    header = b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
-    return f"{header}.{b64url(claims_json.encode())}."
+def signed_token(payload: bytes) -> str:
+    """A correctly signed EdDSA token whose payload is exactly `payload` (JSON or not)."""
+    header = b64url(json.dumps({"alg": "EdDSA", "typ": "JWT"}).encode())
+    signing_input = f"{header}.{b64url(payload)}"
+    return f"{signing_input}.{b64url(FEDERATION_KEY.sign(signing_input.encode()))}"
 
 
-def test_read_invitation_refuses_an_infinite_timestamp_as_bad_token() -> None:
+def test_signed_token_helper_makes_tokens_that_verify() -> None:
+    payload = json.dumps(invitation().to_claims()).encode()
+    assert verify(signed_token(payload)) == invitation()
+
+
+def test_infinite_timestamp_is_refused_as_bad_token() -> None:
     claims = json.dumps(invitation().to_claims()).replace(f'"iat": {ISSUED}', '"iat": 1e400')
     assert "1e400" in claims
+    token = signed_token(claims.encode())
     with pytest.raises(ProtocolError) as info:
-        read_invitation(unsigned_token(claims))
+        read_invitation(token)
     assert info.value.code == "bad_token"
+    with pytest.raises(ProtocolError) as info:
+        verify(token)
+    assert info.value.code == "bad_token"
+
+
+@pytest.mark.parametrize("payload", [b"[" * 1500, b'{"":[' * 550], ids=["array", "object"])
+def test_deeply_nested_token_payload_is_refused_not_crashed(payload: bytes) -> None:
+    token = signed_token(payload)
+    assert len(token) <= 4096  # fits in a token; must be refused as malformed
+    with pytest.raises(ProtocolError) as info:
+        read_invitation(token)
+    assert info.value.code == "bad_token"
+    with pytest.raises(TrustError) as trust:
+        verify(token)
+    assert trust.value.code == "bad_token"
 
 
 json_values = st.recursive(
@@ -584,14 +607,17 @@ json_values = st.recursive(
 CLAIM_NAMES = sorted(invitation().to_claims())
 
 
-@settings(NO_DB, max_examples=200)
+@settings(NO_DB, max_examples=100)
 @given(st.dictionaries(st.sampled_from(CLAIM_NAMES), json_values, min_size=1, max_size=3))
-def test_read_invitation_with_any_claims_changed_raises_only_protocol_error(
+def test_signed_token_with_any_claims_changed_raises_only_kakehashi_errors(
     changes: dict[str, Any],
 ) -> None:
     claims = json.dumps({**invitation().to_claims(), **changes}, allow_nan=True)
+    token = signed_token(claims.encode())
     with contextlib.suppress(ProtocolError):
-        read_invitation(unsigned_token(claims))
+        read_invitation(token)
+    with contextlib.suppress(ProtocolError, TrustError):
+        verify(token, node_id="ise")
 
 
 msgpack_values = st.recursive(
@@ -607,7 +633,7 @@ msgpack_values = st.recursive(
 )
 
 
-@settings(NO_DB, max_examples=150)
+@settings(NO_DB, max_examples=100)
 @given(
     st.dictionaries(st.sampled_from(sorted(join_request_wire())), msgpack_values, max_size=3),
     st.sets(st.sampled_from(sorted(join_request_wire())), max_size=2),
@@ -626,7 +652,7 @@ def test_join_request_with_fields_changed_or_removed_raises_only_protocol_error(
     assert JoinRequest.from_bytes(request.to_bytes()) == request
 
 
-@settings(NO_DB, max_examples=100)
+@settings(NO_DB, max_examples=60)
 @given(
     st.dictionaries(st.sampled_from(sorted(reply_wire())), msgpack_values, max_size=3),
     st.sets(st.sampled_from(sorted(reply_wire())), max_size=2),

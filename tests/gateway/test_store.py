@@ -24,7 +24,8 @@ async def _schema(store: Store) -> tuple[int, list[str]]:
     async with store.db.execute("PRAGMA user_version") as cursor:
         row = await cursor.fetchone()
     async with store.db.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name"
     ) as cursor:
         tables = [r[0] for r in await cursor.fetchall()]
     assert row is not None
@@ -52,7 +53,15 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
     async with Store(path) as store:
         version, tables = await _schema(store)
         assert version == len(MIGRATIONS)
-        assert tables == ["invitation", "meta", "peer_health", "roster"]
+        assert tables == [
+            "envelope",
+            "invitation",
+            "meta",
+            "outbox",
+            "peer_health",
+            "room",
+            "roster",
+        ]
         await store.set_meta("federation_id", b"mie-1234abcd")
         await store.save_roster(1, b"signed-v1", 1_000)
 

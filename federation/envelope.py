@@ -1,0 +1,441 @@
+"""Envelopes: the immutable, signed unit that crosses between nodes.
+
+An envelope has a *content* (header fields and a kind-specific body) encoded as
+canonical msgpack. Its id is SHA-256 of those content bytes, so a duplicate is
+recognised by id wherever it comes from.
+
+Signing is per batch: the origin builds a Merkle tree over the ids of a batch
+(RFC 6962 shape: leaf hash = H(0x00 || id), node = H(0x01 || left || right)),
+signs the root once, and every envelope carries the root signature and its own
+inclusion path. A receiver checks one Ed25519 signature per batch (cached by
+root) and a few hashes per envelope; any node can verify any envelope alone, so
+relays and catch-up can serve single envelopes. A lone envelope is a batch of one.
+
+The signature covers `SIGNING_CONTEXT || root`, so a batch signature can never be
+mistaken for a signature over anything else the same key signs (rosters, tokens).
+
+Invariants:
+- `Envelope.content` is exactly the bytes that were hashed; decoding never
+  re-encodes before hashing (`from_bytes` keeps the received content bytes,
+  after checking they are canonical).
+- At most `MAX_ENVELOPE_BYTES` on the wire; larger ones are refused.
+- No floats anywhere (codec refuses them); timestamps are integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from . import codec
+from .errors import ProtocolError, TrustError
+from .identity import check_node_id
+from .signing import SigningKey, verify_signature
+
+__all__ = [
+    "ENVELOPE_LIMITS",
+    "ENVELOPE_VERSION",
+    "MAX_ENVELOPE_BYTES",
+    "Content",
+    "Envelope",
+    "Kind",
+    "RootCache",
+    "check_room_id",
+    "merkle_root",
+    "room_home",
+    "root_from_path",
+    "seal_batch",
+]
+
+ENVELOPE_VERSION = 1
+MAX_ENVELOPE_BYTES = 64 * 1024
+MAX_DEPS = 128  # origins in one room's causal frontier; rooms span at most a few dozen nodes
+MAX_PATH = 40  # a batch of up to 2**40 envelopes; far beyond any real batch
+SIGNING_CONTEXT = b"kakehashi/envelope-batch/v1\x00"
+ENVELOPE_LIMITS = codec.Limits(
+    max_bytes=MAX_ENVELOPE_BYTES, max_depth=12, max_str=48 * 1024, max_bin=MAX_ENVELOPE_BYTES
+)
+
+
+class Kind(StrEnum):
+    """What an envelope does; each kind's body schema is in schemas/envelope-bodies/."""
+
+    STATE = "state"
+    """Room state change (name, topic, members, roles), only from the room's home node."""
+    STATE_REQUEST = "state-request"
+    """A member node asks the home node for a state change."""
+    MESSAGE = "message"
+    """A message from a staff member or a bot."""
+    EDIT = "edit"
+    """Replaces the text of an earlier message by the same sender."""
+    REDACT = "redact"
+    """Withdraws an earlier envelope's content."""
+    REACTION = "reaction"
+    """An emoji reaction to an earlier envelope."""
+    RECEIPT = "receipt"
+    """既読: the sender has read up to an envelope."""
+
+
+def _leaf(envelope_id: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + envelope_id).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _largest_power_of_two_below(n: int) -> int:
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def merkle_root(ids: Sequence[bytes]) -> bytes:
+    """Root of the RFC 6962 tree over `ids` (at least one)."""
+    if not ids:
+        raise ValueError("a batch has at least one envelope")
+    level = [_leaf(i) for i in ids]
+    while len(level) > 1:
+        # Pairs left to right; an odd last node is promoted unchanged (RFC 6962 shape).
+        nxt = [_node(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def _paths(ids: Sequence[bytes]) -> list[list[bytes]]:
+    """Inclusion path (sibling hashes, leaf upwards) of every leaf, in one pass per level."""
+    paths: list[list[bytes]] = [[] for _ in ids]
+    level = [_leaf(i) for i in ids]
+    members = [[k] for k in range(len(ids))]  # which leaves sit under each node of the level
+    while len(level) > 1:
+        nxt, nxt_members = [], []
+        for k in range(0, len(level) - 1, 2):
+            for leaf in members[k]:
+                paths[leaf].append(level[k + 1])
+            for leaf in members[k + 1]:
+                paths[leaf].append(level[k])
+            nxt.append(_node(level[k], level[k + 1]))
+            nxt_members.append(members[k] + members[k + 1])
+        if len(level) % 2:
+            nxt.append(level[-1])
+            nxt_members.append(members[-1])
+        level, members = nxt, nxt_members
+    return paths
+
+
+def root_from_path(envelope_id: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
+    """Recompute the root from a leaf, its index, the batch size and its path; ProtocolError if
+    the path has the wrong length for that position."""
+    if not 0 <= index < size:
+        raise ProtocolError("inclusion index outside the batch", code="bad_inclusion_path")
+    digest = _leaf(envelope_id)
+    position, width, used = index, size, 0
+    while width > 1:
+        sibling = position ^ 1
+        if sibling < width:
+            if used >= len(path):
+                raise ProtocolError("inclusion path too short", code="bad_inclusion_path")
+            digest = _node(path[used], digest) if position & 1 else _node(digest, path[used])
+            used += 1
+        # else: the last node of an odd level is promoted without a sibling.
+        position //= 2
+        width = (width + 1) // 2
+    if used != len(path):
+        raise ProtocolError("inclusion path too long", code="bad_inclusion_path")
+    return digest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Content:
+    """The signed part of an envelope: header and body."""
+
+    room: str
+    """Room id, `!<random>:<home node>`."""
+    origin: str
+    """Node that made and signed the envelope."""
+    seq: int
+    """Per origin per room, from 1, without gaps."""
+    kind: Kind
+    """What the envelope does."""
+    sender: str
+    """`user@node` of the person or bot who sent it; empty for the node itself."""
+    hlc: int
+    """Hybrid logical clock: (unix milliseconds << 16) | logical counter."""
+    deps: dict[str, int]
+    """Causal dependencies as a sparse vector clock: origin -> the seq of that origin's
+    envelope this one follows (everything before it from that origin too). Always
+    names the origin's own previous envelope (seq - 1, when seq > 1) and the room's
+    home node (whose seq fixes the room state the envelope is judged under)."""
+    key_id: str
+    """Id of the origin's signing key that signed the batch."""
+    body: dict[str, Any] = field(default_factory=dict)
+    """Kind-specific map (schemas/envelope-bodies/KIND.schema.json)."""
+    version: int = ENVELOPE_VERSION
+    """Envelope format version."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind(self.kind))
+        check_node_id(self.origin)
+        check_room_id(self.room)
+        if self.version != ENVELOPE_VERSION:
+            raise ProtocolError(f"unsupported envelope version {self.version}", code="bad_envelope")
+        if not 1 <= self.seq < 2**53:
+            raise ProtocolError("seq must be a positive integer", code="bad_envelope")
+        if not 0 <= self.hlc < 2**64:
+            raise ProtocolError("hlc must be a 64-bit unsigned integer", code="bad_envelope")
+        if not isinstance(self.body, dict):
+            raise ProtocolError("envelope body must be a map", code="bad_envelope")
+        if not isinstance(self.deps, dict) or len(self.deps) > MAX_DEPS:
+            raise ProtocolError(f"at most {MAX_DEPS} dependencies", code="bad_envelope")
+        for origin, seq in self.deps.items():
+            check_node_id(origin)
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq < 2**53:
+                raise ProtocolError(
+                    "dependency seq must be a positive integer", code="bad_envelope"
+                )
+        own = self.deps.get(self.origin)
+        if (self.seq == 1 and own is not None) or (self.seq > 1 and own != self.seq - 1):
+            raise ProtocolError(
+                "an envelope must depend on its origin's previous envelope and no other of its own",
+                code="bad_envelope",
+            )
+        home = room_home(self.room)
+        if (self.origin != home or self.seq > 1) and home not in self.deps:
+            raise ProtocolError(
+                "an envelope must name the room state it follows", code="bad_envelope"
+            )
+
+    @property
+    def sender_node(self) -> str:
+        """The node part of `sender` (empty if none)."""
+        return self.sender.rpartition("@")[2] if self.sender else ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": self.version,
+            "room": self.room,
+            "origin": self.origin,
+            "seq": self.seq,
+            "kind": self.kind.value,
+            "sender": self.sender,
+            "hlc": self.hlc,
+            "deps": self.deps,
+            "kid": self.key_id,
+            "body": self.body,
+        }
+
+    def to_bytes(self) -> bytes:
+        """The canonical bytes that are hashed into the id and signed through the batch root."""
+        return codec.encode(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, raw: dict[str, Any]) -> Content:
+        expected = {"v", "room", "origin", "seq", "kind", "sender", "hlc", "deps", "kid", "body"}
+        if set(raw) != expected:
+            raise ProtocolError(
+                "envelope header fields are not the expected set", code="bad_envelope"
+            )
+        kind = raw["kind"]
+        if not isinstance(kind, str) or kind not in Kind.__members__.values():
+            raise ProtocolError(f"unknown envelope kind {kind!r}", code="unknown_kind")
+        deps = raw["deps"]
+        if not isinstance(deps, dict):
+            raise ProtocolError("deps must be a map of origin to seq", code="bad_envelope")
+        for name, kind_ in (("v", int), ("seq", int), ("hlc", int)):
+            if not isinstance(raw[name], kind_) or isinstance(raw[name], bool):
+                raise ProtocolError(
+                    f"envelope field {name!r} must be an integer", code="bad_envelope"
+                )
+        for name in ("room", "origin", "sender", "kid"):
+            if not isinstance(raw[name], str):
+                raise ProtocolError(
+                    f"envelope field {name!r} must be a string", code="bad_envelope"
+                )
+        return cls(
+            version=raw["v"],
+            room=raw["room"],
+            origin=raw["origin"],
+            seq=raw["seq"],
+            kind=Kind(kind),
+            sender=raw["sender"],
+            hlc=raw["hlc"],
+            deps=deps,
+            key_id=raw["kid"],
+            body=raw["body"],
+        )
+
+
+def check_room_id(room: object) -> str:
+    """A room id is `!<random>:<home node id>`."""
+    if not isinstance(room, str) or not room.startswith("!") or ":" not in room or len(room) > 100:
+        raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
+    local, _, home = room[1:].partition(":")
+    if not local or not local.replace("-", "").replace("_", "").isalnum():
+        raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
+    check_node_id(home)
+    return room
+
+
+def room_home(room: str) -> str:
+    """The home node of a room id."""
+    return room.rpartition(":")[2]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """An envelope as it travels: content bytes plus the batch signature and inclusion path."""
+
+    content_bytes: bytes
+    """Canonical content, exactly as hashed."""
+    content: Content = field(compare=False)
+    """Decoded content (derived from `content_bytes`)."""
+    signature: bytes
+    """Ed25519 signature of SIGNING_CONTEXT || batch root, by the origin."""
+    index: int
+    """Position of this envelope in its signing batch."""
+    size: int
+    """Number of envelopes in the signing batch."""
+    path: tuple[bytes, ...]
+    """Sibling hashes from the leaf up to the root."""
+    id: bytes = field(compare=False, default=b"")
+    """SHA-256 of `content_bytes` (derived)."""
+    wire: bytes = field(compare=False, default=b"", repr=False)
+    """The encoded envelope, when known (as received, or once encoded)."""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", hashlib.sha256(self.content_bytes).digest())
+
+    def to_bytes(self) -> bytes:
+        """The wire encoding (computed once; the received bytes when decoded from the wire)."""
+        if self.wire:
+            return self.wire
+        data = codec.encode(
+            {
+                "c": self.content_bytes,
+                "sig": self.signature,
+                "i": self.index,
+                "n": self.size,
+                "p": list(self.path),
+            }
+        )
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise ProtocolError(
+                f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}",
+                code="envelope_too_large",
+                status=413,
+            )
+        object.__setattr__(self, "wire", data)
+        return data
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Decode and check the form (not the signature: see `verify`)."""
+        if len(data) > MAX_ENVELOPE_BYTES:
+            raise ProtocolError(
+                f"envelope of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}",
+                code="envelope_too_large",
+                status=413,
+            )
+        raw = codec.decode_map(data, ENVELOPE_LIMITS)
+        if set(raw) != {"c", "sig", "i", "n", "p"}:
+            raise ProtocolError("envelope must have exactly c, sig, i, n, p", code="bad_envelope")
+        content_bytes, signature, path = raw["c"], raw["sig"], raw["p"]
+        index, size = raw["i"], raw["n"]
+        if not isinstance(content_bytes, bytes) or not isinstance(signature, bytes):
+            raise ProtocolError("envelope content and signature must be bytes", code="bad_envelope")
+        if (
+            not isinstance(index, int)
+            or not isinstance(size, int)
+            or isinstance(index, bool)
+            or isinstance(size, bool)
+        ):
+            raise ProtocolError("envelope index and size must be integers", code="bad_envelope")
+        if (
+            not isinstance(path, list)
+            or len(path) > MAX_PATH
+            or not all(isinstance(p, bytes) and len(p) == 32 for p in path)
+        ):
+            raise ProtocolError(
+                "inclusion path must be a list of 32-byte hashes", code="bad_envelope"
+            )
+        content = Content.from_wire(codec.decode_map(content_bytes, ENVELOPE_LIMITS))
+        return cls(
+            content_bytes=content_bytes,
+            content=content,
+            signature=signature,
+            index=index,
+            size=size,
+            path=tuple(path),
+            wire=data,
+        )
+
+    def root(self) -> bytes:
+        """The batch root this envelope's path leads to."""
+        return root_from_path(self.id, self.index, self.size, self.path)
+
+
+class RootCache:
+    """Remembers batch roots whose signature verified, so a batch costs one Ed25519 verify.
+
+    Bounded: the oldest entries are dropped first. A hit proves that `key` signed
+    `root`, which is all the signature would prove again.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._verified: dict[tuple[bytes, bytes, bytes], None] = {}
+
+    def verify(self, envelope: Envelope, public_key: bytes) -> None:
+        """`TrustError` unless the envelope's path leads to a root `public_key` signed."""
+        try:
+            root = envelope.root()
+        except ProtocolError as exc:
+            raise TrustError(
+                f"inclusion path is invalid: {exc}", code="bad_inclusion_path"
+            ) from exc
+        cache_key = (public_key, root, envelope.signature)
+        if cache_key in self._verified:
+            return
+        try:
+            verify_signature(public_key, envelope.signature, SIGNING_CONTEXT + root)
+        except TrustError as exc:
+            raise TrustError(
+                "envelope signature does not verify (forged, or content or path altered)",
+                code="bad_envelope_signature",
+            ) from exc
+        if len(self._verified) >= self._capacity:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[cache_key] = None
+
+
+def seal_batch(contents: Sequence[Content], key: SigningKey) -> list[Envelope]:
+    """Sign a batch of contents with one signature over their Merkle root."""
+    if not contents:
+        return []
+    encoded = [content.to_bytes() for content in contents]
+    ids = [hashlib.sha256(data).digest() for data in encoded]
+    signature = key.sign(SIGNING_CONTEXT + merkle_root(ids))
+    paths = _paths(ids)
+    size = len(contents)
+    envelopes = [
+        Envelope(
+            content_bytes=data,
+            content=content,
+            signature=signature,
+            index=index,
+            size=size,
+            path=tuple(paths[index]),
+            id=ids[index],
+        )
+        for index, (data, content) in enumerate(zip(encoded, contents, strict=True))
+    ]
+    for envelope in envelopes:
+        # Wire size = content + signature + path + a few bytes of framing; refuse before sending.
+        # Upper bound: each path hash is bin8 (34 bytes); keys, headers and two ints <= 41 bytes.
+        if len(envelope.content_bytes) + 64 + 34 * len(envelope.path) + 48 > MAX_ENVELOPE_BYTES:
+            envelope.to_bytes()  # exact check; raises envelope_too_large
+    return envelopes

@@ -1,0 +1,317 @@
+"""Rooms: their state, and whether an envelope is valid in the state it claims.
+
+A room's **home** node (the one in its id, `!<random>:<home>`) is the only
+issuer of `state` envelopes, so the state is one linear sequence per room and
+needs no conflict resolution. The first state envelope (home seq 1) creates the
+room. Other member nodes ask for changes with `state-request` envelopes; the home
+node decides (`decide_request`) and, if it agrees, issues the `state` envelope.
+
+Validity depends only on the envelope and the room's state history, so every
+node reaches the same verdict: an envelope is judged under the state as of its
+dependency on the home node (`deps[home]`): the latest state envelope the sender
+had seen. Its origin node must be a member then; its sender, if any, a member
+user of that node; a `state` envelope must come from the home node.
+
+Bodies are checked here against the same rules as `schemas/envelope-bodies/`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from .envelope import Content, Kind, room_home
+from .errors import ProtocolError
+from .identity import check_node_id
+
+__all__ = [
+    "Role",
+    "RoomHistory",
+    "RoomKind",
+    "RoomState",
+    "Verdict",
+    "check_body",
+    "check_user_id",
+    "decide_request",
+    "judge",
+]
+
+MAX_TEXT = 32 * 1024
+_USER = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}@[a-z][a-z0-9-]{0,30}[a-z0-9]\Z")
+
+
+class Role(StrEnum):
+    """A user's role in a room."""
+
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+class RoomKind(StrEnum):
+    """Ordinary rooms, or announcement rooms where only admins post."""
+
+    STANDARD = "standard"
+    ANNOUNCEMENT = "announcement"
+
+
+def check_user_id(user: object) -> str:
+    """`login@node`, lowercase."""
+    if not isinstance(user, str) or not _USER.match(user):
+        raise ProtocolError(f"invalid user id {user!r}: expected login@node", code="bad_user_id")
+    check_node_id(user.rpartition("@")[2])
+    return user
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoomState:
+    """A room's state after one state envelope."""
+
+    room: str
+    """Room id."""
+    version: int
+    """Home seq of the state envelope that produced this state."""
+    name: str
+    """Display name."""
+    topic: str = ""
+    """Optional topic."""
+    kind: RoomKind = RoomKind.STANDARD
+    """standard or announcement (fixed at creation)."""
+    nodes: frozenset[str] = field(default_factory=frozenset)
+    """Member nodes."""
+    users: Mapping[str, Role] = field(default_factory=dict)
+    """Member users and their roles."""
+
+    @property
+    def home(self) -> str:
+        return room_home(self.room)
+
+    def role(self, user: str) -> Role | None:
+        return self.users.get(user)
+
+
+class Verdict(StrEnum):
+    """The decision on an envelope whose dependencies are met."""
+
+    ACCEPTED = "accepted"
+    ORIGIN_NOT_MEMBER = "origin_not_member"
+    SENDER_NOT_MEMBER = "sender_not_member"
+    SENDER_NOT_OF_ORIGIN = "sender_not_of_origin"
+    STATE_NOT_FROM_HOME = "state_not_from_home"
+    NOT_ALLOWED_TO_POST = "not_allowed_to_post"
+    UNKNOWN_ROOM = "unknown_room"
+    BAD_BODY = "bad_body"
+    BAD_STATE_CHANGE = "bad_state_change"
+
+
+def _text(body: Mapping[str, Any], name: str, *, required: bool, limit: int = MAX_TEXT) -> None:
+    if name not in body and not required:
+        return
+    value = body.get(name)
+    if not isinstance(value, str) or (required and not value) or len(value) > limit:
+        raise ProtocolError(
+            f"body field {name!r} must be text of 1-{limit} characters", code="bad_body"
+        )
+
+
+def _target(body: Mapping[str, Any], name: str = "target") -> None:
+    value = body.get(name)
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise ProtocolError(f"body field {name!r} must be a 32-byte envelope id", code="bad_body")
+
+
+def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
+    extra = set(body) - allowed
+    if extra:
+        raise ProtocolError(f"unexpected body fields {sorted(extra)}", code="bad_body")
+
+
+_STATE_FIELDS = {
+    "name",
+    "topic",
+    "room_kind",
+    "add_nodes",
+    "remove_nodes",
+    "set_users",
+    "remove_users",
+}
+
+
+def _check_state_ops(body: Mapping[str, Any], *, creation: bool) -> None:
+    _only(body, _STATE_FIELDS)
+    _text(body, "name", required=creation, limit=200)
+    _text(body, "topic", required=False, limit=2000)
+    if "room_kind" in body:
+        if not creation:
+            raise ProtocolError("a room's kind is fixed at creation", code="bad_body")
+        if body["room_kind"] not in RoomKind.__members__.values():
+            raise ProtocolError("room_kind must be standard or announcement", code="bad_body")
+    for name in ("add_nodes", "remove_nodes"):
+        value = body.get(name, [])
+        if not isinstance(value, list) or len(value) > 256:
+            raise ProtocolError(f"{name} must be a list of node ids", code="bad_body")
+        for node in value:
+            check_node_id(node)
+    users = body.get("set_users", {})
+    if not isinstance(users, dict) or len(users) > 4096:
+        raise ProtocolError("set_users must map user ids to roles", code="bad_body")
+    for user, role in users.items():
+        check_user_id(user)
+        if role not in Role.__members__.values():
+            raise ProtocolError(f"unknown role {role!r}", code="bad_body")
+    removed = body.get("remove_users", [])
+    if not isinstance(removed, list):
+        raise ProtocolError("remove_users must be a list", code="bad_body")
+    for user in removed:
+        check_user_id(user)
+
+
+def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -> None:
+    """`ProtocolError` (code bad_body) unless `body` fits the schema of `kind`."""
+    if kind is Kind.STATE:
+        _check_state_ops(body, creation=creation)
+    elif kind is Kind.STATE_REQUEST:
+        _check_state_ops(body, creation=False)
+    elif kind is Kind.MESSAGE:
+        _only(body, {"text", "format", "files", "announcement"})
+        _text(body, "text", required=True)
+        if body.get("format", "plain") not in ("plain", "markdown"):
+            raise ProtocolError("format must be plain or markdown", code="bad_body")
+        files = body.get("files", [])
+        if not isinstance(files, list) or len(files) > 32:
+            raise ProtocolError("files must be a list of file references", code="bad_body")
+    elif kind is Kind.EDIT:
+        _only(body, {"target", "text"})
+        _target(body)
+        _text(body, "text", required=True)
+    elif kind is Kind.REDACT:
+        _only(body, {"target", "reason"})
+        _target(body)
+        _text(body, "reason", required=False, limit=500)
+    elif kind is Kind.REACTION:
+        _only(body, {"target", "emoji"})
+        _target(body)
+        _text(body, "emoji", required=True, limit=32)
+    elif kind is Kind.RECEIPT:
+        _only(body, {"up_to"})
+        _target(body, "up_to")
+
+
+def apply_state(previous: RoomState | None, content: Content) -> RoomState:
+    """The state after a `state` envelope from the home node (checked by the caller)."""
+    body = content.body
+    if previous is None:
+        nodes = {content.origin}
+        users: dict[str, Role] = {}
+        state = RoomState(
+            room=content.room,
+            version=content.seq,
+            name=str(body["name"]),
+            kind=RoomKind(body.get("room_kind", RoomKind.STANDARD)),
+        )
+    else:
+        nodes = set(previous.nodes)
+        users = dict(previous.users)
+        state = replace(previous, version=content.seq)
+    nodes.update(body.get("add_nodes", []))
+    nodes.difference_update(body.get("remove_nodes", []))
+    nodes.add(state.home)  # the home node cannot leave its own room
+    for user, role in body.get("set_users", {}).items():
+        users[user] = Role(role)
+    for user in body.get("remove_users", []):
+        users.pop(user, None)
+    users = {u: r for u, r in users.items() if u.rpartition("@")[2] in nodes}
+    return replace(
+        state,
+        name=str(body.get("name", state.name)),
+        topic=str(body.get("topic", state.topic)),
+        nodes=frozenset(nodes),
+        users=users,
+    )
+
+
+class RoomHistory:
+    """Every state of one room, by home seq, so any envelope can be judged in its own state."""
+
+    def __init__(self) -> None:
+        self._versions: list[int] = []
+        self._states: list[RoomState] = []
+
+    @property
+    def current(self) -> RoomState | None:
+        return self._states[-1] if self._states else None
+
+    def state_at(self, home_seq: int) -> RoomState | None:
+        """The state produced by the latest state envelope with home seq <= `home_seq`."""
+        index = bisect.bisect_right(self._versions, home_seq) - 1
+        return self._states[index] if index >= 0 else None
+
+    def add(self, state: RoomState) -> None:
+        if self._versions and state.version <= self._versions[-1]:
+            raise ValueError("room states must be added in increasing home seq")
+        self._versions.append(state.version)
+        self._states.append(state)
+
+
+def judge(history: RoomHistory | None, content: Content) -> tuple[Verdict, RoomState | None]:
+    """Decide an envelope whose dependencies are processed. Returns the verdict and, for an
+    accepted `state` envelope, the new state (the caller adds it to the history)."""
+    home = room_home(content.room)
+    if content.kind is Kind.STATE and content.origin != home:
+        return Verdict.STATE_NOT_FROM_HOME, None
+    creation = content.kind is Kind.STATE and content.seq == 1
+    try:
+        check_body(content.kind, content.body, creation=creation)
+    except ProtocolError:
+        return Verdict.BAD_BODY, None
+    if creation:
+        return Verdict.ACCEPTED, apply_state(None, content)
+    if history is None or history.current is None:
+        return Verdict.UNKNOWN_ROOM, None
+    state = history.state_at(content.deps.get(home, 0))
+    if state is None:
+        return Verdict.UNKNOWN_ROOM, None
+    if content.origin not in state.nodes:
+        return Verdict.ORIGIN_NOT_MEMBER, None
+    if content.sender:
+        if content.sender_node != content.origin:
+            return Verdict.SENDER_NOT_OF_ORIGIN, None
+        if content.sender not in state.users:
+            return Verdict.SENDER_NOT_MEMBER, None
+    if content.kind is Kind.STATE:
+        return Verdict.ACCEPTED, apply_state(history.current, content)
+    if (
+        state.kind is RoomKind.ANNOUNCEMENT
+        and content.kind is Kind.MESSAGE
+        and content.sender
+        and state.role(content.sender) is not Role.ADMIN
+    ):
+        return Verdict.NOT_ALLOWED_TO_POST, None
+    return Verdict.ACCEPTED, None
+
+
+def decide_request(current: RoomState, content: Content) -> dict[str, Any] | None:
+    """At the home node: the `state` body to issue for an accepted `state-request`, or None.
+
+    A request is granted when it comes from a member node's operator (no sender)
+    or from a room admin; a node may add nodes and users, and remove only its own
+    users, unless the requester is a room admin.
+    """
+    if content.kind is not Kind.STATE_REQUEST or content.origin not in current.nodes:
+        return None
+    admin = not content.sender or current.role(content.sender) is Role.ADMIN
+    body = dict(content.body)
+    if not admin:
+        return None
+    removed_nodes = body.get("remove_nodes", [])
+    if current.home in removed_nodes:
+        return None
+    if not content.sender and (
+        removed_nodes
+        or any(u.rpartition("@")[2] != content.origin for u in body.get("remove_users", []))
+    ):
+        return None  # a node operator (not a room admin) removes only its own users
+    return body or None

@@ -1,0 +1,192 @@
+"""Delivery: one sender loop per peer, draining that peer's durable outbox.
+
+Enqueueing (a committed processing step) calls `wake(peer)`: it sets the peer's
+"new data" flag and starts its loop only if none runs. The loop reads the
+oldest queued envelopes (bounded by count and bytes), posts them as one batch,
+and deletes them from the outbox only after the peer acknowledged, which the peer
+does only after committing them. On failure it waits an exponential backoff with
+jitter and tries again; the envelopes stay queued, across restarts too (a loop is
+started at start-up for every peer with a non-empty outbox).
+
+Every loop is a task owned by `Outbox`, cancelled by `stop()`, and its failure is
+logged, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from federation import codec
+from federation.backoff import Backoff
+from federation.errors import KakehashiError, TrustError
+from federation.roster import Roster
+
+from .roomstore import RoomStore
+from .transport import PeerClient
+
+__all__ = ["DeliverySettings", "Outbox"]
+
+log = structlog.get_logger("kakehashi.outbox")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliverySettings:
+    """How senders batch and retry."""
+
+    max_batch_count: int = 2000
+    """Envelopes per request at most."""
+    max_batch_bytes: int = 4 * 1024 * 1024
+    """Bytes of envelopes per request at most."""
+    backoff: Backoff = field(default_factory=Backoff)
+    """Retry timing after a failed delivery."""
+
+
+@dataclass(slots=True)
+class PeerDelivery:
+    """Counters of one peer's sender, for `peer list` and metrics."""
+
+    delivered: int = 0
+    batches: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    last_delivery_ms: int | None = None
+
+
+class _Sender:
+    """The loop for one peer."""
+
+    def __init__(self, outbox: Outbox, peer: str) -> None:
+        self.peer = peer
+        self.outbox = outbox
+        self.new_data = asyncio.Event()
+        self.retry = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.stats = PeerDelivery()
+        self.attempt = 0
+
+    def wake(self) -> None:
+        self.new_data.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name=f"sender-{self.peer}")
+            self.task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sender_failed", peer=self.peer, error=repr(task.exception()))
+
+    async def _run(self) -> None:
+        settings = self.outbox.settings
+        while True:
+            self.new_data.clear()
+            batch = await self.outbox.store.outbox_batch(
+                self.peer, settings.max_batch_count, settings.max_batch_bytes
+            )
+            if batch is None:
+                # Nothing queued: sleep until woken. A wake between the read and the
+                # wait is not lost, because the flag was cleared before the read.
+                await self.new_data.wait()
+                continue
+            entry = self.outbox.roster().member(self.peer)
+            try:
+                if entry is None:
+                    raise TrustError(f"{self.peer} is not in the roster", code="unknown_peer")
+                started = time.perf_counter()
+                response = await self.outbox.client.request(
+                    entry, "POST", "/envelopes", codec.encode({"envelopes": batch.wires})
+                )
+                answer = codec.decode_map(response.body)
+            except KakehashiError as exc:
+                self.attempt += 1
+                self.stats.failures += 1
+                self.stats.last_error = f"{exc.code}: {exc}"
+                delay = settings.backoff.delay(self.attempt, random.random())  # noqa: S311 - jitter
+                if self.attempt == 1 or self.attempt % 10 == 0:
+                    log.warning(
+                        "delivery_failed",
+                        peer=self.peer,
+                        code=exc.code,
+                        error=str(exc),
+                        attempt=self.attempt,
+                        retry_in_s=round(delay, 2),
+                    )
+                self.retry.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.retry.wait(), timeout=delay)
+                continue
+            await self.outbox.store.outbox_ack(self.peer, batch.last_pos)
+            self.attempt = 0
+            self.stats.delivered += len(batch.wires)
+            self.stats.batches += 1
+            self.stats.last_error = None
+            self.stats.last_delivery_ms = int(time.time() * 1000)
+            refused = answer.get("refused") or []
+            if refused:
+                log.warning("envelopes_refused_by_peer", peer=self.peer, count=len(refused))
+            log.debug(
+                "batch_delivered",
+                peer=self.peer,
+                count=len(batch.wires),
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+class Outbox:
+    """Owns every peer's sender loop."""
+
+    def __init__(
+        self,
+        *,
+        store: RoomStore,
+        client: PeerClient,
+        roster: Callable[[], Roster],
+        settings: DeliverySettings | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.roster = roster
+        self.settings = settings or DeliverySettings()
+        self._senders: dict[str, _Sender] = {}
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Resume delivery of everything left queued by a previous run."""
+        for peer in await self.store.outbox_peers():
+            self.wake(peer)
+
+    def wake(self, peer: str) -> None:
+        if self._stopped:
+            return
+        sender = self._senders.get(peer)
+        if sender is None:
+            sender = self._senders[peer] = _Sender(self, peer)
+        sender.wake()
+
+    def wake_many(self, peers: Iterable[str]) -> None:
+        for peer in peers:
+            self.wake(peer)
+
+    def retry_now(self, peer: str) -> None:
+        """A peer came back: skip the rest of its backoff."""
+        sender = self._senders.get(peer)
+        if sender is not None and sender.attempt:
+            sender.retry.set()
+
+    def stats(self, peer: str) -> PeerDelivery | None:
+        sender = self._senders.get(peer)
+        return sender.stats if sender else None
+
+    async def stop(self) -> None:
+        self._stopped = True
+        tasks = [s.task for s in self._senders.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,459 @@
+"""The node's rooms: make envelopes, take them in from peers, keep every room's timeline.
+
+One `RoomService` per node owns the causal buffer, every room's state history
+and this node's hybrid logical clock. All processing (local sends and incoming
+batches alike) runs under one lock, in three steps: decide in memory with the
+pure core (verify, buffer, judge), write everything the step produced in one
+transaction (envelope rows, status changes, outbox rows), then wake the senders.
+If the write fails, the in-memory state is rebuilt from the database, so memory
+never runs ahead of disk; the peer gets no acknowledgement and sends again.
+
+A peer's batch is acknowledged only after that transaction committed; duplicates
+are recognised by (room, origin, seq) in the version vector and dropped, which
+makes delivery exactly-once at every node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from federation import codec
+from federation.causal import CausalBuffer, OfferStatus, hlc_receive, hlc_send, hlc_to_ms
+from federation.envelope import (
+    Content,
+    Envelope,
+    Kind,
+    RootCache,
+    check_room_id,
+    room_home,
+    seal_batch,
+)
+from federation.errors import KakehashiError, ProtocolError, TrustError
+from federation.identity import check_node_id
+from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_request, judge
+from federation.roster import MemberStatus, Roster
+from federation.signing import SigningKey
+
+from .roomstore import EnvelopeRow, RoomStore, Status
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["BATCH_LIMITS", "Refusal", "RoomService"]
+
+log = structlog.get_logger("kakehashi.rooms")
+
+# One request carries at most this many envelopes / bytes (senders stay well below).
+BATCH_LIMITS = codec.Limits(
+    max_bytes=8 * 1024 * 1024, max_depth=3, max_array=5000, max_bin=64 * 1024, max_map=8
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An envelope refused before it reached a timeline, and why."""
+
+    envelope_id: bytes
+    code: str
+    message: str
+
+
+@dataclass(slots=True)
+class _Step:
+    """What one processing step produced, to be written in one transaction."""
+
+    rows: dict[bytes, EnvelopeRow] = field(default_factory=dict)
+    outbox: list[tuple[str, bytes]] = field(default_factory=list)
+    new_rooms: dict[str, str] = field(default_factory=dict)
+    requests: list[Envelope] = field(default_factory=list)
+    accepted: list[Envelope] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    duplicates: int = 0
+
+
+class RoomService:
+    """Rooms of one node."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        store: Store,
+        signing_key: SigningKey,
+        roster: Callable[[], Roster],
+        clock: Callable[[], float],
+        on_enqueued: Callable[[Iterable[str]], None],
+    ) -> None:
+        self.node_id = node_id
+        self._store = store
+        self._rooms = RoomStore(store)
+        self._key = signing_key
+        self._roster = roster
+        self._clock = clock
+        self._on_enqueued = on_enqueued
+        self._lock = asyncio.Lock()
+        self._roots = RootCache()
+        self._buffer = CausalBuffer()
+        self._histories: dict[str, RoomHistory] = {}
+        self._homes: dict[str, str] = {}
+        self._hlc = 0
+        self._listeners: list[Callable[[list[Envelope]], None]] = []
+
+    @property
+    def store(self) -> RoomStore:
+        return self._rooms
+
+    # loading -------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild vectors, room histories, pending envelopes and the clock from storage."""
+        self._buffer = CausalBuffer(await self._rooms.vectors())
+        self._histories = {}
+        self._homes = dict(await self._rooms.rooms())
+        for room in self._homes:
+            history = RoomHistory()
+            for wire in await self._rooms.state_envelopes(room):
+                envelope = Envelope.from_bytes(wire)
+                verdict, state = judge(history, envelope.content)
+                if verdict is Verdict.ACCEPTED and state is not None:
+                    history.add(state)
+            self._histories[room] = history
+        pending = [Envelope.from_bytes(wire) for wire in await self._rooms.pending()]
+        for envelope in pending:
+            # Stored pending envelopes wait again; none can be ready, or it would
+            # have been processed before it was written.
+            self._buffer.offer(envelope)
+        self._hlc = await self._rooms.max_hlc()
+
+    def listen(self, callback: Callable[[list[Envelope]], None]) -> None:
+        """Call `callback` with newly accepted envelopes after each committed step."""
+        self._listeners.append(callback)
+
+    # views ------------------------------------------------------------------------
+
+    def state(self, room: str) -> RoomState | None:
+        history = self._histories.get(room)
+        return history.current if history else None
+
+    def vector(self, room: str) -> dict[str, int]:
+        return self._buffer.vector(room)
+
+    def room_ids(self) -> list[str]:
+        return sorted(set(self._homes) | set(self._buffer.rooms()))
+
+    def pending_count(self) -> int:
+        return self._buffer.pending_count()
+
+    def shares_room_with(self, peer: str) -> list[str]:
+        """Rooms in which `peer` is a member node (or whose home it is)."""
+        rooms = []
+        for room in self.room_ids():
+            state = self.state(room)
+            if (state is not None and peer in state.nodes) or room_home(room) == peer:
+                rooms.append(room)
+        return rooms
+
+    # local commands -----------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _content(
+        self, room: str, kind: Kind, body: dict[str, Any], sender: str, seq: int
+    ) -> Content:
+        self._hlc = hlc_send(self._hlc, self._now_ms())
+        deps = {origin: s for origin, s in self._buffer.vector(room).items() if s > 0}
+        deps.pop(self.node_id, None)
+        if seq > 1:
+            deps[self.node_id] = seq - 1
+        return Content(
+            room=room,
+            origin=self.node_id,
+            seq=seq,
+            kind=kind,
+            sender=sender,
+            hlc=self._hlc,
+            deps=deps,
+            key_id=self._key.key_id,
+            body=body,
+        )
+
+    async def create(
+        self,
+        name: str,
+        *,
+        nodes: Sequence[str] = (),
+        kind: RoomKind = RoomKind.STANDARD,
+        topic: str = "",
+        admins: Sequence[str] = (),
+    ) -> str:
+        """Create a room with this node as home; returns its id."""
+        for node in nodes:
+            check_node_id(node)
+            if self._roster().member(node) is None:
+                raise TrustError(f"{node!r} is not a member of the federation", code="unknown_peer")
+        room = f"!{secrets.token_urlsafe(12).replace('-', 'x').replace('_', 'y')}:{self.node_id}"
+        check_room_id(room)
+        body: dict[str, Any] = {
+            "name": name,
+            "add_nodes": sorted(set(nodes) | {self.node_id}),
+        }
+        if topic:
+            body["topic"] = topic
+        if kind is not RoomKind.STANDARD:
+            body["room_kind"] = kind.value
+        if admins:
+            body["set_users"] = {user: "admin" for user in admins}
+        await self._originate(room, [(Kind.STATE, body, "")])
+        log.info("room_created", room=room, name=name, nodes=body["add_nodes"])
+        return room
+
+    async def send(self, room: str, texts: Sequence[str], *, sender: str = "") -> list[bytes]:
+        """Send messages (one envelope each, sealed as one batch); returns their ids."""
+        self._require_member(room)
+        items: list[tuple[Kind, dict[str, Any], str]] = [
+            (Kind.MESSAGE, {"text": text}, sender) for text in texts
+        ]
+        return await self._originate(room, items)
+
+    async def post(self, room: str, kind: Kind, body: dict[str, Any], *, sender: str = "") -> bytes:
+        """Send one envelope of any kind but `state` (edits, reactions, receipts, ...)."""
+        self._require_member(room)
+        return (await self._originate(room, [(kind, body, sender)]))[0]
+
+    async def invite(self, room: str, node_id: str) -> str:
+        """Add a node to a room: directly at the home node, by request elsewhere."""
+        check_node_id(node_id)
+        if self._roster().member(node_id) is None:
+            raise TrustError(f"{node_id!r} is not a member of the federation", code="unknown_peer")
+        self._require_member(room)
+        kind = Kind.STATE if room_home(room) == self.node_id else Kind.STATE_REQUEST
+        await self._originate(room, [(kind, {"add_nodes": [node_id]}, "")])
+        return "added" if kind is Kind.STATE else "requested"
+
+    def _require_member(self, room: str) -> RoomState:
+        check_room_id(room)
+        state = self.state(room)
+        if state is None:
+            raise ProtocolError(f"this node knows no room {room}", code="unknown_room", status=404)
+        if self.node_id not in state.nodes:
+            raise TrustError(f"this node is not a member of {room}", code="not_a_member")
+        return state
+
+    async def _originate(
+        self, room: str, items: Sequence[tuple[Kind, dict[str, Any], str]]
+    ) -> list[bytes]:
+        async with self._lock:
+            seq = self._buffer.vector(room).get(self.node_id, 0)
+            contents = []
+            for kind, body, sender in items:
+                seq += 1
+                contents.append(self._content(room, kind, body, sender, seq))
+            envelopes = seal_batch(contents, self._key)
+            step = _Step()
+            if room_home(room) == self.node_id and room not in self._homes:
+                step.new_rooms[room] = self.node_id
+            self._process(envelopes, step, local=True)
+            rejected = [r for r in step.rows.values() if r.status is not Status.ACCEPTED]
+            if rejected:
+                # A local envelope the rules refuse is a caller error; write nothing.
+                await self.load()
+                raise TrustError(
+                    f"refused by the room's rules: {rejected[0].verdict}",
+                    code=str(rejected[0].verdict),
+                )
+            await self._commit(step)
+        await self._after(step)
+        return [envelope.id for envelope in envelopes]
+
+    # from peers ---------------------------------------------------------------------
+
+    def _verify(self, envelope: Envelope, roster: Roster) -> None:
+        content = envelope.content
+        member = roster.member(content.origin)
+        if member is None:
+            raise TrustError(
+                f"origin {content.origin!r} is not a federation member", code="unknown_origin"
+            )
+        key = member.signing_key(content.key_id)
+        if key is None:
+            raise TrustError(
+                f"origin {content.origin!r} has no key {content.key_id}", code="unknown_key"
+            )
+        signed_at = hlc_to_ms(content.hlc) // 1000
+        if not key.valid_at(signed_at):
+            raise TrustError(
+                "envelope signed outside its key's validity window", code="key_not_valid"
+            )
+        if member.status is not MemberStatus.ACTIVE and signed_at >= member.status_since:
+            raise TrustError(
+                f"origin {content.origin!r} was {member.status.value} when this was signed",
+                code=f"origin_{member.status.value}",
+            )
+        self._roots.verify(envelope, key.public_key)
+
+    def _admissible_room(self, content: Content) -> bool:
+        """A room we know, or the state envelope by which its home adds us to it."""
+        if content.room in self._homes or self._buffer.vector(content.room):
+            return True
+        if self._buffer.pending_count(content.room):
+            return True
+        return (
+            content.kind is Kind.STATE
+            and content.origin == room_home(content.room)
+            and self.node_id in content.body.get("add_nodes", [])
+        )
+
+    async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
+        """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit."""
+        roster = self._roster()
+        decoded: list[Envelope] = []
+        refused: list[Refusal] = []
+        for wire in wires:
+            try:
+                envelope = Envelope.from_bytes(wire)
+            except KakehashiError as exc:
+                refused.append(Refusal(b"", exc.code, str(exc)))
+                continue
+            try:
+                self._verify(envelope, roster)
+                if not self._admissible_room(envelope.content):
+                    raise ProtocolError(
+                        f"unknown room {envelope.content.room}", code="unknown_room", status=404
+                    )
+            except KakehashiError as exc:
+                refused.append(Refusal(envelope.id, exc.code, str(exc)))
+                continue
+            decoded.append(envelope)
+        for refusal in refused:
+            log.warning(
+                "envelope_refused",
+                peer=peer,
+                envelope_id=refusal.envelope_id.hex()[:16],
+                reason=refusal.code,
+                message=refusal.message,
+            )
+        step = _Step(refused=refused)
+        async with self._lock:
+            for envelope in decoded:
+                self._hlc = hlc_receive(self._hlc, envelope.content.hlc)
+                if envelope.content.room not in self._homes:
+                    step.new_rooms[envelope.content.room] = room_home(envelope.content.room)
+            self._process(decoded, step, local=False)
+            await self._commit(step)
+        await self._after(step)
+        return len(step.accepted), step.duplicates, step.refused
+
+    # the processing step ----------------------------------------------------------
+
+    def _process(self, envelopes: Sequence[Envelope], step: _Step, *, local: bool) -> None:
+        """Offer, judge and plan writes in memory. Nothing is written here."""
+        for envelope in envelopes:
+            offer = self._buffer.offer(envelope)
+            if offer.status is OfferStatus.DUPLICATE:
+                step.duplicates += 1
+                continue
+            if offer.status is OfferStatus.BUFFERED:
+                step.rows[envelope.id] = EnvelopeRow(envelope, Status.PENDING)
+                continue
+            for ready in offer.ready:
+                self._decide(ready, step, local=local and ready is envelope)
+
+    def _decide(self, envelope: Envelope, step: _Step, *, local: bool) -> None:
+        content = envelope.content
+        history = self._histories.get(content.room)
+        previous = history.current if history else None
+        verdict, new_state = judge(history, content)
+        if verdict is not Verdict.ACCEPTED:
+            step.rows[envelope.id] = EnvelopeRow(envelope, Status.REJECTED, verdict.value)
+            step.refused.append(Refusal(envelope.id, verdict.value, f"refused: {verdict.value}"))
+            log.warning(
+                "envelope_rejected",
+                room=content.room,
+                origin=content.origin,
+                seq=content.seq,
+                reason=verdict.value,
+            )
+            return
+        step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
+        step.accepted.append(envelope)
+        if new_state is not None:
+            if history is None:
+                history = self._histories[content.room] = RoomHistory()
+            history.add(new_state)
+            step.new_rooms.setdefault(content.room, room_home(content.room))
+        if local:
+            # The origin delivers to every member node: of the new state and, for a
+            # state change, of the old one too (so a removed node learns it).
+            members = set(new_state.nodes if new_state else (previous.nodes if previous else ()))
+            if new_state is not None and previous is not None:
+                members |= previous.nodes
+            for peer in sorted(members - {self.node_id}):
+                step.outbox.append((peer, envelope.id))
+        if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
+            step.requests.append(envelope)
+
+    async def _commit(self, step: _Step) -> None:
+        if not step.rows and not step.new_rooms:
+            return
+        try:
+            async with self._store.transaction() as db:
+                await RoomStore.write(
+                    db, step.rows.values(), step.outbox, step.new_rooms.items(), self._now_ms()
+                )
+        except KakehashiError:
+            await self.load()  # memory must not run ahead of disk
+            raise
+        self._homes.update(step.new_rooms)
+
+    async def _after(self, step: _Step) -> None:
+        peers = {peer for peer, _ in step.outbox}
+        if peers:
+            self._on_enqueued(peers)
+        if step.accepted:
+            for callback in self._listeners:
+                callback(step.accepted)
+        for request in step.requests:
+            await self._answer_request(request)
+
+    async def _answer_request(self, request: Envelope) -> None:
+        """At the home node: grant a member's state request by issuing the state change."""
+        state = self.state(request.content.room)
+        if state is None:
+            return
+        body = decide_request(state, request.content)
+        if body is None:
+            log.info(
+                "state_request_denied", room=request.content.room, origin=request.content.origin
+            )
+            return
+        await self._originate(request.content.room, [(Kind.STATE, body, "")])
+        log.info("state_request_granted", room=request.content.room, origin=request.content.origin)
+
+    # catch-up (serving side) ------------------------------------------------------
+
+    async def missing_for(
+        self, peer: str, vectors: dict[str, dict[str, int]], limit: int, max_bytes: int
+    ) -> tuple[list[bytes], bool]:
+        """Envelopes of the requested rooms beyond the peer's vectors, for a member peer."""
+        wires: list[bytes] = []
+        more = False
+        for room, vector in sorted(vectors.items()):
+            state = self.state(room)
+            if state is None or peer not in state.nodes:
+                continue  # never serve a room to a node that is not (or no longer) a member
+            budget = limit - len(wires)
+            if budget <= 0:
+                return wires, True
+            page, room_more = await self._rooms.processed_after(
+                room, vector, budget, max_bytes - sum(len(w) for w in wires)
+            )
+            wires.extend(page)
+            more = more or room_more
+        return wires, more

@@ -1,0 +1,240 @@
+"""Rooms, envelopes and per-peer outboxes in the node's SQLite database.
+
+Every envelope a node holds is one row: its wire bytes, its place (room, origin,
+seq, hlc) and its status: pending (waiting for dependencies), accepted (in the
+timeline) or rejected (processed, refused by the room rules, kept for audit).
+Accepted and rejected envelopes both count as processed, which is what version
+vectors describe.
+
+The outbox is one table for all peers, ordered by an autoincrement position: a
+sender reads its peer's oldest rows, and deletes them only after the peer has
+acknowledged the batch, which it does only after committing it. So an envelope
+stays queued across crashes until its receiver has it.
+
+All writes of one processing step (envelope rows, status changes, outbox rows)
+happen in one transaction: a crash leaves the step wholly done or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import aiosqlite
+
+from federation.envelope import Envelope
+
+from .store import Store
+
+__all__ = ["EnvelopeRow", "OutboxBatch", "RoomStore", "Status"]
+
+
+class Status(IntEnum):
+    """Where an envelope stands at this node."""
+
+    PENDING = 0
+    ACCEPTED = 1
+    REJECTED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeRow:
+    """An envelope to write, with its status and the verdict that set it."""
+
+    envelope: Envelope
+    status: Status
+    verdict: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBatch:
+    """The oldest queued envelopes for one peer."""
+
+    last_pos: int
+    """Position of the last row read; acknowledging deletes up to it."""
+    wires: list[bytes]
+    """Wire bytes of the envelopes, oldest first."""
+
+
+class RoomStore:
+    """SQL for rooms, envelopes and outboxes, over the node's `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        return self._store.db
+
+    # loading ------------------------------------------------------------------
+
+    async def rooms(self) -> list[tuple[str, str]]:
+        """(room id, home) of every room this node takes part in."""
+        async with self._db.execute("SELECT room_id, home FROM room ORDER BY room_id") as cursor:
+            return [(row[0], row[1]) for row in await cursor.fetchall()]
+
+    async def vectors(self) -> dict[str, dict[str, int]]:
+        """room -> origin -> highest processed seq (processed prefixes have no gaps)."""
+        vectors: dict[str, dict[str, int]] = {}
+        async with self._db.execute(
+            "SELECT room_id, origin, MAX(seq) FROM envelope WHERE status != 0 "
+            "GROUP BY room_id, origin"
+        ) as cursor:
+            for room, origin, seq in await cursor.fetchall():
+                vectors.setdefault(room, {})[origin] = seq
+        return vectors
+
+    async def state_envelopes(self, room: str) -> list[bytes]:
+        """Accepted state envelopes of a room, in home order, to rebuild its history."""
+        async with self._db.execute(
+            "SELECT wire FROM envelope WHERE room_id = ? AND kind = 'state' AND status = 1 "
+            "ORDER BY seq",
+            (room,),
+        ) as cursor:
+            return [bytes(row[0]) for row in await cursor.fetchall()]
+
+    async def pending(self) -> list[bytes]:
+        """Envelopes stored but still waiting for dependencies."""
+        async with self._db.execute(
+            "SELECT wire FROM envelope WHERE status = 0 ORDER BY hlc"
+        ) as cursor:
+            return [bytes(row[0]) for row in await cursor.fetchall()]
+
+    async def max_hlc(self) -> int:
+        async with self._db.execute("SELECT COALESCE(MAX(hlc), 0) FROM envelope") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    # writing -----------------------------------------------------------------
+
+    @staticmethod
+    async def write(
+        db: aiosqlite.Connection,
+        rows: Iterable[EnvelopeRow],
+        outbox: Iterable[tuple[str, bytes]],
+        new_rooms: Iterable[tuple[str, str]],
+        now_ms: int,
+    ) -> None:
+        """Inside a caller's transaction: envelope rows (insert or status update), outbox, rooms."""
+        await db.executemany(
+            "INSERT INTO room (room_id, home, joined_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (room_id) DO NOTHING",
+            [(room, home, now_ms) for room, home in new_rooms],
+        )
+        await db.executemany(
+            "INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, status, "
+            "verdict, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, verdict = excluded.verdict",
+            [
+                (
+                    row.envelope.id,
+                    row.envelope.content.room,
+                    row.envelope.content.origin,
+                    row.envelope.content.seq,
+                    row.envelope.content.kind.value,
+                    row.envelope.content.sender,
+                    row.envelope.content.hlc,
+                    row.envelope.to_bytes(),
+                    int(row.status),
+                    row.verdict,
+                    now_ms,
+                )
+                for row in rows
+            ],
+        )
+        await db.executemany(
+            "INSERT INTO outbox (peer, envelope_id, enqueued_ms) VALUES (?, ?, ?)",
+            [(peer, envelope_id, now_ms) for peer, envelope_id in outbox],
+        )
+
+    # outbox --------------------------------------------------------------------
+
+    async def outbox_batch(self, peer: str, max_count: int, max_bytes: int) -> OutboxBatch | None:
+        """The oldest queued envelopes for `peer`, bounded by count and total bytes."""
+        wires: list[bytes] = []
+        total, last = 0, 0
+        async with self._db.execute(
+            "SELECT o.pos, e.wire FROM outbox o JOIN envelope e ON e.id = o.envelope_id "
+            "WHERE o.peer = ? ORDER BY o.pos LIMIT ?",
+            (peer, max_count),
+        ) as cursor:
+            async for pos, wire in cursor:
+                if wires and total + len(wire) > max_bytes:
+                    break
+                wires.append(bytes(wire))
+                total += len(wire)
+                last = pos
+        return OutboxBatch(last_pos=last, wires=wires) if wires else None
+
+    async def outbox_ack(self, peer: str, last_pos: int) -> None:
+        async with self._store.transaction() as db:
+            await db.execute("DELETE FROM outbox WHERE peer = ? AND pos <= ?", (peer, last_pos))
+
+    async def outbox_peers(self) -> list[str]:
+        async with self._db.execute("SELECT DISTINCT peer FROM outbox") as cursor:
+            return [row[0] for row in await cursor.fetchall()]
+
+    async def outbox_depths(self) -> dict[str, tuple[int, int]]:
+        """peer -> (queued envelopes, enqueue time in ms of the oldest)."""
+        async with self._db.execute(
+            "SELECT peer, COUNT(*), MIN(enqueued_ms) FROM outbox GROUP BY peer"
+        ) as cursor:
+            return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+
+    # catch-up and views --------------------------------------------------------
+
+    async def processed_after(
+        self, room: str, vector: dict[str, int], limit: int, max_bytes: int
+    ) -> tuple[list[bytes], bool]:
+        """Processed envelopes of `room` beyond `vector`, in hlc order (a causal order);
+        returns (wires, more)."""
+        wires: list[bytes] = []
+        total = 0
+        async with self._db.execute(
+            "SELECT wire FROM envelope WHERE room_id = ? AND status != 0 AND seq > "
+            "COALESCE((SELECT value FROM json_each(?) WHERE key = envelope.origin), 0) "
+            "ORDER BY hlc, origin, seq LIMIT ?",
+            (room, json.dumps(vector), limit + 1),
+        ) as cursor:
+            async for (wire,) in cursor:
+                if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
+                    return wires, True
+                wires.append(bytes(wire))
+                total += len(wire)
+        return wires, False
+
+    async def history(
+        self, room: str, limit: int, before_hlc: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """(id, wire) of the newest accepted envelopes of `room`, newest first."""
+        sql = "SELECT id, wire FROM envelope WHERE room_id = ? AND status = 1"
+        params: list[object] = [room]
+        if before_hlc is not None:
+            sql += " AND hlc < ?"
+            params.append(before_hlc)
+        sql += " ORDER BY hlc DESC, origin DESC, seq DESC LIMIT ?"
+        params.append(limit)
+        async with self._db.execute(sql, params) as cursor:
+            return [(bytes(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
+
+    async def counts(self) -> dict[str, tuple[int, int]]:
+        """room -> (accepted envelopes, pending envelopes)."""
+        async with self._db.execute(
+            "SELECT room_id, SUM(status = 1), SUM(status = 0) FROM envelope GROUP BY room_id"
+        ) as cursor:
+            return {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in await cursor.fetchall()}
+
+    async def ids_in(self, room: str, ids: Sequence[bytes]) -> set[bytes]:
+        """Which of `ids` this node holds for `room`."""
+        found: set[bytes] = set()
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            async with self._db.execute(
+                f"SELECT id FROM envelope WHERE room_id = ? AND id IN ({marks})",  # noqa: S608
+                [room, *chunk],
+            ) as cursor:
+                found.update(bytes(row[0]) for row in await cursor.fetchall())
+        return found

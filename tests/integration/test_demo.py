@@ -1,0 +1,42 @@
+"""`make demo` forms the federation through the CLI alone and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--once", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    for node_id in ("mie-pref", "tsu", "yokkaichi", "ise"):
+        assert f"kakehashi peer list --home .demo/{node_id}" in out
+    # Every node printed a table in which the other three are up.
+    assert out.count("│ up") >= 12, out
+    assert "stopped cleanly" in out
+    for node_id in ("mie-pref", "tsu", "yokkaichi", "ise"):
+        home = tmp_path / node_id
+        assert not (home / "admin.sock").exists(), "the node did not clean up its admin socket"
+        log = (tmp_path / f"{node_id}.log").read_text()
+        assert '"event": "node_stopped"' in log, log[-1000:]
+        assert "Traceback" not in log
+        for key in (home / "keys").iterdir():
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
