@@ -27,6 +27,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# The reliability runs at full length: 25 rounds of each kill -9 scenario.
+chaos: $(STAMP)
+	KAKEHASHI_CHAOS_ROUNDS=25 $(BIN)/python -m pytest -q -m reliability tests/reliability
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -3,7 +3,9 @@
 Everything here is done with the `kakehashi` command, exactly as operators would
 on four machines: the prefecture initialises its node, creates the federation,
 runs it and invites each city; each city initialises, joins with its token and
-runs. Then every node prints its view of the federation (`peer list`).
+runs. Then every node prints its view of the federation (`peer list`), the
+prefecture opens a shared room with every city, each node posts to it, and every
+node prints the room's timeline: the same messages in the same order.
 
     make demo                 # runs until Ctrl-C, then stops every node cleanly
     python examples/demo.py --once   # form, show, stop (used by the tests)
@@ -113,6 +115,71 @@ class Demo:
                 return False
         return True
 
+    def history(self, node_id: str, room: str) -> list[dict[str, str]]:
+        rows = json.loads(
+            kakehashi("room", "history", "--home", self.home(node_id), room, "--json", capture=True)
+        )
+        return [row for row in rows if row["kind"] == "message"]
+
+    def shared_room(self) -> None:
+        """A prefecture-wide room: every node posts, every node shows the same timeline."""
+        authority = AUTHORITY[0]
+        towns = [town for town, _, _ in TOWNS]
+        step(f"{AUTHORITY[1]} opens a shared room with every town")
+        nodes = [arg for town in towns for arg in ("--node", town)]
+        room = kakehashi(
+            "room",
+            "create",
+            "--home",
+            self.home(authority),
+            "停電情報 連絡室",
+            *nodes,
+            capture=True,
+        ).strip()
+        print(f"room id: {room}")
+        messages = {
+            authority: [
+                "【県】本日14時より県内一部地域で停電が発生しています",
+                "各市の状況を報告してください",
+            ],
+            "tsu": ["津市: 市役所本庁舎は自家発電で稼働中"],
+            "yokkaichi": ["四日市市: 沿岸部で約1,200戸が停電"],
+            "ise": ["伊勢市: 影響なし、避難所の開設準備は不要"],
+        }
+        expected = sum(len(texts) for texts in messages.values())
+        deadline = time.monotonic() + 20
+        while any(self.history_or_none(town, room) is None for town in towns):
+            if time.monotonic() > deadline:
+                raise SystemExit("demo: the room did not reach every town")
+            time.sleep(0.2)
+        for node_id, texts in messages.items():
+            for text in texts:
+                kakehashi("room", "send", "--home", self.home(node_id), room, text)
+        timelines: dict[str, list[str]] = {}
+        while time.monotonic() < deadline:
+            timelines = {
+                node: [row["id"] for row in self.history(node, room)] for node in self.processes
+            }
+            if all(len(ids) == expected for ids in timelines.values()):
+                break
+            time.sleep(0.2)
+        for node in self.processes:
+            step(f"kakehashi room history --home .demo/{node} ROOM")
+            kakehashi("room", "history", "--home", self.home(node), room)
+        same = len({tuple(ids) for ids in timelines.values()}) == 1
+        counts = {node: len(ids) for node, ids in timelines.items()}
+        if not same or set(counts.values()) != {expected}:
+            raise SystemExit(f"demo: timelines differ between nodes: {counts}")
+        print(f"\nthe same {expected} messages, in the same order, on all {len(timelines)} nodes")
+
+    def history_or_none(self, node_id: str, room: str) -> list[dict[str, str]] | None:
+        result = subprocess.run(
+            [KAKEHASHI, "room", "history", "--home", self.home(node_id), room, "--json"],
+            capture_output=True,
+            check=False,
+        )
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
     def stop(self) -> None:
         for process in self.processes.values():
             if process.poll() is None:
@@ -161,6 +228,7 @@ def main() -> None:
             kakehashi("peer", "list", "--home", demo.home(node))
         step(f"kakehashi status --home .demo/{AUTHORITY[0]}")
         kakehashi("status", "--home", demo.home(AUTHORITY[0]))
+        demo.shared_room()
         if args.once:
             return
         print(

@@ -25,7 +25,7 @@ import msgpack
 
 from .errors import ProtocolError
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "decode_map", "encode"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "decode_map", "encode", "encode_frame"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,34 +49,69 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_PLAIN = frozenset({str, int, bytes, bool, type(None)})
+
+
 def _canonical(value: Any, depth: int) -> Any:
-    """Return `value` with every map rebuilt in canonical key order; refuse what is not allowed."""
+    """Return `value` with every map rebuilt in canonical key order; refuse what is not allowed.
+
+    Hot path of every envelope and roster encoding, so it dispatches on exact types
+    first. Sorting `str` keys sorts by code point, which is the order of their UTF-8
+    bytes, i.e. the canonical order.
+    """
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
     if depth > 64:
         raise ProtocolError("value nests too deeply to encode", code="too_deep")
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        raise ProtocolError(f"integer {value} is outside msgpack's range", code="non_canonical")
-    if value is None or isinstance(value, bool | int | str | bytes):
-        return value
-    if isinstance(value, list | tuple):
+    if kind is dict:
+        try:
+            items = sorted(value.items())
+        except TypeError:
+            items = None
+        if items is None or not all(type(key) is str for key, _ in items):
+            for key in value:
+                if not isinstance(key, str):
+                    raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
+            items = sorted((str(k), v) for k, v in value.items())
+        return {key: _canonical(item, depth + 1) for key, item in items}
+    if kind is list or kind is tuple:
         return [_canonical(item, depth + 1) for item in value]
-    if isinstance(value, dict):
-        items = []
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
-            items.append((key.encode("utf-8"), key, _canonical(item, depth + 1)))
-        items.sort(key=lambda entry: entry[0])
-        return {key: item for _, key, item in items}
+    # Subclasses (StrEnum, IntEnum, ...) are written as their base type.
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, dict | list | tuple):
+        return _canonical(dict(value) if isinstance(value, dict) else list(value), depth)
     raise ProtocolError(
         f"type {type(value).__name__} cannot be encoded canonically", code="non_canonical"
     )
 
 
+def encode_frame(value: Any) -> bytes:
+    """Encode transport framing that is never hashed or signed (maps must already be sorted)."""
+    try:
+        result: bytes = msgpack.packb(value, use_bin_type=True, datetime=False)
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"cannot encode frame: {exc}", code="non_canonical") from exc
+    return result
+
+
 def encode(value: Any) -> bytes:
     """Encode `value` canonically: None, bool, int, str, bytes, list/tuple, str-keyed dict."""
-    result: bytes = msgpack.packb(
-        _canonical(value, 0), use_bin_type=True, strict_types=False, datetime=False
-    )
+    try:
+        result: bytes = msgpack.packb(
+            _canonical(value, 0), use_bin_type=True, strict_types=False, datetime=False
+        )
+    except OverflowError as exc:
+        raise ProtocolError(
+            f"integer outside msgpack's range: {exc}", code="non_canonical"
+        ) from exc
     return result
 
 
@@ -128,8 +163,14 @@ def _check_shape(value: Any, max_depth: int) -> None:
                 _refuse_kind(kind)
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """Decode canonical msgpack from an untrusted source, enforcing `limits`."""
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = True) -> Any:
+    """Decode msgpack from an untrusted source, enforcing `limits`.
+
+    With `canonical` (the default), the input must also be the canonical encoding
+    of what it decodes to: required for anything hashed or signed. Transport
+    framing (a batch's list of envelopes, the outer map of an envelope) is neither,
+    so it may skip the byte-for-byte check; map keys must still be sorted strings.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("expected bytes", code="malformed_msgpack")
     data = bytes(data)
@@ -160,14 +201,16 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     except Exception as exc:  # msgpack raises a dozen unrelated types; all mean "malformed"
         raise ProtocolError(f"malformed msgpack: {exc}", code="malformed_msgpack") from exc
     _check_shape(value, limits.max_depth)
+    if not canonical:
+        return value
     # Maps were checked to be in canonical order and dicts keep that order, so packing
     # them again as they are must give back the input byte for byte, unless a length or
     # integer used a longer form than needed, or an extension type slipped in.
     try:
-        canonical = msgpack.packb(value, use_bin_type=True, datetime=False)
+        repacked = msgpack.packb(value, use_bin_type=True, datetime=False)
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"not canonical: {exc}", code="non_canonical") from exc
-    if canonical != data:
+    if repacked != data:
         raise ProtocolError(
             "not the canonical encoding (a length or number in a longer form than needed)",
             code="non_canonical",
@@ -175,9 +218,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     return value
 
 
-def decode_map(data: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+def decode_map(
+    data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = True
+) -> dict[str, Any]:
     """Decode and require a map at the top level."""
-    value = decode(data, limits)
+    value = decode(data, limits, canonical=canonical)
     if not isinstance(value, dict):
         raise ProtocolError("expected a map at the top level", code="malformed_msgpack")
     return value

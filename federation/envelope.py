@@ -56,7 +56,10 @@ MAX_DEPS = 128  # origins in one room's causal frontier; rooms span at most a fe
 MAX_PATH = 40  # a batch of up to 2**40 envelopes; far beyond any real batch
 SIGNING_CONTEXT = b"kakehashi/envelope-batch/v1\x00"
 ENVELOPE_LIMITS = codec.Limits(
-    max_bytes=MAX_ENVELOPE_BYTES, max_depth=12, max_str=48 * 1024, max_bin=MAX_ENVELOPE_BYTES
+    max_bytes=MAX_ENVELOPE_BYTES,
+    max_depth=12,
+    max_str=MAX_ENVELOPE_BYTES,  # a 32 Ki-character text can take up to 96 KiB of UTF-8
+    max_bin=MAX_ENVELOPE_BYTES,
 )
 
 
@@ -268,14 +271,21 @@ class Content:
         )
 
 
+_VALID_ROOMS: set[str] = set()
+
+
 def check_room_id(room: object) -> str:
     """A room id is `!<random>:<home node id>`."""
+    if type(room) is str and room in _VALID_ROOMS:
+        return room
     if not isinstance(room, str) or not room.startswith("!") or ":" not in room or len(room) > 100:
         raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
     local, _, home = room[1:].partition(":")
     if not local or not local.replace("-", "").replace("_", "").isalnum():
         raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
     check_node_id(home)
+    if len(_VALID_ROOMS) < 65536:
+        _VALID_ROOMS.add(room)
     return room
 
 
@@ -340,7 +350,9 @@ class Envelope:
                 code="envelope_too_large",
                 status=413,
             )
-        raw = codec.decode_map(data, ENVELOPE_LIMITS)
+        # The outer map is framing: only the content bytes are hashed and signed, and
+        # those are checked for canonical form below.
+        raw = codec.decode_map(data, ENVELOPE_LIMITS, canonical=False)
         if set(raw) != {"c", "sig", "i", "n", "p"}:
             raise ProtocolError("envelope must have exactly c, sig, i, n, p", code="bad_envelope")
         content_bytes, signature, path = raw["c"], raw["sig"], raw["p"]

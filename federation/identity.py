@@ -33,14 +33,22 @@ _SEGMENT = re.compile(r"^[a-z][a-z0-9-]{0,30}\Z")
 _CODE = re.compile(r"^[0-9]{6}\Z")
 
 
+_VALID_NODE_IDS: set[str] = set()
+_VALID_CACHE_LIMIT = 4096
+
+
 def check_node_id(node_id: object) -> str:
     """Return `node_id` if it is a valid node id, else raise `ProtocolError` saying why."""
+    if type(node_id) is str and node_id in _VALID_NODE_IDS:
+        return node_id  # every envelope names several node ids; good ones are remembered
     if not isinstance(node_id, str) or not _NODE_ID.match(node_id) or "--" in node_id:
         raise ProtocolError(
             f"invalid node id {node_id!r}: use 2-32 characters a-z, 0-9 and '-', "
             "starting with a letter (for example 'tsu' or 'mie-pref')",
             code="bad_node_id",
         )
+    if len(_VALID_NODE_IDS) < _VALID_CACHE_LIMIT:
+        _VALID_NODE_IDS.add(node_id)
     return node_id
 
 

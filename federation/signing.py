@@ -8,7 +8,7 @@ the wrong length and a malformed key are all the same refusal to a caller.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +28,16 @@ class SigningKey:
     """A private Ed25519 key with its derived public key and key id."""
 
     private: Ed25519PrivateKey
+    _public: bytes = field(init=False, repr=False, compare=False)
+    _key_id: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Derived once: every envelope names its key id, so this is on the hot path.
+        public = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        object.__setattr__(self, "_public", public)
+        object.__setattr__(self, "_key_id", key_id(public))
 
     @classmethod
     def generate(cls) -> SigningKey:
@@ -58,14 +68,12 @@ class SigningKey:
     @property
     def public_raw(self) -> bytes:
         """The raw 32-byte public key."""
-        return self.private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self._public
 
     @property
     def key_id(self) -> str:
         """First 16 hex characters of SHA-256 of the raw public key."""
-        return key_id(self.public_raw)
+        return self._key_id
 
     def sign(self, message: bytes) -> bytes:
         """A 64-byte Ed25519 signature over `message`."""

@@ -116,7 +116,7 @@ class CatchUp:
                 body = codec.encode({"rooms": vectors, "limit": PAGE_COUNT})
                 try:
                     response = await self._client.request(entry, "POST", "/sync", body)
-                    answer = codec.decode_map(response.body, BATCH_LIMITS)
+                    answer = codec.decode_map(response.body, BATCH_LIMITS, canonical=False)
                 except KakehashiError as exc:
                     log.debug("catch_up_unavailable", peer=peer, code=exc.code)
                     return total

@@ -493,8 +493,26 @@ def room_history(home: str, room_id: str, limit: int, as_json: bool) -> None:
         if row["kind"] == "message":
             out.print(f"{when} [bold]{escape(who)}[/] {escape(row['text'] or '')}")
         else:
-            detail = escape(json.dumps(row["body"], ensure_ascii=False))
-            out.print(f"{when} [dim]{escape(who)} {row['kind']} {detail}[/]")
+            out.print(f"{when} [dim]{escape(who)} {escape(_describe(row['kind'], row['body']))}[/]")
+
+
+def _describe(kind: str, body: dict[str, Any]) -> str:
+    """One line for people about a non-message envelope."""
+    if kind in ("state", "state-request"):
+        parts = []
+        if "name" in body:
+            parts.append(f"name 「{body['name']}」")
+        if body.get("add_nodes"):
+            parts.append("+nodes " + ",".join(body["add_nodes"]))
+        if body.get("remove_nodes"):
+            parts.append("-nodes " + ",".join(body["remove_nodes"]))
+        if body.get("set_users"):
+            parts.append("+users " + ",".join(body["set_users"]))
+        if body.get("remove_users"):
+            parts.append("-users " + ",".join(body["remove_users"]))
+        verb = "changed the room" if kind == "state" else "asked to change the room"
+        return f"{verb}: " + "; ".join(parts)
+    return f"{kind} {json.dumps(body, ensure_ascii=False)}"
 
 
 @cli.command()

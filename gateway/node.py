@@ -378,7 +378,7 @@ class Node:
     async def _handle_envelopes(self, request: web.Request) -> web.Response:
         """A batch pushed by a peer; answered only after it is durably committed."""
         peer = request[PEER]
-        body = codec.decode_map(await request.read(), BATCH_LIMITS)
+        body = codec.decode_map(await request.read(), BATCH_LIMITS, canonical=False)
         wires = body.get("envelopes")
         if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
             raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
@@ -390,7 +390,7 @@ class Node:
             "duplicates": duplicates,
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
-        return web.Response(body=codec.encode(answer), content_type=MSGPACK)
+        return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
 
     async def _handle_sync(self, request: web.Request) -> web.Response:
         """Catch-up: everything beyond the peer's vectors in rooms it is a member of."""
@@ -408,7 +408,7 @@ class Node:
             vectors[room] = vector
         wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
         return web.Response(
-            body=codec.encode({"envelopes": wires, "more": more}), content_type=MSGPACK
+            body=codec.encode_frame({"envelopes": wires, "more": more}), content_type=MSGPACK
         )
 
     # views for the CLI --------------------------------------------------------

@@ -99,9 +99,9 @@ class _Sender:
                     raise TrustError(f"{self.peer} is not in the roster", code="unknown_peer")
                 started = time.perf_counter()
                 response = await self.outbox.client.request(
-                    entry, "POST", "/envelopes", codec.encode({"envelopes": batch.wires})
+                    entry, "POST", "/envelopes", codec.encode_frame({"envelopes": batch.wires})
                 )
-                answer = codec.decode_map(response.body)
+                answer = codec.decode_map(response.body, canonical=False)
             except KakehashiError as exc:
                 self.attempt += 1
                 self.stats.failures += 1

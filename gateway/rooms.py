@@ -50,8 +50,10 @@ __all__ = ["BATCH_LIMITS", "Refusal", "RoomService"]
 log = structlog.get_logger("kakehashi.rooms")
 
 # One request carries at most this many envelopes / bytes (senders stay well below).
+# max_bin is not MAX_ENVELOPE_BYTES: an oversized envelope must reach `Envelope.from_bytes`
+# and be refused alone as envelope_too_large, not fail the whole batch as malformed_msgpack.
 BATCH_LIMITS = codec.Limits(
-    max_bytes=8 * 1024 * 1024, max_depth=3, max_array=5000, max_bin=64 * 1024, max_map=8
+    max_bytes=8 * 1024 * 1024, max_depth=3, max_array=5000, max_bin=8 * 1024 * 1024, max_map=8
 )
 
 

@@ -31,6 +31,8 @@ def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_p
         assert f"kakehashi peer list --home .demo/{node_id}" in out
     # Every node printed a table in which the other three are up.
     assert out.count("│ up") >= 12, out
+    assert "the same 5 messages, in the same order, on all 4 nodes" in out
+    assert out.count("四日市市: 沿岸部で約1,200戸が停電") == 4  # printed by every node's history
     assert "stopped cleanly" in out
     for node_id in ("mie-pref", "tsu", "yokkaichi", "ise"):
         home = tmp_path / node_id
