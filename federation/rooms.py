@@ -297,8 +297,9 @@ def decide_request(current: RoomState, content: Content) -> dict[str, Any] | Non
     """At the home node: the `state` body to issue for an accepted `state-request`, or None.
 
     A request is granted when it comes from a member node's operator (no sender)
-    or from a room admin; a node may add nodes and users, and remove only its own
-    users, unless the requester is a room admin.
+    or from a room admin. A node operator may add nodes and users, remove its own
+    users, and take its own node out of the room (leave); removing other nodes or
+    other nodes' users takes a room admin. Nobody removes the home node.
     """
     if content.kind is not Kind.STATE_REQUEST or content.origin not in current.nodes:
         return None
@@ -310,8 +311,8 @@ def decide_request(current: RoomState, content: Content) -> dict[str, Any] | Non
     if current.home in removed_nodes:
         return None
     if not content.sender and (
-        removed_nodes
+        any(node != content.origin for node in removed_nodes)
         or any(u.rpartition("@")[2] != content.origin for u in body.get("remove_users", []))
     ):
-        return None  # a node operator (not a room admin) removes only its own users
+        return None  # a node operator (not a room admin) removes only its own node and users
     return body or None

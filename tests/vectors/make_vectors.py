@@ -1,6 +1,11 @@
-"""Write roster_v1.json: a fixed roster, its canonical bytes, its signature and key id.
+"""Write roster_v1.json and envelope_v1.json: fixed documents, their bytes and signatures.
 
-The file pins the roster wire format. `tests/federation/test_vectors.py` rebuilds the
+roster_v1.json holds a fixed roster, its canonical bytes, its signature and key id.
+envelope_v1.json holds a fixed batch of three envelopes signed together (a room's
+creation, a message and a reaction to it): each one's wire bytes and id, and the batch
+root and signature.
+
+The files pin the roster and envelope wire formats. `tests/federation/test_vectors.py` rebuilds the
 same roster with today's code and requires identical bytes, so any change to the
 encoding fails the suite until it is made deliberately: change the code, run
 
@@ -16,11 +21,13 @@ is reproducible too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from federation.envelope import Content, Envelope, Kind, seal_batch
 from federation.roster import (
     Endpoint,
     MemberStatus,
@@ -33,6 +40,7 @@ from federation.roster import (
 from federation.signing import SigningKey
 
 VECTOR_FILE = Path(__file__).with_name("roster_v1.json")
+ENVELOPE_VECTOR_FILE = Path(__file__).with_name("envelope_v1.json")
 
 FEDERATION_SEED = bytes(range(32))
 ISSUED_AT = 1_714_521_600  # 2024-05-01T00:00:00Z
@@ -121,11 +129,91 @@ def vectors() -> dict[str, str]:
     }
 
 
+ENVELOPE_ROOM = "!bousai2024:mie-pref"
+ENVELOPE_HLC = ISSUED_AT * 1000 << 16  # (unix ms << 16) | counter
+
+
+def envelope_key() -> SigningKey:
+    """mie-pref's node signing key (the key published for it in the roster above)."""
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(bytes([1]) * 32))
+
+
+def build_envelope_contents() -> list[Content]:
+    """Home seq 1-3 of a fixed room: its creation, a message, and a reaction to the message."""
+    kid = envelope_key().key_id
+    creation = Content(
+        room=ENVELOPE_ROOM,
+        origin="mie-pref",
+        seq=1,
+        kind=Kind.STATE,
+        sender="",
+        hlc=ENVELOPE_HLC,
+        deps={},
+        key_id=kid,
+        body={
+            "name": "防災連絡室",
+            "add_nodes": ["tsu"],
+            "set_users": {"tanaka@mie-pref": "admin", "suzuki@tsu": "member"},
+        },
+    )
+    message = Content(
+        room=ENVELOPE_ROOM,
+        origin="mie-pref",
+        seq=2,
+        kind=Kind.MESSAGE,
+        sender="tanaka@mie-pref",
+        hlc=ENVELOPE_HLC + 1,
+        deps={"mie-pref": 1},
+        key_id=kid,
+        body={"text": "台風10号の接近に伴い、避難所を開設しました。", "format": "plain"},
+    )
+    reaction = Content(
+        room=ENVELOPE_ROOM,
+        origin="mie-pref",
+        seq=3,
+        kind=Kind.REACTION,
+        sender="tanaka@mie-pref",
+        hlc=(ENVELOPE_HLC + (1500 << 16)),  # 1.5 s later
+        deps={"mie-pref": 2},
+        key_id=kid,
+        body={"target": hashlib.sha256(message.to_bytes()).digest(), "emoji": "👍"},
+    )
+    return [creation, message, reaction]
+
+
+def build_envelopes() -> list[Envelope]:
+    return seal_batch(build_envelope_contents(), envelope_key())
+
+
+def envelope_vectors() -> dict[str, object]:
+    envelopes = build_envelopes()
+    return {
+        "description": "A batch of three envelopes signed together; see make_vectors.py",
+        "origin_seed_hex": (bytes([1]) * 32).hex(),
+        "origin_public_key_hex": envelope_key().public_raw.hex(),
+        "key_id": envelope_key().key_id,
+        "root_hex": envelopes[0].root().hex(),
+        "signature_hex": envelopes[0].signature.hex(),
+        "envelopes": [
+            {
+                "id_hex": envelope.id.hex(),
+                "content_hex": envelope.content_bytes.hex(),
+                "wire_hex": envelope.to_bytes().hex(),
+            }
+            for envelope in envelopes
+        ],
+    }
+
+
 def main() -> None:
     VECTOR_FILE.write_text(
         json.dumps(vectors(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     print(f"wrote {VECTOR_FILE}")
+    ENVELOPE_VECTOR_FILE.write_text(
+        json.dumps(envelope_vectors(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    print(f"wrote {ENVELOPE_VECTOR_FILE}")
 
 
 if __name__ == "__main__":
