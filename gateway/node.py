@@ -252,12 +252,14 @@ class Node:
 
     async def stop(self) -> None:
         """Stop everything this node started, in reverse order. Safe to call twice."""
-        if self._catchup is not None:
-            await self._catchup.stop()
-        if self._outbox is not None:
-            await self._outbox.stop()
-        if self._monitor is not None:
-            await self._monitor.stop()
+        # Each step runs even if an earlier one failed: a node that stops halfway would
+        # keep its port, its client session and its database open.
+        for part in (self._catchup, self._outbox, self._monitor):
+            if part is not None:
+                try:
+                    await part.stop()
+                except Exception:
+                    log.exception("stop_step_failed", part=type(part).__name__)
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()

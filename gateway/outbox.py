@@ -188,5 +188,6 @@ class Outbox:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that already died was logged as sender_failed; stopping must go on.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -225,19 +225,29 @@ class RoomService:
         return await self._originate(room, items)
 
     async def post(self, room: str, kind: Kind, body: dict[str, Any], *, sender: str = "") -> bytes:
-        """Send one envelope of any kind but `state` (edits, reactions, receipts, ...)."""
+        """Send one envelope of any kind but state changes (edits, reactions, receipts, ...)."""
+        if kind in (Kind.STATE, Kind.STATE_REQUEST):
+            raise ProtocolError("state changes go through RoomService.change", code="bad_request")
         self._require_member(room)
         return (await self._originate(room, [(kind, body, sender)]))[0]
+
+    async def change(self, room: str, body: dict[str, Any], *, sender: str = "") -> str:
+        """Change a room's state: directly at the home node, by request to it elsewhere.
+
+        Returns "changed" or "requested".
+        """
+        self._require_member(room)
+        kind = Kind.STATE if room_home(room) == self.node_id else Kind.STATE_REQUEST
+        await self._originate(room, [(kind, body, sender)])
+        return "changed" if kind is Kind.STATE else "requested"
 
     async def invite(self, room: str, node_id: str) -> str:
         """Add a node to a room: directly at the home node, by request elsewhere."""
         check_node_id(node_id)
         if self._roster().member(node_id) is None:
             raise TrustError(f"{node_id!r} is not a member of the federation", code="unknown_peer")
-        self._require_member(room)
-        kind = Kind.STATE if room_home(room) == self.node_id else Kind.STATE_REQUEST
-        await self._originate(room, [(kind, {"add_nodes": [node_id]}, "")])
-        return "added" if kind is Kind.STATE else "requested"
+        result = await self.change(room, {"add_nodes": [node_id]})
+        return "added" if result == "changed" else "requested"
 
     def _require_member(self, room: str) -> RoomState:
         check_room_id(room)

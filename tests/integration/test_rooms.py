@@ -1,0 +1,362 @@
+"""Shared rooms between real nodes: every member ends with the same timeline, exactly once.
+
+Nodes run in the test's event loop on 127.0.0.1 with real mutual TLS. Every envelope a
+node applies is counted through `RoomService.listen` (hooked in before the node loads),
+so "exactly once" is checked where it happens, not only in the database (whose primary
+key would hide a second application).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from federation import codec
+from federation.envelope import Envelope, Kind
+from gateway.node import Node
+from gateway.rooms import RoomService
+
+from .conftest import Cluster, eventually
+
+pytestmark = pytest.mark.integration
+
+KAKEHASHI = str(Path(sys.executable).parent / "kakehashi")
+Applied = dict[str, Counter[bytes]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def applied(monkeypatch: pytest.MonkeyPatch) -> Iterator[Applied]:
+    """node id -> how many times each envelope id was applied there (across restarts)."""
+    counts: Applied = defaultdict(Counter)
+    original = RoomService.__init__
+
+    def init(self: RoomService, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+        node_counts = counts[self.node_id]
+        self.listen(lambda envelopes: node_counts.update(e.id for e in envelopes))
+
+    monkeypatch.setattr(RoomService, "__init__", init)
+    yield counts
+
+
+async def three_nodes(cluster: Cluster) -> tuple[Node, Node, Node]:
+    """mie-pref (authority) with tsu and ise, every node holding roster v3."""
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    ise = await cluster.member("ise", "伊勢市", "242039")
+    await eventually(lambda: {node.roster.version for node in cluster.nodes.values()} == {3})
+    return mie, tsu, ise
+
+
+async def timeline(node: Node, room: str) -> list[Envelope]:
+    """The room's accepted envelopes at `node`, oldest first."""
+    rows = await node.rooms.store.history(room, 10**6)
+    return [Envelope.from_bytes(wire) for _, wire in reversed(rows)]
+
+
+async def timeline_ids(node: Node, room: str) -> list[bytes]:
+    return [envelope.id for envelope in await timeline(node, room)]
+
+
+def holds(node: Node, room: str, count: int) -> Callable[[], Awaitable[bool]]:
+    """A check for `eventually`: `node` holds `count` accepted envelopes of `room`."""
+
+    async def check() -> bool:
+        counts = await node.rooms.store.counts()
+        return counts.get(room, (0, 0))[0] >= count
+
+    return check
+
+
+def assert_causal(envelopes: list[Envelope]) -> None:
+    """Every envelope's dependencies come earlier; each origin's envelopes come gap-free."""
+    seen: dict[str, int] = {}
+    for envelope in envelopes:
+        content = envelope.content
+        for origin, seq in content.deps.items():
+            assert seen.get(origin, 0) >= seq, (
+                f"{content.origin}#{content.seq} needs {origin}#{seq}, only "
+                f"{origin}#{seen.get(origin, 0)} came before it"
+            )
+        assert content.seq == seen.get(content.origin, 0) + 1
+        seen[content.origin] = content.seq
+
+
+def assert_once(applied: Applied, node_id: str, ids: list[bytes]) -> None:
+    """`node_id` applied every one of `ids` exactly once, and nothing else in their place."""
+    counts = applied[node_id]
+    twice = {i.hex()[:12]: n for i, n in counts.items() if n != 1}
+    assert not twice, f"{node_id} applied envelopes more than once: {twice}"
+    assert set(ids) <= set(counts)
+
+
+def texts(envelopes: list[Envelope]) -> list[str]:
+    return [e.content.body["text"] for e in envelopes if e.content.kind is Kind.MESSAGE]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+async def test_messages_from_three_nodes_reach_every_member_once_in_one_causal_timeline(
+    cluster: Cluster, applied: Applied
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("防災連絡", nodes=["tsu", "ise"])
+    await eventually(lambda: all(n.rooms.state(room) is not None for n in (tsu, ise)))
+    assert tsu.rooms.state(room).nodes == {"mie-pref", "tsu", "ise"}  # type: ignore[union-attr]
+
+    async def talk(node: Node) -> None:
+        for round_ in range(5):
+            await node.rooms.send(room, [f"{node.node_id} {round_}.{k}" for k in range(4)])
+            await asyncio.sleep(0.02)  # let the others' envelopes arrive in between
+
+    await asyncio.gather(talk(mie), talk(tsu), talk(ise))
+    expected = 1 + 3 * 5 * 4
+    for node in (mie, tsu, ise):
+        await eventually(holds(node, room, expected), timeout=10)
+    reference = await timeline(mie, room)
+    ids = [e.id for e in reference]
+    assert len(ids) == expected == len(set(ids))
+    for node in (tsu, ise):
+        assert await timeline_ids(node, room) == ids, f"{node.node_id} has another timeline"
+    assert_causal(reference)
+    for node in (mie, tsu, ise):
+        assert_once(applied, node.node_id, ids)
+        assert sum(applied[node.node_id].values()) == expected
+    by_origin = Counter(e.content.origin for e in reference)
+    assert by_origin == {"mie-pref": 1 + 20, "tsu": 20, "ise": 20}
+    # Nothing is left waiting for dependencies anywhere.
+    assert [n.rooms.pending_count() for n in (mie, tsu, ise)] == [0, 0, 0]
+
+
+async def test_node_invited_later_by_a_non_home_member_receives_the_whole_history(
+    cluster: Cluster, applied: Applied
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("観光", nodes=["tsu"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+    await mie.rooms.send(room, [f"mie {k}" for k in range(30)])
+    await tsu.rooms.send(room, [f"tsu {k}" for k in range(30)])
+    await eventually(holds(mie, room, 61), timeout=10)
+    await eventually(holds(tsu, room, 61), timeout=10)
+    assert ise.rooms.state(room) is None  # not a member: nothing was sent to it
+
+    assert await tsu.rooms.invite(room, "ise") == "requested"
+
+    def ise_is_member() -> bool:
+        state = ise.rooms.state(room)
+        return state is not None and "ise" in state.nodes
+
+    await eventually(ise_is_member, timeout=10)
+    # state-request (tsu) + state granted by the home (mie-pref).
+    await eventually(holds(ise, room, 63), timeout=10)
+    await ise.rooms.send(room, ["ise joins"])
+    await tsu.rooms.send(room, ["welcome ise"])
+    for node in (mie, tsu, ise):
+        await eventually(holds(node, room, 65), timeout=10)
+    ids = await timeline_ids(mie, room)
+    assert await timeline_ids(tsu, room) == ids
+    at_ise = await timeline(ise, room)
+    assert [e.id for e in at_ise] == ids
+    assert_causal(at_ise)
+    granted = [e for e in at_ise if e.content.kind is Kind.STATE and e.content.seq > 1]
+    assert [(e.content.origin, e.content.body) for e in granted] == [
+        ("mie-pref", {"add_nodes": ["ise"]})
+    ]
+    assert texts(at_ise)[:60] == [f"mie {k}" for k in range(30)] + [f"tsu {k}" for k in range(30)]
+    assert_once(applied, "ise", ids)
+
+
+async def test_node_removed_by_the_home_gets_no_new_messages_and_sync_refuses_it_the_room(
+    cluster: Cluster, applied: Applied
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("議会", nodes=["tsu", "ise"])
+    await mie.rooms.send(room, ["before"])
+    for node in (tsu, ise):
+        await eventually(holds(node, room, 2))
+    # Before the removal, ise is served the room on catch-up.
+    wires, _ = await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20)
+    assert len(wires) == 2
+
+    assert await mie.rooms.change(room, {"remove_nodes": ["ise"]}) == "changed"
+
+    def ise_knows_it_was_removed() -> bool:
+        state = ise.rooms.state(room)
+        return state is not None and "ise" not in state.nodes
+
+    await eventually(ise_knows_it_was_removed)
+    at_ise_before = await timeline_ids(ise, room)
+    assert len(at_ise_before) == 3  # the removal itself reached it
+
+    after = await mie.rooms.send(room, ["after 1", "after 2"])
+    after += await tsu.rooms.send(room, ["after 3"])
+    for node in (mie, tsu):
+        await eventually(holds(node, room, 6))
+
+    async def outboxes_empty() -> bool:
+        depths = [await n.rooms.store.outbox_depths() for n in (mie, tsu)]
+        return all(not d for d in depths)
+
+    await eventually(outboxes_empty)
+    # The serving side refuses the room to ise, in memory and over real mutual TLS ...
+    assert await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == ([], False)
+    assert await tsu.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == ([], False)
+    request = codec.encode({"rooms": {room: {}}, "limit": 100})
+    for server in ("mie-pref", "tsu"):
+        entry = ise.roster.member(server)
+        assert entry is not None
+        answer = codec.decode_map((await ise.client.request(entry, "POST", "/sync", request)).body)
+        assert answer["envelopes"] == [], f"{server} served the room to a removed node"
+    # ... while a member still gets it, through the same route.
+    entry = tsu.roster.member("mie-pref")
+    assert entry is not None
+    answer = codec.decode_map((await tsu.client.request(entry, "POST", "/sync", request)).body)
+    assert len(answer["envelopes"]) == 6
+    # A catch-up pass from ise pulls nothing, and ise holds nothing sent after its removal.
+    assert await ise.catchup.sync_with("mie-pref") == 0
+    assert await ise.catchup.sync_with("tsu") == 0
+    assert await timeline_ids(ise, room) == at_ise_before
+    assert not set(after) & set(applied["ise"])
+    with pytest.raises(Exception) as refused:
+        await ise.rooms.send(room, ["still here?"])
+    assert getattr(refused.value, "code", None) == "not_a_member"
+
+
+async def test_two_thousand_messages_in_one_send_arrive_complete_and_outboxes_drain(
+    cluster: Cluster, applied: Applied
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("統計", nodes=["tsu", "ise"])
+    sent = await mie.rooms.send(room, [f"row {k:04d}" for k in range(2000)])
+    assert len(sent) == len(set(sent)) == 2000
+    for node in (tsu, ise):
+        await eventually(holds(node, room, 2001), timeout=15)
+    reference = await timeline_ids(mie, room)
+    for node in (tsu, ise):
+        ids = await timeline_ids(node, room)
+        assert len(ids) == len(set(ids)) == 2001
+        assert ids == reference
+        assert set(sent) <= set(ids)
+        assert_once(applied, node.node_id, ids)
+        assert sum(applied[node.node_id].values()) == 2001
+    assert texts(await timeline(ise, room)) == [f"row {k:04d}" for k in range(2000)]
+
+    async def drained() -> bool:
+        depths = await mie.rooms.store.outbox_depths()
+        return all(count == 0 for count, _ in depths.values())
+
+    await eventually(drained, timeout=5)
+    assert await mie.rooms.store.outbox_depths() == {}
+
+
+async def test_receiver_stopped_while_500_messages_are_sent_gets_them_all_once_after_restart(
+    cluster: Cluster, applied: Applied
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("停電情報", nodes=["tsu", "ise"])
+    await eventually(holds(ise, room, 1))
+    await cluster.stop("ise")
+    sent: list[bytes] = []
+    for batch in range(5):
+        sent += await mie.rooms.send(room, [f"mie {batch}.{k}" for k in range(50)])
+        sent += await tsu.rooms.send(room, [f"tsu {batch}.{k}" for k in range(50)])
+    assert len(sent) == 500
+    await eventually(holds(tsu, room, 501), timeout=10)
+    depths = await mie.rooms.store.outbox_depths()
+    assert depths.get("ise", (0, 0))[0] == 250  # queued for the stopped node
+
+    ise = await cluster.start("ise")
+    took = await eventually(holds(ise, room, 501), timeout=15)
+    assert took < 15
+    reference = await timeline_ids(mie, room)
+    assert await timeline_ids(tsu, room) == reference
+    ids = await timeline_ids(ise, room)
+    assert ids == reference and len(set(ids)) == 501
+    assert set(sent) <= set(ids)
+    assert_causal(await timeline(ise, room))
+    await asyncio.sleep(0.5)  # let any late duplicate (outbox retry after catch-up) arrive
+    assert_once(applied, "ise", ids)
+    assert sum(applied["ise"].values()) == 501
+
+    async def drained() -> bool:
+        depths = [await n.rooms.store.outbox_depths() for n in (mie, tsu)]
+        return all("ise" not in d for d in depths)
+
+    await eventually(drained, timeout=10)
+
+
+async def cli(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+    process = await asyncio.create_subprocess_exec(
+        KAKEHASHI,
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    data = stdin.encode() if stdin is not None else None
+    out, err = await asyncio.wait_for(process.communicate(data), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_reads_them(
+    cluster: Cluster,
+) -> None:
+    mie, tsu, ise = await three_nodes(cluster)
+    home = str(mie.home.root)
+    code, out, err = await cli(
+        "room", "create", "--home", home, "広域連絡", "--node", "tsu", "--json"
+    )
+    assert code == 0, err
+    created = json.loads(out)
+    assert list(created) == ["room_id"]
+    room = created["room_id"]
+    assert room.startswith("!") and room.endswith(":mie-pref")
+
+    lines = [f"連絡 {k:02d}: 異常なし" for k in range(50)]
+    code, out, err = await cli("room", "send", "--home", home, room, "-", stdin="\n".join(lines))
+    assert code == 0, err
+    assert "sent 50 messages" in err
+    await eventually(holds(tsu, room, 51), timeout=10)
+
+    code, out, err = await cli("room", "list", "--home", str(tsu.home.root), "--json")
+    assert code == 0, err
+    rows = {row["room_id"]: row for row in json.loads(out)}
+    assert rows[room]["name"] == "広域連絡"
+    assert rows[room]["home"] == "mie-pref"
+    assert rows[room]["nodes"] == ["mie-pref", "tsu"]
+    assert rows[room]["envelopes"] == 51 and rows[room]["member"] is True
+
+    code, out, err = await cli(
+        "room", "history", "--home", str(tsu.home.root), room, "--json", "--limit", "1000"
+    )
+    assert code == 0, err
+    history = json.loads(out)
+    assert [row["text"] for row in history if row["kind"] == "message"] == lines
+    assert {row["origin"] for row in history} == {"mie-pref"}
+
+    code, out, err = await cli("room", "invite", "--home", home, room, "ise", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"room_id": room, "node_id": "ise", "result": "added"}
+    await eventually(holds(ise, room, 52), timeout=10)
+    code, out, err = await cli(
+        "room", "history", "--home", str(ise.home.root), room, "--json", "--limit", "1000"
+    )
+    assert code == 0, err
+    assert [row["text"] for row in json.loads(out) if row["kind"] == "message"] == lines
+    code, out, err = await cli("room", "list", "--home", str(ise.home.root), "--json")
+    assert code == 0, err
+    assert [row["nodes"] for row in json.loads(out)] == [["ise", "mie-pref", "tsu"]]
