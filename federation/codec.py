@@ -25,7 +25,19 @@ import msgpack
 
 from .errors import ProtocolError
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "decode", "decode_map", "encode", "encode_frame"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "canonical",
+    "check_keys",
+    "check_shape",
+    "decode",
+    "decode_map",
+    "encode",
+    "encode_frame",
+    "require_canonical",
+    "unpack",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +105,11 @@ def _canonical(value: Any, depth: int) -> Any:
     )
 
 
+def canonical(value: Any) -> Any:
+    """`value` with every map in canonical key order (for callers that pack it themselves)."""
+    return _canonical(value, 0)
+
+
 def encode_frame(value: Any) -> bytes:
     """Encode transport framing that is never hashed or signed (maps must already be sorted)."""
     try:
@@ -115,22 +132,6 @@ def encode(value: Any) -> bytes:
     return result
 
 
-def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    """Decoder hook: a map's keys must be strings in strictly increasing order.
-
-    Comparing `str` values compares code points, which is the order of their UTF-8
-    bytes, so this is the canonical order, and "strictly" also refuses duplicates.
-    """
-    previous: str | None = None
-    for key, _ in pairs:
-        if not isinstance(key, str):
-            raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
-        if previous is not None and key <= previous:
-            raise ProtocolError("map keys are unsorted or repeated", code="non_canonical")
-        previous = key
-    return dict(pairs)
-
-
 _SCALARS = frozenset({type(None), bool, int, str, bytes})
 
 
@@ -139,11 +140,24 @@ def _refuse_kind(kind: type) -> None:
     raise ProtocolError(f"{what} not allowed", code="non_canonical")
 
 
-def _check_shape(value: Any, max_depth: int) -> None:
-    """Allow only None, bool, int, str, bytes, lists and maps, nested at most `max_depth`.
+def check_keys(item: dict[Any, Any]) -> None:
+    """A map's keys must be strings in strictly increasing code point (= UTF-8 byte) order."""
+    keys = list(item)
+    try:
+        "".join(keys)  # C-speed proof that every key is a str
+    except TypeError:
+        raise ProtocolError("map keys must be strings", code="non_canonical") from None
+    if keys != sorted(keys):
+        raise ProtocolError("map keys are not in canonical order", code="non_canonical")
+
+
+def check_shape(value: Any, max_depth: int) -> None:
+    """Allow only None, bool, int, str, bytes, lists and maps with sorted string keys, nested
+    at most `max_depth`.
 
     Iterative, so hostile nesting cannot exhaust the Python stack. Floats have
-    several encodings and extension types have meanings we do not define.
+    several encodings and extension types have meanings we do not define. (A
+    repeated key cannot survive decoding into a dict; the canonical re-pack catches it.)
     """
     kind = type(value)
     if kind is not dict and kind is not list:
@@ -155,7 +169,12 @@ def _check_shape(value: Any, max_depth: int) -> None:
         item, depth = stack.pop()
         if depth > max_depth:
             raise ProtocolError(f"nesting deeper than {max_depth}", code="too_deep")
-        for child in item.values() if type(item) is dict else item:
+        if type(item) is dict:
+            check_keys(item)
+            children = item.values()
+        else:
+            children = item
+        for child in children:
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
@@ -163,17 +182,14 @@ def _check_shape(value: Any, max_depth: int) -> None:
                 _refuse_kind(kind)
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = True) -> Any:
-    """Decode msgpack from an untrusted source, enforcing `limits`.
+def unpack(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Only the bounded C-level decode, no shape or canonical checks.
 
-    With `canonical` (the default), the input must also be the canonical encoding
-    of what it decodes to: required for anything hashed or signed. Transport
-    framing (a batch's list of envelopes, the outer map of an envelope) is neither,
-    so it may skip the byte-for-byte check; map keys must still be sorted strings.
+    For callers that check a fixed structure themselves (the envelope's framing and
+    header); everything else uses `decode`.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("expected bytes", code="malformed_msgpack")
-    data = bytes(data)
     if len(data) > limits.max_bytes:
         raise ProtocolError(
             f"{len(data)} bytes exceeds the limit of {limits.max_bytes}",
@@ -183,12 +199,11 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = Tr
     if not data:
         raise ProtocolError("empty input", code="malformed_msgpack")
     try:
-        value = msgpack.unpackb(
+        return msgpack.unpackb(
             data,
             raw=False,
             use_list=True,
-            strict_map_key=False,  # _sorted_pairs refuses non-string keys with a clear reason
-            object_pairs_hook=_sorted_pairs,
+            strict_map_key=False,  # check_keys refuses non-string keys with a clear reason
             max_str_len=limits.max_str,
             max_bin_len=limits.max_bin,
             max_array_len=limits.max_array,
@@ -196,16 +211,17 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = Tr
             max_ext_len=0,
             timestamp=0,
         )
-    except ProtocolError:
-        raise
     except Exception as exc:  # msgpack raises a dozen unrelated types; all mean "malformed"
         raise ProtocolError(f"malformed msgpack: {exc}", code="malformed_msgpack") from exc
-    _check_shape(value, limits.max_depth)
-    if not canonical:
-        return value
-    # Maps were checked to be in canonical order and dicts keep that order, so packing
-    # them again as they are must give back the input byte for byte, unless a length or
-    # integer used a longer form than needed, or an extension type slipped in.
+
+
+def require_canonical(value: Any, data: bytes) -> None:
+    """`ProtocolError` unless `data` is the canonical encoding of `value` (as decoded from it).
+
+    Maps were checked to be in canonical order and dicts keep that order, so packing
+    them again as they are must give back the input byte for byte, unless a length or
+    integer used a longer form than needed, a key was repeated, or an extension slipped in.
+    """
     try:
         repacked = msgpack.packb(value, use_bin_type=True, datetime=False)
     except (TypeError, ValueError) as exc:
@@ -215,6 +231,20 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = Tr
             "not the canonical encoding (a length or number in a longer form than needed)",
             code="non_canonical",
         )
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, *, canonical: bool = True) -> Any:
+    """Decode msgpack from an untrusted source, enforcing `limits`.
+
+    With `canonical` (the default), the input must also be the canonical encoding
+    of what it decodes to: required for anything hashed or signed. Transport
+    framing (a batch's list of envelopes, an answer) is neither, so it may skip
+    the byte-for-byte check; map keys must still be sorted strings.
+    """
+    value = unpack(data, limits)
+    check_shape(value, limits.max_depth)
+    if canonical:
+        require_canonical(value, bytes(data))
     return value
 
 

@@ -77,8 +77,10 @@ class CatchUp:
         loop = asyncio.get_running_loop()
         next_full = loop.time()
         while True:
+            # Not wait_for: on 3.11 it swallows a cancel that races a kick, and stop() hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=max(0.0, next_full - loop.time()))
+                async with asyncio.timeout(max(0.0, next_full - loop.time())):
+                    await self._kick.wait()
             self._kick.clear()
             if loop.time() >= next_full:
                 peers = {

@@ -117,8 +117,10 @@ class _Sender:
                         retry_in_s=round(delay, 2),
                     )
                 self.retry.clear()
+                # Not wait_for: on 3.11 it swallows a cancel that races a wake-up.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.retry.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await self.retry.wait()
                 continue
             await self.outbox.store.outbox_ack(self.peer, batch.last_pos)
             self.attempt = 0

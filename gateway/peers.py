@@ -110,8 +110,10 @@ class PeerMonitor:
                 await self.round()
             except Exception:  # a round must never kill the monitor; say why and go on
                 log.exception("health_round_failed")
+            # Not wait_for: on 3.11 it swallows a cancel that races a kick, and stop() hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=self._interval)
+                async with asyncio.timeout(self._interval):
+                    await self._kick.wait()
             self._kick.clear()
 
     async def round(self) -> None:

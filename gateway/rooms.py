@@ -31,8 +31,10 @@ from federation.envelope import (
     Kind,
     RootCache,
     check_room_id,
+    complete_batches,
     room_home,
     seal_batch,
+    verify_batch,
 )
 from federation.errors import KakehashiError, ProtocolError, TrustError
 from federation.identity import check_node_id
@@ -286,7 +288,8 @@ class RoomService:
 
     # from peers ---------------------------------------------------------------------
 
-    def _verify(self, envelope: Envelope, roster: Roster) -> None:
+    def _signer(self, envelope: Envelope, roster: Roster) -> bytes:
+        """The public key that must have signed `envelope`; `TrustError` if none may have."""
         content = envelope.content
         member = roster.member(content.origin)
         if member is None:
@@ -308,7 +311,42 @@ class RoomService:
                 f"origin {content.origin!r} was {member.status.value} when this was signed",
                 code=f"origin_{member.status.value}",
             )
-        self._roots.verify(envelope, key.public_key)
+        return key.public_key
+
+    def _verify_signatures(
+        self, candidates: Sequence[tuple[Envelope, bytes]], refused: list[Refusal]
+    ) -> set[bytes]:
+        """Ids whose batch signature and inclusion path verify; the others go to `refused`.
+
+        Whole signing batches (the usual push) are checked with one tree build each;
+        anything else, and any envelope a whole-batch check singles out, one by one.
+        """
+        keys = {envelope.id: key for envelope, key in candidates}
+        whole, rest = complete_batches([envelope for envelope, _ in candidates])
+        verified: set[bytes] = set()
+        for batch in whole:
+            key = keys[batch[0].id]
+            if any(keys[e.id] != key for e in batch):
+                rest.extend(batch)  # one signing batch has one signer; check each alone
+                continue
+            try:
+                bad = set(verify_batch(self._roots, batch, key))
+            except TrustError:
+                rest.extend(batch)
+                continue
+            for envelope in batch:
+                if envelope.id in bad:
+                    rest.append(envelope)
+                else:
+                    verified.add(envelope.id)
+        for envelope in rest:
+            try:
+                self._roots.verify(envelope, keys[envelope.id])
+            except KakehashiError as exc:
+                refused.append(Refusal(envelope.id, exc.code, str(exc)))
+                continue
+            verified.add(envelope.id)
+        return verified
 
     def _admissible_room(self, content: Content) -> bool:
         """A room we know, or the state envelope by which its home adds us to it."""
@@ -325,7 +363,7 @@ class RoomService:
     async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
         """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit."""
         roster = self._roster()
-        decoded: list[Envelope] = []
+        candidates: list[tuple[Envelope, bytes]] = []
         refused: list[Refusal] = []
         for wire in wires:
             try:
@@ -334,7 +372,7 @@ class RoomService:
                 refused.append(Refusal(b"", exc.code, str(exc)))
                 continue
             try:
-                self._verify(envelope, roster)
+                key = self._signer(envelope, roster)
                 if not self._admissible_room(envelope.content):
                     raise ProtocolError(
                         f"unknown room {envelope.content.room}", code="unknown_room", status=404
@@ -342,7 +380,9 @@ class RoomService:
             except KakehashiError as exc:
                 refused.append(Refusal(envelope.id, exc.code, str(exc)))
                 continue
-            decoded.append(envelope)
+            candidates.append((envelope, key))
+        verified = self._verify_signatures(candidates, refused)
+        decoded = [envelope for envelope, _ in candidates if envelope.id in verified]
         for refusal in refused:
             log.warning(
                 "envelope_refused",

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
@@ -334,8 +335,9 @@ def test_from_bytes_refuses_oversized_input_before_decoding() -> None:
         (b"\xc1", "malformed_msgpack"),  # the one byte msgpack never uses
         (b"\x85\xa1c", "malformed_msgpack"),  # truncated
         (b"\x93\x01\x02\x03", "malformed_msgpack"),  # an array, not a map
-        (bytes.fromhex("82a16202a16101"), "non_canonical"),  # {"b": 2, "a": 1} unsorted
-        (bytes.fromhex("81a163cb3ff0000000000000"), "non_canonical"),  # a float
+        # The outer map is framing, checked field by field (only content must be canonical):
+        (bytes.fromhex("82a16202a16101"), "bad_envelope"),  # {"b": 2, "a": 1}: wrong fields
+        (bytes.fromhex("81a163cb3ff0000000000000"), "bad_envelope"),  # {"c": 1.0}
     ],
 )
 def test_malformed_msgpack_is_refused(data: bytes, code: str) -> None:
@@ -648,3 +650,19 @@ def test_long_japanese_message_that_fits_the_envelope_is_decoded_by_the_receiver
     received = Envelope.from_bytes(env.to_bytes())
     assert received.content.body["text"] == "津" * 17_000
     RootCache().verify(received, KEY.public_raw)
+
+
+def test_content_header_keys_out_of_canonical_order_are_non_canonical() -> None:
+    (env,) = seal_batch(chain(1), KEY)
+    header = msgpack.unpackb(env.content_bytes, raw=False)
+    reordered = msgpack.packb(dict(reversed(list(header.items()))), use_bin_type=True)
+    assert reordered != env.content_bytes
+    assert protocol_error(wire(reordered, bytes(64), 0, 1, [])).code == "non_canonical"
+
+
+def test_float_inside_the_signed_body_is_non_canonical() -> None:
+    (env,) = seal_batch(chain(1), KEY)
+    header = msgpack.unpackb(env.content_bytes, raw=False)
+    header["body"] = {"text": "x", "weight": 1.5}
+    tampered = msgpack.packb(header, use_bin_type=True)
+    assert protocol_error(wire(tampered, bytes(64), 0, 1, [])).code == "non_canonical"
