@@ -254,7 +254,7 @@ class Node:
         """Stop everything this node started, in reverse order. Safe to call twice."""
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
-        for part in (self._catchup, self._outbox, self._monitor):
+        for part in (self._catchup, self._outbox, self._monitor, self._rooms):
             if part is not None:
                 try:
                     await part.stop()

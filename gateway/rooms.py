@@ -16,6 +16,7 @@ makes delivery exactly-once at every node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ class RoomService:
         self._homes: dict[str, str] = {}
         self._hlc = 0
         self._listeners: list[Callable[[list[Envelope]], None]] = []
+        self._local_queue: list[
+            tuple[str, list[tuple[Kind, dict[str, Any], str]], asyncio.Future[list[bytes]]]
+        ] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def store(self) -> RoomStore:
@@ -263,27 +269,63 @@ class RoomService:
     async def _originate(
         self, room: str, items: Sequence[tuple[Kind, dict[str, Any], str]]
     ) -> list[bytes]:
-        async with self._lock:
-            seq = self._buffer.vector(room).get(self.node_id, 0)
-            contents = []
-            for kind, body, sender in items:
-                seq += 1
-                contents.append(self._content(room, kind, body, sender, seq))
-            envelopes = seal_batch(contents, self._key)
+        """Seal and commit envelopes made here. Concurrent calls share one transaction
+        (group commit): under many small sends, one fsync serves them all."""
+        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._local_queue.append((room, list(items), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_local(), name="local-commit")
+        return await future
+
+    async def _flush_local(self) -> None:
+        while self._local_queue:
+            requests, self._local_queue = self._local_queue, []
             step = _Step()
-            if room_home(room) == self.node_id and room not in self._homes:
-                step.new_rooms[room] = self.node_id
-            self._process(envelopes, step, local=True)
-            rejected = [r for r in step.rows.values() if r.status is not Status.ACCEPTED]
-            if rejected:
-                # A local envelope the rules refuse is a caller error; write nothing.
-                await self.load()
+            planned: list[tuple[asyncio.Future[list[bytes]], list[bytes]]] = []
+            try:
+                async with self._lock:
+                    for room, items, future in requests:
+                        try:
+                            planned.append((future, self._plan_local(room, items, step)))
+                        except KakehashiError as exc:
+                            future.set_exception(exc)
+                    await self._commit(step)
+            except BaseException as exc:
+                for future, _ in planned:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            await self._after(step)
+            for future, ids in planned:
+                if not future.done():
+                    future.set_result(ids)
+
+    def _plan_local(
+        self, room: str, items: Sequence[tuple[Kind, dict[str, Any], str]], step: _Step
+    ) -> list[bytes]:
+        """Make, check and seal one caller's envelopes into the shared step. Lock held.
+
+        The room's rules are applied before anything enters the causal buffer, so a
+        refused call changes nothing and the others in the same commit go ahead.
+        """
+        seq = self._buffer.vector(room).get(self.node_id, 0)
+        contents = []
+        for kind, body, sender in items:
+            seq += 1
+            contents.append(self._content(room, kind, body, sender, seq))
+        history = self._histories.get(room)
+        for content in contents:
+            verdict, _ = judge(history, content)
+            if verdict is not Verdict.ACCEPTED:
                 raise TrustError(
-                    f"refused by the room's rules: {rejected[0].verdict}",
-                    code=str(rejected[0].verdict),
+                    f"refused by the room's rules: {verdict.value}", code=verdict.value
                 )
-            await self._commit(step)
-        await self._after(step)
+        envelopes = seal_batch(contents, self._key)
+        if room_home(room) == self.node_id and room not in self._homes:
+            step.new_rooms[room] = self.node_id
+        self._process(envelopes, step, local=True)
         return [envelope.id for envelope in envelopes]
 
     # from peers ---------------------------------------------------------------------
@@ -472,7 +514,25 @@ class RoomService:
             for callback in self._listeners:
                 callback(step.accepted)
         for request in step.requests:
-            await self._answer_request(request)
+            # Answered in a task of its own: the answer is itself a local send, which
+            # must not wait on the commit queue from inside the commit queue.
+            task = asyncio.create_task(self._answer_request(request), name="state-request")
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("room_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def stop(self) -> None:
+        """Cancel background work (state-request answers, the commit queue)."""
+        for task in [*self._tasks, *([self._flusher] if self._flusher else [])]:
+            task.cancel()
+        for task in [*self._tasks, *([self._flusher] if self._flusher else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
 
     async def _answer_request(self, request: Envelope) -> None:
         """At the home node: grant a member's state request by issuing the state change."""
