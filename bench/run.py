@@ -4,16 +4,22 @@ These machines are noisy, so every figure is printed next to a baseline taken
 moments before on the same machine, and the ratio is what to compare across runs.
 Results go to bench/results.json as a list of {name, value, unit, baseline, ratio}.
 
-Figures (trust layer):
-- roster_verify_per_s: decode + signature check of a 30-member signed roster,
-  against the raw Ed25519 verify rate (the crypto limit).
-- mtls_request_p50_ms / _p99_ms: a health request between two nodes over pooled
-  mutual TLS with roster authentication, against the same request to a bare
-  aiohttp TLS 1.3 server with no authentication (the transport limit).
-- join_to_known_everywhere_ms: from a town starting `federation join` to every
-  one of the running nodes holding the roster that lists it (CA fetch, join over
-  TLS, certificate issue, roster signing, push to peers, their fetch), against
-  one mTLS round trip.
+Trust layer (bench/trust.py): roster_verify_per_s, mtls_request_p50_ms,
+mtls_request_p99_ms, join_to_known_everywhere_ms.
+
+Delivery (bench/flow.py; node processes on loopback, 1 KiB messages, durable
+commits, real mutual TLS; baseline = one core doing encode + Merkle + verify with
+no I/O, bench/baseline.py): two_node_throughput_eps, one_hop_latency_p50_ms,
+one_hop_latency_p99_ms, fanout30_p99_ms, catchup_eps, outbox_1m_rss_mb.
+
+    python bench/run.py                      # everything (about 10 minutes)
+    python bench/run.py --quick              # every size about a tenth: a smoke run
+    python bench/run.py --only catchup_eps,fanout30_p99_ms
+    python bench/run.py --only one_hop_latency --profile   # py-spy the nodes meanwhile
+
+Progress lines go to standard error; the figures to standard output. With
+--profile, py-spy samples the node processes during each measured phase and
+summaries (top functions per thread) are written to bench/profiles/ and printed.
 """
 
 from __future__ import annotations
@@ -21,192 +27,122 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+import flow
+import structlog
+import trust
+from common import progress, show
 
-from federation import codec
-from federation.roster import (
-    Endpoint,
-    PublishedKey,
-    Roster,
-    RosterEntry,
-    SignedRoster,
-    sign_roster,
-    verify_roster,
-)
-from federation.signing import SigningKey
-from gateway import tls
-from gateway.local import LocalFederation, free_port
-from gateway.membership import join_federation
-
-RESULTS = Path(__file__).resolve().parent / "results.json"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results.json"
+QUICK_RESULTS = BENCH / "results.quick.json"
 
 
-def result(name: str, value: float, unit: str, baseline: float) -> dict[str, Any]:
-    ratio = value / baseline if baseline else 0.0
-    print(f"{name:28} {value:12.2f} {unit:8} baseline {baseline:12.2f}   ratio {ratio:6.3f}")
-    return {
-        "name": name,
-        "value": round(value, 3),
-        "unit": unit,
-        "baseline": round(baseline, 3),
-        "ratio": round(ratio, 4),
-    }
+def _groups(
+    args: argparse.Namespace, sizes: flow.Sizes, base: flow.Baselines, prof: flow.Profiler
+) -> list[tuple[str, tuple[str, ...], Callable[[], list[dict[str, Any]]]]]:
+    """(group, figure names, run) in the order they run."""
+    requests = max(20, args.requests // 10) if args.quick else args.requests
+    groups: list[tuple[str, tuple[str, ...], Callable[[], list[dict[str, Any]]]]] = [
+        ("roster_verify", ("roster_verify_per_s",), lambda: [trust.bench_roster_verify()]),
+        (
+            "trust_federation",
+            ("mtls_request_p50_ms", "mtls_request_p99_ms", "join_to_known_everywhere_ms"),
+            lambda: asyncio.run(trust.bench_federation(requests)),
+        ),
+    ]
+    for group, (names, figure) in flow.FIGURES.items():
+        groups.append((group, names, lambda figure=figure: figure(sizes, base, prof)))
+    return groups
 
 
-def rate(func: Any, seconds: float = 1.0) -> float:
-    """Calls per second of `func` over about `seconds`."""
-    count, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
-        for _ in range(50):
-            func()
-        count += 50
-    return count / elapsed
-
-
-def bench_roster_verify() -> dict[str, Any]:
-    key = SigningKey.generate()
-    members = tuple(
-        RosterEntry(
-            node_id=f"town-{i:02d}",
-            name=f"町 {i}",
-            code=None,
-            endpoints=(Endpoint(segment="lgwan", url=f"https://10.20.0.{i}:8443"),),
-            signing_keys=(PublishedKey(public_key=SigningKey.generate().public_raw, not_before=1),),
-            tls_fingerprint=bytes([i]) * 32,
-        )
-        for i in range(30)
-    )
-    roster = Roster(
-        federation_id="bench-0000",
-        federation_name="bench",
-        version=7,
-        issued_at=1,
-        authority="town-00",
-        federation_key=key.public_raw,
-        ca_fingerprint=bytes(32),
-        members=members,
-    )
-    wire = sign_roster(roster, key).to_bytes()
-    raw_key = Ed25519PrivateKey.generate()
-    message = b"x" * len(wire)
-    signature = raw_key.sign(message)
-    public = raw_key.public_key()
-    baseline = rate(lambda: public.verify(signature, message))
-    value = rate(lambda: verify_roster(SignedRoster.from_bytes(wire), key.public_raw))
-    return result("roster_verify_per_s", value, "1/s", baseline)
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
-
-
-async def bare_tls_rtts(home: Path, count: int) -> list[float]:
-    """Round trips to a bare aiohttp TLS 1.3 server with the same certificate, no auth."""
-
-    async def health(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=codec.encode({"node": "bare", "time_ms": 0}))
-
-    app = web.Application()
-    app.router.add_post("/federation/v1/health", health)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    server = tls.server_context(
-        home / "certs/node.crt", home / "keys/tls.key", home / "certs/ca.crt", False
-    )
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server).start()
-    client = tls.client_context(None, None, home / "certs/ca.crt")
-    body = codec.encode({"node": "bench", "sent_ms": 0})
-    samples = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client)) as session:
-        for index in range(count + 20):
-            started = time.perf_counter()
-            async with session.post(
-                f"https://127.0.0.1:{port}/federation/v1/health", data=body
-            ) as response:
-                await response.read()
-            if index >= 20:  # warm-up excluded, as for the measured figure
-                samples.append((time.perf_counter() - started) * 1000)
-    await runner.cleanup()
-    return samples
-
-
-async def bench_federation(count: int) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="kakehashi-bench-") as tmp:
-        federation = LocalFederation(Path(tmp), health_interval=30.0)
-        try:
-            authority = await federation.authority()
-            tsu = await federation.member("tsu", "津市", "242012")
-            await federation.member("yokkaichi", "四日市市", "242021")
-            baseline = await bare_tls_rtts(federation.home("mie-pref").root, count)
-            peer = tsu.roster.member("mie-pref")
-            assert peer is not None
-            body = codec.encode({"node": "tsu", "sent_ms": 0})
-            samples = []
-            for index in range(count + 20):
-                started = time.perf_counter()
-                await tsu.client.request(peer, "POST", "/health", body)
-                if index >= 20:
-                    samples.append((time.perf_counter() - started) * 1000)
-            figures = [
-                result(
-                    "mtls_request_p50_ms",
-                    statistics.median(samples),
-                    "ms",
-                    statistics.median(baseline),
-                ),
-                result(
-                    "mtls_request_p99_ms",
-                    percentile(samples, 0.99),
-                    "ms",
-                    percentile(baseline, 0.99),
-                ),
-            ]
-            propagation = []
-            for index in range(5):
-                node_id = f"ise-{index}"
-                await federation.init(node_id, "伊勢市")
-                token = await federation.invite(node_id)
-                started = time.perf_counter()
-                joining = asyncio.create_task(join_federation(federation.home(node_id), token))
-                while not all(n.roster.member(node_id) for n in federation.nodes.values()):  # noqa: ASYNC110
-                    await asyncio.sleep(0.0005)
-                propagation.append((time.perf_counter() - started) * 1000)
-                await joining
-            figures.append(
-                result(
-                    "join_to_known_everywhere_ms",
-                    statistics.median(propagation),
-                    "ms",
-                    statistics.median(samples),
-                )
-            )
-            del authority
-            return figures
-        finally:
-            await federation.stop_all()
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description="Kakehashi benchmarks")
     parser.add_argument("--requests", type=int, default=500, help="requests per latency figure")
+    parser.add_argument("--quick", action="store_true", help="every size about 10x smaller")
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="NAME[,NAME]",
+        help="run only these figures (figure names as in results.json, or group names: "
+        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES])
+        + ")",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the node processes of the delivery figures"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the node homes and logs (under /tmp)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"where to write results (default {RESULTS.name}; {QUICK_RESULTS.name} with --quick)",
+    )
     args = parser.parse_args()
-    print(f"{'figure':28} {'value':>12} {'unit':8} {'':9}{'baseline':>12}   {'ratio':>11}")
-    results = [bench_roster_verify()]
-    results += asyncio.run(bench_federation(args.requests))
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    # Nodes run in this process for the trust figures: keep their logs to errors.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    flow.KEEP = args.keep
+    sizes = flow.QUICK if args.quick else flow.FULL
+    base = flow.Baselines(sizes)
+    prof = flow.Profiler(args.profile)
+    groups = _groups(args, sizes, base, prof)
+    known = {name for _, names, _ in groups for name in names} | {g for g, _, _ in groups}
+    wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = wanted - known
+    if unknown:
+        parser.error(f"unknown figure(s) {sorted(unknown)}; known: {sorted(known)}")
+
+    output = args.output or (QUICK_RESULTS if args.quick else RESULTS)
+    started = time.monotonic()
+    print(
+        f"{'figure':28} {'value':>12} {'unit':8} {'':9}{'baseline':>12}   {'ratio':>11}", flush=True
+    )
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for group, names, run in groups:
+        selected = set(names) if not wanted or group in wanted else set(names) & wanted
+        if not selected:
+            continue
+        progress(f"{group}: starting")
+        group_started = time.monotonic()
+        try:
+            rows = run()
+        except Exception as exc:  # one broken figure must not lose the others
+            progress(f"{group}: FAILED: {exc!r}")
+            failed.append(group)
+            continue
+        for row in rows:
+            if row["name"] in selected:
+                show(row)
+                results.append(row)
+        progress(f"{group}: done in {time.monotonic() - group_started:.1f}s")
+
+    if wanted and output.exists():
+        # A partial run updates its figures and keeps the others of the last run.
+        previous = [r for r in json.loads(output.read_text()) if isinstance(r, dict)]
+        fresh = {r["name"] for r in results}
+        order = [r["name"] for r in previous]
+        merged = {r["name"]: r for r in previous if r["name"] not in fresh}
+        merged.update({r["name"]: r for r in results})
+        results = sorted(
+            merged.values(),
+            key=lambda r: order.index(r["name"]) if r["name"] in order else len(order),
+        )
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {output} (run took {time.monotonic() - started:.0f}s)", flush=True)
+    for summary in prof.summaries:
+        print("\n" + summary, end="")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

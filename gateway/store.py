@@ -152,6 +152,13 @@ class Store:
         return self._db
 
     async def open(self) -> None:
+        if not self._path.parent.is_dir():
+            # Checked first: a failed aiosqlite connect leaves its worker thread behind.
+            raise StorageError(
+                f"the database directory {self._path.parent} does not exist",
+                code="database_error",
+                hint="check --home; `kakehashi init` creates the node's home",
+            )
         try:
             self._db = await aiosqlite.connect(self._path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")

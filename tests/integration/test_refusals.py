@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ def join_request(home: Home, token: str) -> bytes:
     ).to_bytes()
 
 
-def refused(logs: list[dict[str, Any]], reason: str) -> list[dict[str, Any]]:
+def refused(logs: list[MutableMapping[str, Any]], reason: str) -> list[MutableMapping[str, Any]]:
     """The `peer_refused` events with `reason` among captured log events."""
     return [e for e in logs if e["event"] == "peer_refused" and e["reason"] == reason]
 
