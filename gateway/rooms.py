@@ -60,6 +60,10 @@ BATCH_LIMITS = codec.Limits(
 )
 
 
+_LocalRequest = tuple[str, list[tuple[Kind, dict[str, Any], str]], "asyncio.Future[list[bytes]]"]
+"""A waiting local send: room, (kind, body, sender) items, and the caller's future."""
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An envelope refused before it reached a timeline, and why."""
@@ -109,9 +113,7 @@ class RoomService:
         self._homes: dict[str, str] = {}
         self._hlc = 0
         self._listeners: list[Callable[[list[Envelope]], None]] = []
-        self._local_queue: list[
-            tuple[str, list[tuple[Kind, dict[str, Any], str]], asyncio.Future[list[bytes]]]
-        ] = []
+        self._local_queue: list[_LocalRequest] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -284,11 +286,11 @@ class RoomService:
             planned: list[tuple[asyncio.Future[list[bytes]], list[bytes]]] = []
             try:
                 async with self._lock:
-                    for room, items, future in requests:
-                        try:
-                            planned.append((future, self._plan_local(room, items, step)))
-                        except KakehashiError as exc:
-                            future.set_exception(exc)
+                    by_room: dict[str, list[_LocalRequest]] = {}
+                    for request in requests:
+                        by_room.setdefault(request[0], []).append(request)
+                    for room, group in by_room.items():
+                        planned.extend(self._plan_local(room, group, step))
                     await self._commit(step)
             except BaseException as exc:
                 for future, _ in planned:
@@ -303,30 +305,42 @@ class RoomService:
                     future.set_result(ids)
 
     def _plan_local(
-        self, room: str, items: Sequence[tuple[Kind, dict[str, Any], str]], step: _Step
-    ) -> list[bytes]:
-        """Make, check and seal one caller's envelopes into the shared step. Lock held.
+        self, room: str, group: Sequence[_LocalRequest], step: _Step
+    ) -> list[tuple[asyncio.Future[list[bytes]], list[bytes]]]:
+        """Make, check and seal the envelopes of every waiting call for one room, as one
+        signing batch (one signature however many calls), into the shared step. Lock held.
 
         The room's rules are applied before anything enters the causal buffer, so a
-        refused call changes nothing and the others in the same commit go ahead.
+        refused call fails alone and changes nothing; the others go ahead.
         """
-        seq = self._buffer.vector(room).get(self.node_id, 0)
-        contents = []
-        for kind, body, sender in items:
-            seq += 1
-            contents.append(self._content(room, kind, body, sender, seq))
         history = self._histories.get(room)
-        for content in contents:
-            verdict, _ = judge(history, content)
-            if verdict is not Verdict.ACCEPTED:
-                raise TrustError(
-                    f"refused by the room's rules: {verdict.value}", code=verdict.value
+        seq = self._buffer.vector(room).get(self.node_id, 0)
+        contents: list[Content] = []
+        spans: list[tuple[asyncio.Future[list[bytes]], int, int]] = []
+        for _, items, future in group:
+            made = []
+            for offset, (kind, body, sender) in enumerate(items, start=1):
+                made.append(self._content(room, kind, body, sender, seq + offset))
+            verdicts = [judge(history, content)[0] for content in made]
+            refused = next((v for v in verdicts if v is not Verdict.ACCEPTED), None)
+            if refused is not None:
+                future.set_exception(
+                    TrustError(f"refused by the room's rules: {refused.value}", code=refused.value)
                 )
+                continue
+            spans.append((future, len(contents), len(contents) + len(made)))
+            contents.extend(made)
+            seq += len(made)
+        if not contents:
+            return []
         envelopes = seal_batch(contents, self._key)
         if room_home(room) == self.node_id and room not in self._homes:
             step.new_rooms[room] = self.node_id
         self._process(envelopes, step, local=True)
-        return [envelope.id for envelope in envelopes]
+        return [
+            (future, [envelope.id for envelope in envelopes[start:end]])
+            for future, start, end in spans
+        ]
 
     # from peers ---------------------------------------------------------------------
 
@@ -474,6 +488,11 @@ class RoomService:
                 seq=content.seq,
                 reason=verdict.value,
             )
+            if local and previous is not None:
+                # Our own refused envelope still fills its seq: every member must see it
+                # (and refuse it alike), or they would wait for that seq forever.
+                for peer in sorted(previous.nodes - {self.node_id}):
+                    step.outbox.append((peer, envelope.id))
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)

@@ -360,3 +360,29 @@ async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_r
     code, out, err = await cli("room", "list", "--home", str(ise.home.root), "--json")
     assert code == 0, err
     assert [row["nodes"] for row in json.loads(out)] == [["ise", "mie-pref", "tsu"]]
+
+
+async def test_concurrent_sends_share_commits_and_signatures_and_all_arrive_once(
+    cluster: Cluster,
+) -> None:
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    room = await mie.rooms.create("同時送信", nodes=["tsu"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+    results = await asyncio.gather(*(mie.rooms.send(room, [f"msg {i}"]) for i in range(200)))
+    ids = [envelope_id for batch in results for envelope_id in batch]
+    assert len(set(ids)) == 200
+
+    async def tsu_has_all() -> bool:
+        held = {envelope_id for envelope_id, _ in await tsu.rooms.store.history(room, 1000)}
+        return set(ids) <= held
+
+    await eventually(tsu_has_all, timeout=15)
+    rows = await mie.rooms.store.history(room, 1000)
+    signatures = {
+        Envelope.from_bytes(wire).signature for envelope_id, wire in rows if envelope_id in ids
+    }
+    # Sends waiting at the same moment were sealed together: far fewer signatures than sends.
+    assert len(signatures) < 100, len(signatures)
+    seqs = sorted(Envelope.from_bytes(wire).content.seq for _, wire in rows)
+    assert seqs == list(range(1, len(seqs) + 1))  # the origin's seqs have no gap
