@@ -144,14 +144,15 @@ def federation_app(service: FederationService) -> web.Application:
             if refused is not None:
                 return refused
         try:
-            response = await handler(request)
+            # The app's cap is the largest route's; a chunked body must meet this route's.
+            response = await handler(request.clone(client_max_size=limit))
         except KakehashiError as exc:
             status = getattr(exc, "status", 400)
             service.record_refusal(exc.code, remote=remote, path=request.path, message=str(exc))
             response = _refusal(status, exc.code, str(exc), exc.hint)
         except web.HTTPRequestEntityTooLarge:
             service.record_refusal("too_large", remote=remote, path=request.path)
-            response = _refusal(413, "too_large", f"request body over {MAX_REQUEST_BYTES} bytes")
+            response = _refusal(413, "too_large", f"request body over {limit} bytes")
         except web.HTTPException as exc:
             response = _refusal(exc.status, "http_" + str(exc.status), exc.reason)
         except Exception:  # a bug must not take the node down; answer, and say where

@@ -556,22 +556,32 @@ async def test_malformed_msgpack_body_is_refused_with_400(towns: Cluster) -> Non
 
 async def test_body_over_one_mebibyte_is_refused_with_413(towns: Cluster) -> None:
     authority = towns.nodes["mie-pref"]
-    context = member_context(towns.home("tsu"))
+    member = member_context(towns.home("tsu"))
+    anonymous = tls.client_context(None, None, towns.home("mie-pref").ca_cert)
     oversized = b"\x00" * (1024 * 1024 + 1)
 
     async def streamed() -> AsyncIterator[bytes]:  # no Content-Length: caught while reading
         for _ in range(17):
             yield b"\x00" * 65536
 
-    for body in (oversized, streamed()):
+    cases = (
+        (member, "/health", "tsu", oversized),
+        (member, "/health", "tsu", streamed()),
+        (anonymous, "/join", None, streamed()),  # the open route: no certificate needed
+    )
+    sizes: list[int] = []
+    for context, path, node, body in cases:
         with capture_logs() as logs:
             status, answer = await raw_request(
-                context, url(authority, "/health"), method="POST", node="tsu", body=body
+                context, url(authority, path), method="POST", node=node, body=body
             )
         assert (status, answer["error"]) == (413, "too_large")
+        assert str(1024 * 1024) in answer["message"]  # the transport's cap, not the decoder's
         assert len(refused(logs, "too_large")) == 1
+        sizes += [e["size"] for e in refused(logs, "too_large") if "size" in e]
         await raw_health(towns, "tsu", authority)
-    assert authority.refusals["too_large"] == 2
+    assert authority.refusals["too_large"] == 3
+    assert sizes == [len(oversized)]  # refused on its declared length, before reading it
     await health_check(towns, "ise", "mie-pref")
 
 
