@@ -268,8 +268,13 @@ class Roster:
     """SHA-256 of the DER of the federation CA certificate."""
     members: tuple[RosterEntry, ...] = field(default=())
     """Every member, sorted by node id."""
+    _by_id: dict[str, RosterEntry] = field(init=False, repr=False, compare=False)
+    _by_fingerprint: dict[bytes, RosterEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Indexes for the per-request and per-envelope lookups (derived, not compared).
+        object.__setattr__(self, "_by_id", {m.node_id: m for m in self.members})
+        object.__setattr__(self, "_by_fingerprint", {m.tls_fingerprint: m for m in self.members})
         check_federation_id(self.federation_id)
         check_node_id(self.authority)
         if self.version < 1:
@@ -286,7 +291,7 @@ class Roster:
 
     def member(self, node_id: str) -> RosterEntry | None:
         """The entry for `node_id`, if it is a member (whatever its status)."""
-        return next((m for m in self.members if m.node_id == node_id), None)
+        return self._by_id.get(node_id)
 
     def active_member(self, node_id: str) -> RosterEntry:
         """The entry for `node_id`, or `TrustError` if unknown, suspended or revoked."""
@@ -303,7 +308,7 @@ class Roster:
 
     def by_fingerprint(self, fingerprint: bytes) -> RosterEntry | None:
         """The member whose current TLS certificate has this fingerprint."""
-        return next((m for m in self.members if m.tls_fingerprint == fingerprint), None)
+        return self._by_fingerprint.get(fingerprint)
 
     def next_version(self, *, issued_at: int, members: Iterable[RosterEntry]) -> Roster:
         """The next version with `members` (any order), issued at `issued_at`."""

@@ -56,6 +56,7 @@ class CatchUp:
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Lock] = {}
+        self._pushed: dict[str, float] = {}
         self.pulled = 0
 
     def start(self) -> None:
@@ -67,6 +68,10 @@ class CatchUp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+
+    def note_push(self, peer: str) -> None:
+        """`peer` just pushed us a batch: its own envelopes are flowing already."""
+        self._pushed[peer] = asyncio.get_running_loop().time()
 
     def request(self, peer: str) -> None:
         """Catch up with `peer` soon (it came back, or we hold envelopes waiting on it)."""
@@ -83,10 +88,16 @@ class CatchUp:
                     await self._kick.wait()
             self._kick.clear()
             if loop.time() >= next_full:
+                # A routine pass skips a peer that is pushing to us right now: pulling
+                # what its sender is delivering would do the same work twice. Explicit
+                # requests (a peer came back, dependencies missing) always run.
+                quiet_since = loop.time() - 2 * self._interval
                 peers = {
                     m.node_id
                     for m in self._roster().members
-                    if m.active and m.node_id != self._node_id
+                    if m.active
+                    and m.node_id != self._node_id
+                    and self._pushed.get(m.node_id, 0.0) < quiet_since
                 }
                 next_full = loop.time() + self._interval
             else:

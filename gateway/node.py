@@ -384,6 +384,7 @@ class Node:
         wires = body.get("envelopes")
         if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
             raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
+        self.catchup.note_push(peer.node_id)
         accepted, duplicates, refused = await self.rooms.receive(peer.node_id, wires)
         if self.rooms.pending_count():
             self.catchup.request(peer.node_id)  # fetch the dependencies we still lack
