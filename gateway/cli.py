@@ -459,17 +459,31 @@ def room_send(home: str, room_id: str, text: str, as_json: bool) -> None:
         return
     ids: list[str] = []
     chunk: list[str] = []
+    read = 0
+
+    def flush() -> None:
+        try:
+            ids.extend(
+                client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})["ids"]
+            )
+        except KakehashiError as exc:
+            # Say exactly what is stored, so a script resends only the rest.
+            exc.hint = (
+                f"the first {len(ids)} of the {read} lines read were sent and are stored; "
+                f"resend from line {len(ids) + 1}"
+            )
+            raise
+        chunk.clear()
+
     for line in sys.stdin:
         line = line.rstrip("\n")
         if line:
             chunk.append(line)
+            read += 1
         if len(chunk) >= 1000:
-            ids += client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})[
-                "ids"
-            ]
-            chunk = []
+            flush()
     if chunk:
-        ids += client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})["ids"]
+        flush()
     if as_json:
         _print_json({"room_id": room_id, "ids": ids})
     else:
