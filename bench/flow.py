@@ -41,7 +41,7 @@ from typing import Any
 
 import aiohttp
 import baseline
-from cluster import Cluster, CpuMeter, NodeFailed, Spy, Worker
+from cluster import PY_SPY, Cluster, CpuMeter, NodeFailed, Spy, Worker
 from common import percentile, progress, result
 from spy import summarize
 from tracing import format_rows
@@ -115,6 +115,10 @@ class Profiler:
     wall-clock timing of their storage and delivery steps (bench/tracing.py)."""
 
     def __init__(self, enabled: bool) -> None:
+        if enabled and not PY_SPY.exists():
+            raise SystemExit(
+                "--profile needs py-spy: .venv/bin/pip install -e '.[profile]'"
+            )
         self.enabled = enabled
         self.summaries: list[str] = []
 

@@ -67,7 +67,7 @@ HEALTH_INTERVAL = 0.5
 RETRY_CAP = 1.0
 CATCH_UP_INTERVAL = 2.0
 
-# Every node process started by this session, so that none outlives it (even on Ctrl-C).
+# Every node process started by this test run, so that none outlives it (even on Ctrl-C).
 _LIVE: dict[int, subprocess.Popen[bytes]] = {}
 
 
