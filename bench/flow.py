@@ -116,9 +116,7 @@ class Profiler:
 
     def __init__(self, enabled: bool) -> None:
         if enabled and not PY_SPY.exists():
-            raise SystemExit(
-                "--profile needs py-spy: .venv/bin/pip install -e '.[profile]'"
-            )
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install -e '.[profile]'")
         self.enabled = enabled
         self.summaries: list[str] = []
 
