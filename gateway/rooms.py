@@ -290,10 +290,19 @@ class RoomService:
                     for request in requests:
                         by_room.setdefault(request[0], []).append(request)
                     for room, group in by_room.items():
-                        planned.extend(self._plan_local(room, group, step))
+                        try:
+                            planned.extend(self._plan_local(room, group, step))
+                        except KakehashiError as exc:
+                            # Refused before anything entered memory (e.g. too large
+                            # to seal): this room's callers fail, the others go on.
+                            for _, _, future in group:
+                                if not future.done():
+                                    future.set_exception(exc)
                     await self._commit(step)
             except BaseException as exc:
-                for future, _ in planned:
+                # Every caller of this round gets the failure, including those whose
+                # envelopes were not planned yet (e.g. a message too large to seal).
+                for _, _, future in requests:
                     if not future.done():
                         future.set_exception(exc)
                 if isinstance(exc, asyncio.CancelledError):

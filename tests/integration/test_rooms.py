@@ -20,6 +20,7 @@ import pytest
 
 from federation import codec
 from federation.envelope import Envelope, Kind
+from federation.errors import ProtocolError
 from gateway.node import Node
 from gateway.rooms import RoomService
 
@@ -386,3 +387,22 @@ async def test_concurrent_sends_share_commits_and_signatures_and_all_arrive_once
     assert len(signatures) < 100, len(signatures)
     seqs = sorted(Envelope.from_bytes(wire).content.seq for _, wire in rows)
     assert seqs == list(range(1, len(seqs) + 1))  # the origin's seqs have no gap
+
+
+async def test_message_too_large_to_seal_is_refused_without_holding_up_other_sends(
+    cluster: Cluster,
+) -> None:
+    mie = await cluster.authority()
+    await cluster.member("tsu", "津市", "242012")
+    room = await mie.rooms.create("大きすぎ", nodes=["tsu"])
+    other = await mie.rooms.create("ふつう", nodes=["tsu"])
+    oversized = mie.rooms.send(room, ["字" * 30_000])  # ~90 KB of UTF-8: over 64 KiB sealed
+    normal = mie.rooms.send(other, ["届く"])
+    results = await asyncio.wait_for(
+        asyncio.gather(oversized, normal, return_exceptions=True), timeout=10
+    )
+    assert isinstance(results[0], ProtocolError) and results[0].code == "envelope_too_large"
+    assert isinstance(results[1], list) and len(results[1]) == 1
+    # The refused send left no trace: the room's next message takes the next seq.
+    await mie.rooms.send(room, ["あとから"])
+    assert mie.rooms.vector(room)["mie-pref"] == 2
