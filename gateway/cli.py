@@ -35,7 +35,9 @@ from .config import load_config, resolve_home
 __all__ = ["main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-out = Console(highlight=False, soft_wrap=True)
+# On a terminal rich uses its width; piped into a file or a log, 80 columns would cut
+# node names and times, so tables get room to stay whole.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 # soft_wrap: an error is one line even when stderr is a pipe or a log (rich would wrap at 80).
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
