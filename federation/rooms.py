@@ -138,10 +138,19 @@ _STATE_FIELDS = {
     "set_users",
     "remove_users",
 }
+MAX_ANSWERS = 64
 
 
-def _check_state_ops(body: Mapping[str, Any], *, creation: bool) -> None:
-    _only(body, _STATE_FIELDS)
+def _check_state_ops(
+    body: Mapping[str, Any], *, creation: bool, answers_allowed: bool = False
+) -> None:
+    _only(body, _STATE_FIELDS | ({"answers"} if answers_allowed else set()))
+    answers = body.get("answers", [])
+    if not isinstance(answers, list) or len(answers) > MAX_ANSWERS:
+        raise ProtocolError(f"answers must be a list of at most {MAX_ANSWERS} ids", code="bad_body")
+    for answered in answers:
+        if not isinstance(answered, bytes) or len(answered) != 32:
+            raise ProtocolError("answers must hold 32-byte envelope ids", code="bad_body")
     _text(body, "name", required=creation, limit=200)
     _text(body, "topic", required=False, limit=2000)
     if "room_kind" in body:
@@ -172,7 +181,7 @@ def _check_state_ops(body: Mapping[str, Any], *, creation: bool) -> None:
 def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -> None:
     """`ProtocolError` (code bad_body) unless `body` fits the schema of `kind`."""
     if kind is Kind.STATE:
-        _check_state_ops(body, creation=creation)
+        _check_state_ops(body, creation=creation, answers_allowed=not creation)
     elif kind is Kind.STATE_REQUEST:
         _check_state_ops(body, creation=False)
     elif kind is Kind.MESSAGE:

@@ -240,6 +240,7 @@ class Node:
         await self._monitor.start()
         await self._outbox.start()
         self._catchup.start()
+        self._rooms.resume()
         self._started_at = self.clock()
         log.info(
             "node_started",

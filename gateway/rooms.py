@@ -116,6 +116,7 @@ class RoomService:
         self._local_queue: list[_LocalRequest] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unanswered: list[Envelope] = []
 
     @property
     def store(self) -> RoomStore:
@@ -128,6 +129,7 @@ class RoomService:
         self._buffer = CausalBuffer(await self._rooms.vectors())
         self._histories = {}
         self._homes = dict(await self._rooms.rooms())
+        answered: set[bytes] = set()
         for room in self._homes:
             history = RoomHistory()
             for wire in await self._rooms.state_envelopes(room):
@@ -135,13 +137,32 @@ class RoomService:
                 verdict, state = judge(history, envelope.content)
                 if verdict is Verdict.ACCEPTED and state is not None:
                     history.add(state)
+                    answered.update(envelope.content.body.get("answers", []))
             self._histories[room] = history
+        # State requests to rooms we are home of, accepted but never answered: the node
+        # stopped between committing one and answering it. `resume` answers them.
+        self._unanswered = [
+            envelope
+            for envelope in map(Envelope.from_bytes, await self._rooms.state_requests(self.node_id))
+            if envelope.id not in answered
+        ]
         pending = [Envelope.from_bytes(wire) for wire in await self._rooms.pending()]
         for envelope in pending:
             # Stored pending envelopes wait again; none can be ready, or it would
             # have been processed before it was written.
             self._buffer.offer(envelope)
         self._hlc = await self._rooms.max_hlc()
+
+    def resume(self) -> None:
+        """Answer the state requests a previous run committed but did not answer."""
+        unanswered, self._unanswered = self._unanswered, []
+        for request in unanswered:
+            log.info(
+                "state_request_resumed", room=request.content.room, origin=request.content.origin
+            )
+            task = asyncio.create_task(self._answer_request(request), name="state-request")
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
 
     def listen(self, callback: Callable[[list[Envelope]], None]) -> None:
         """Call `callback` with newly accepted envelopes after each committed step."""
@@ -573,6 +594,9 @@ class RoomService:
                 "state_request_denied", room=request.content.room, origin=request.content.origin
             )
             return
+        # The change names the request it grants, so after a restart only requests no
+        # change has answered are answered again (see `load` and `resume`).
+        body["answers"] = [request.id]
         await self._originate(request.content.room, [(Kind.STATE, body, "")])
         log.info("state_request_granted", room=request.content.room, origin=request.content.origin)
 

@@ -95,6 +95,15 @@ class RoomStore:
         ) as cursor:
             return [bytes(row[0]) for row in await cursor.fetchall()]
 
+    async def state_requests(self, home: str) -> list[bytes]:
+        """Accepted state requests to the rooms whose home is `home`, oldest first."""
+        async with self._db.execute(
+            "SELECT e.wire FROM envelope e JOIN room r ON r.room_id = e.room_id "
+            "WHERE r.home = ? AND e.kind = 'state-request' AND e.status = 1 ORDER BY e.hlc",
+            (home,),
+        ) as cursor:
+            return [bytes(row[0]) for row in await cursor.fetchall()]
+
     async def pending(self) -> list[bytes]:
         """Envelopes stored but still waiting for dependencies."""
         async with self._db.execute(

@@ -123,6 +123,7 @@ def test_every_schema_file_has_a_line_in_the_readme_table() -> None:
 
 VALID: list[tuple[Kind, dict[str, Any], bool]] = [
     (Kind.STATE, {"name": "防災連絡室"}, True),
+    (Kind.STATE, {"add_nodes": ["ise"], "answers": [bytes(32), b"\x01" * 32]}, False),
     (
         Kind.STATE,
         {
@@ -157,6 +158,11 @@ VALID: list[tuple[Kind, dict[str, Any], bool]] = [
 ]
 
 INVALID: list[tuple[Kind, dict[str, Any], bool]] = [
+    # answers: only a later state change names the requests it grants
+    (Kind.STATE, {"name": "x", "answers": [bytes(32)]}, True),
+    (Kind.STATE_REQUEST, {"add_nodes": ["ise"], "answers": [bytes(32)]}, False),
+    (Kind.STATE, {"answers": [bytes(31)]}, False),
+    (Kind.STATE, {"answers": [bytes(32)] * 65}, False),
     # state: creation
     (Kind.STATE, {}, True),
     (Kind.STATE, {"name": ""}, True),

@@ -171,8 +171,9 @@ async def test_node_invited_later_by_a_non_home_member_receives_the_whole_histor
     assert [e.id for e in at_ise] == ids
     assert_causal(at_ise)
     granted = [e for e in at_ise if e.content.kind is Kind.STATE and e.content.seq > 1]
+    (request,) = [e for e in at_ise if e.content.kind is Kind.STATE_REQUEST]
     assert [(e.content.origin, e.content.body) for e in granted] == [
-        ("mie-pref", {"add_nodes": ["ise"]})
+        ("mie-pref", {"add_nodes": ["ise"], "answers": [request.id]})
     ]
     assert texts(at_ise)[:60] == [f"mie {k}" for k in range(30)] + [f"tsu {k}" for k in range(30)]
     assert_once(applied, "ise", ids)
@@ -406,3 +407,36 @@ async def test_message_too_large_to_seal_is_refused_without_holding_up_other_sen
     # The refused send left no trace: the room's next message takes the next seq.
     await mie.rooms.send(room, ["あとから"])
     assert mie.rooms.vector(room)["mie-pref"] == 2
+
+
+async def test_state_request_left_unanswered_by_a_stopped_home_is_answered_after_restart(
+    cluster: Cluster,
+) -> None:
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    await cluster.member("ise", "伊勢市", "242039")
+    room = await mie.rooms.create("再開", nodes=["tsu"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+
+    # The home commits tsu's request but stops before answering it (as in a crash).
+    async def not_now(request: Envelope) -> None:
+        return None
+
+    mie.rooms._answer_request = not_now  # type: ignore[method-assign]
+    assert await tsu.rooms.invite(room, "ise") == "requested"
+    request_seq = tsu.rooms.vector(room)["tsu"]
+    await eventually(lambda: mie.rooms.vector(room).get("tsu", 0) >= request_seq)
+    state = mie.rooms.state(room)
+    assert state is not None and "ise" not in state.nodes
+    await cluster.stop("mie-pref")
+
+    mie = await cluster.start("mie-pref")  # a fresh node on the same home
+    await eventually(lambda: "ise" in (mie.rooms.state(room) or state).nodes, timeout=10)
+    await eventually(lambda: "ise" in (tsu.rooms.state(room) or state).nodes, timeout=10)
+    home_seq = mie.rooms.vector(room)["mie-pref"]
+
+    # Answered once: another restart does not answer it again.
+    await cluster.stop("mie-pref")
+    mie = await cluster.start("mie-pref")
+    await asyncio.sleep(0.5)
+    assert mie.rooms.vector(room)["mie-pref"] == home_seq
