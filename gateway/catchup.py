@@ -25,6 +25,7 @@ from federation.errors import KakehashiError
 from federation.roster import Roster
 
 from .rooms import BATCH_LIMITS, RoomService
+from .tasks import cancel_all
 from .transport import PeerClient
 
 __all__ = ["CatchUp"]
@@ -63,11 +64,8 @@ class CatchUp:
         self._task = asyncio.create_task(self._run(), name="catch-up")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
 
     def note_push(self, peer: str) -> None:
         """`peer` just pushed us a batch: its own envelopes are flowing already."""

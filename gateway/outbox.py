@@ -29,6 +29,7 @@ from federation.errors import KakehashiError, TrustError
 from federation.roster import Roster
 
 from .roomstore import RoomStore
+from .tasks import cancel_all
 from .transport import PeerClient
 
 __all__ = ["DeliverySettings", "Outbox"]
@@ -186,10 +187,4 @@ class Outbox:
 
     async def stop(self) -> None:
         self._stopped = True
-        tasks = [s.task for s in self._senders.values() if s.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            # A loop that already died was logged as sender_failed; stopping must go on.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(sender.task for sender in self._senders.values())

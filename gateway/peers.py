@@ -23,6 +23,7 @@ from federation.errors import KakehashiError
 from federation.roster import Roster, RosterEntry
 
 from .store import PeerHealth, Store
+from .tasks import cancel_all
 from .transport import PeerClient
 
 __all__ = ["PeerMonitor", "is_up"]
@@ -79,11 +80,8 @@ class PeerMonitor:
         self._task = asyncio.create_task(self._run(), name="peer-monitor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_all([self._task])
+        self._task = None
 
     def kick(self) -> None:
         """Start a round now (after a roster change)."""

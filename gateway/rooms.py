@@ -16,7 +16,6 @@ makes delivery exactly-once at every node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from federation.roster import MemberStatus, Roster
 from federation.signing import SigningKey
 
 from .roomstore import EnvelopeRow, RoomStore, Status
+from .tasks import cancel_all
 
 if TYPE_CHECKING:
     from .store import Store
@@ -576,11 +576,7 @@ class RoomService:
 
     async def stop(self) -> None:
         """Cancel background work (state-request answers, the commit queue)."""
-        for task in [*self._tasks, *([self._flusher] if self._flusher else [])]:
-            task.cancel()
-        for task in [*self._tasks, *([self._flusher] if self._flusher else [])]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all([*self._tasks, self._flusher])
         self._tasks.clear()
 
     async def _answer_request(self, request: Envelope) -> None:
