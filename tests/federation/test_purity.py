@@ -27,6 +27,12 @@ PURE_MODULES = (
     "federation.identity",
     "federation.signing",
     "federation.roster",
+    "federation.invites",
+    "federation.envelope",
+    "federation.causal",
+    "federation.rooms",
+    "federation.backoff",
+    "federation.routing",
 )
 
 CLOCK_CALLS = (
