@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from federation.errors import ConfigError, KakehashiError, ProtocolError
+from federation.errors import ConfigError, KakehashiError, ProtocolError, TrustError
+from federation.identity import check_node_id
 from federation.invites import Approval, parse_duration
 from federation.rooms import RoomKind
 from federation.roster import MemberStatus
+
+from .config import parse_endpoints
 
 if TYPE_CHECKING:
     from .node import Node
@@ -74,6 +77,15 @@ def admin_app(node: Node) -> web.Application:
     async def peers(request: web.Request) -> web.Response:
         return web.json_response(await node.peer_report())
 
+    async def route(request: web.Request) -> web.Response:
+        destination = request.query.get("node_id", "")
+        check_node_id(destination)
+        if node.roster.member(destination) is None:
+            raise TrustError(
+                f"{destination!r} is not a member of the federation", code="unknown_peer"
+            )
+        return web.json_response(node.explain_route(destination).to_json())
+
     async def invite(request: web.Request) -> web.Response:
         data = await body(request)
         issued = await authority().invite(
@@ -123,6 +135,31 @@ def admin_app(node: Node) -> web.Application:
             {"node_id": data["node_id"], "status": status.value, "roster_version": roster.version}
         )
 
+    async def update_peer(request: web.Request) -> web.Response:
+        data = await body(request)
+        relay = data.get("relay")
+        segments = data.get("segments")
+        if relay is not None and not isinstance(relay, bool):
+            raise ProtocolError("relay must be true or false", code="bad_request")
+        if segments is not None and (not isinstance(segments, dict) or not segments):
+            raise ProtocolError("segments must map segment names to URLs", code="bad_request")
+        node_id = str(data.get("node_id", ""))
+        roster = await authority().update_member(
+            node_id,
+            relay=relay,
+            endpoints=None if segments is None else parse_endpoints(segments, "--segment"),
+        )
+        entry = roster.member(node_id)
+        assert entry is not None
+        return web.json_response(
+            {
+                "node_id": node_id,
+                "relay": entry.relay,
+                "segments": {e.segment: e.url for e in entry.endpoints},
+                "roster_version": roster.version,
+            }
+        )
+
     async def rooms(request: web.Request) -> web.Response:
         return web.json_response(await node.room_views())
 
@@ -168,11 +205,13 @@ def admin_app(node: Node) -> web.Application:
         [
             web.get("/v1/status", status),
             web.get("/v1/peers", peers),
+            web.get("/v1/route", route),
             web.post("/v1/peers/invite", invite),
             web.get("/v1/peers/pending", pending),
             web.post("/v1/peers/approve", approve),
             web.post("/v1/peers/deny", deny),
             web.post("/v1/peers/status", set_status),
+            web.post("/v1/peers/update", update_peer),
             web.get("/v1/rooms", rooms),
             web.post("/v1/rooms", room_create),
             web.post("/v1/rooms/invite", room_invite),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -37,6 +37,7 @@ from federation.invites import (
     verify_invitation,
 )
 from federation.roster import (
+    Endpoint,
     MemberStatus,
     PublishedKey,
     Roster,
@@ -309,25 +310,53 @@ class Authority:
             if entry.status is status:
                 return self.roster
             now = self._now()
-            changed = RosterEntry(
-                **{
-                    **{f: getattr(entry, f) for f in entry.__dataclass_fields__},
-                    "status": status,
-                    "status_reason": reason,
-                    "status_since": now,
-                }
+            version = await self._issue(
+                replace(entry, status=status, status_reason=reason, status_since=now), now
             )
-            signed = sign_roster(
-                self.roster.with_member(changed, issued_at=now), self._federation_key
-            )
-            async with self._store.transaction() as db:
-                await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
-            await self._publish(signed)
             log.info(
                 "member_status_changed",
                 node=node_id,
                 status=status.value,
                 reason=reason,
-                roster_version=signed.version,
+                roster_version=version,
             )
             return self.roster
+
+    async def update_member(
+        self,
+        node_id: str,
+        *,
+        relay: bool | None = None,
+        endpoints: tuple[Endpoint, ...] | None = None,
+    ) -> Roster:
+        """Change what the roster publishes for a member: its relay flag, its endpoints."""
+        async with self._lock:
+            entry = self.roster.member(node_id)
+            if entry is None:
+                raise TrustError(f"{node_id!r} is not a member", code="unknown_peer")
+            if entry.status is MemberStatus.REVOKED:
+                raise TrustError(f"{node_id!r} is revoked; that is final", code="peer_revoked")
+            changed = replace(
+                entry,
+                relay=entry.relay if relay is None else relay,
+                endpoints=entry.endpoints if endpoints is None else endpoints,
+            )
+            if changed == entry:
+                return self.roster
+            version = await self._issue(changed, self._now())
+            log.info(
+                "member_updated",
+                node=node_id,
+                relay=changed.relay,
+                segments=list(changed.segments),
+                roster_version=version,
+            )
+            return self.roster
+
+    async def _issue(self, changed: RosterEntry, now: int) -> int:
+        """Sign, store and publish the roster with `changed` in place of its member."""
+        signed = sign_roster(self.roster.with_member(changed, issued_at=now), self._federation_key)
+        async with self._store.transaction() as db:
+            await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+        await self._publish(signed)
+        return signed.version

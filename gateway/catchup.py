@@ -3,7 +3,9 @@
 Pushes from origins cover the normal case; this covers everything else: a node
 that was down, a link that was cut, a node added to a room later (it receives
 the room's whole history), envelopes that arrived before their dependencies.
-Since origins sign, any peer that holds an envelope can serve it.
+Since origins sign, any peer that holds an envelope can serve it, so a node pulls
+only from peers it reaches directly; a room spanning segments is caught up from
+its members on ours (normally the relay at the prefecture).
 
 `CatchUp` owns one background task. It runs a pass with every peer
 periodically, and at once for a peer when that peer comes back up or when a
@@ -47,12 +49,14 @@ class CatchUp:
         client: PeerClient,
         roster: Callable[[], Roster],
         interval: float,
+        direct: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self._node_id = node_id
         self._rooms = rooms
         self._client = client
         self._roster = roster
         self._interval = interval
+        self._direct = direct
         self._wanted: set[str] = set()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -118,6 +122,8 @@ class CatchUp:
             entry = self._roster().member(peer)
             if entry is None or not entry.active:
                 return 0
+            if self._direct is not None and peer not in self._direct():
+                return 0  # on another segment: we pull from peers we reach (any holder serves)
             rooms = self._rooms.shares_room_with(peer)
             if not rooms:
                 return 0

@@ -76,6 +76,17 @@ def cli() -> None:
     """
 
 
+def _segment_pairs(items: tuple[str, ...]) -> dict[str, str]:
+    """--segment NAME=URL options as {name: url}."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        segment, sep, url = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected NAME=URL", param_hint="--segment")
+        pairs[segment.strip()] = url.strip()
+    return pairs
+
+
 @cli.command()
 @home_option
 @click.option("--node-id", required=True, help="Short lowercase id, e.g. tsu or mie-pref.")
@@ -104,12 +115,7 @@ def init(
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT, e.g. 0.0.0.0:8443", param_hint="--listen")
-    pairs: dict[str, str] = {}
-    for item in segments:
-        segment, sep, url = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected NAME=URL", param_hint="--segment")
-        pairs[segment.strip()] = url.strip()
+    pairs = _segment_pairs(segments)
     target = resolve_home(home)
     config = asyncio.run(
         init_home(
@@ -337,6 +343,42 @@ for _name, _status, _verb, _doc in (
     )
 
 
+@peer.command("update")
+@home_option
+@click.argument("node_id")
+@click.option(
+    "--relay/--no-relay",
+    default=None,
+    help="Flag NODE_ID as a relay between segments (or clear the flag).",
+)
+@click.option(
+    "--segment",
+    "segments",
+    multiple=True,
+    metavar="NAME=URL",
+    help="NODE_ID's endpoint on a segment; repeat per segment. Replaces all its endpoints.",
+)
+@json_option
+def peer_update(
+    home: str, node_id: str, relay: bool | None, segments: tuple[str, ...], as_json: bool
+) -> None:
+    """Change what the roster publishes for NODE_ID (authority only)."""
+    if relay is None and not segments:
+        raise click.UsageError("nothing to change: give --relay/--no-relay or --segment")
+    change: dict[str, Any] = {"node_id": node_id}
+    if relay is not None:
+        change["relay"] = relay
+    if segments:
+        change["segments"] = _segment_pairs(segments)
+    data = _admin(home).request("POST", "/v1/peers/update", change)
+    if as_json:
+        _print_json(data)
+        return
+    where = ", ".join(f"{name}={url}" for name, url in data["segments"].items())
+    relay_text = "relay" if data["relay"] else "not a relay"
+    out.print(f"{node_id}: {relay_text}; {where}; roster version {data['roster_version']}")
+
+
 def _ago(iso: str | None) -> str:
     if iso is None:
         return "never"
@@ -354,7 +396,16 @@ def peer_list(home: str, as_json: bool) -> None:
         _print_json(rows)
         return
     table = Table(
-        "node", "name", "status", "health", "segments", "last contact", "rtt", "outbox", "lag"
+        "node",
+        "name",
+        "status",
+        "health",
+        "segments",
+        "route",
+        "last contact",
+        "rtt",
+        "outbox",
+        "lag",
     )
     colours = {"up": "green", "down": "red", "self": "cyan"}
     for row in rows:
@@ -365,12 +416,36 @@ def peer_list(home: str, as_json: bool) -> None:
             row["status"],
             f"[{colours.get(health, 'yellow')}]{health}[/]",
             ",".join(row["segments"]),
+            "-" if row["self"] else row.get("route") or "none",
             "-" if row["self"] else _ago(row["last_contact"]),
             "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
             str(row.get("outbox", 0)),
             f"{row['delivery_lag_s']:.1f} s" if row.get("outbox") else "-",
         )
     out.print(table)
+
+
+@cli.command("route")
+@home_option
+@click.argument("node_id")
+@json_option
+def route(home: str, node_id: str, as_json: bool) -> None:
+    """How envelopes for NODE_ID travel from this node (direct, or via which relays), and why."""
+    data = _admin(home).request("GET", f"/v1/route?node_id={quote(node_id)}")
+    if as_json:
+        _print_json(data)
+        return
+    chosen = data["route"]
+    if chosen is None:
+        out.print(f"[red]no route[/] to {node_id}")
+    elif chosen["direct"]:
+        out.print(f"[green]direct[/] to {node_id}")
+    else:
+        state = " [yellow](relay down: delivery waits)[/]" if chosen["degraded"] else ""
+        out.print(f"via {' → '.join(chosen['path'])}{state}")
+    out.print(f"  why: {data['reason']}")
+    for alternative in data["alternatives"]:
+        out.print(f"  alternative: via {' → '.join(alternative['path'])}")
 
 
 @cli.group()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from federation.invites import Approval
@@ -50,16 +51,26 @@ class LocalFederation:
     def home(self, node_id: str) -> Home:
         return Home(self.root / node_id)
 
-    async def init(self, node_id: str, name: str, code: str | None = None) -> Home:
+    async def init(
+        self,
+        node_id: str,
+        name: str,
+        code: str | None = None,
+        *,
+        segments: Sequence[str] = (),
+    ) -> Home:
+        """Make a node's home. `segments` names the (simulated) network segments the node
+        sits on; on loopback every node can reach every other, so only routing sees them."""
         home = self.home(node_id)
+        port = free_port()
         await init_home(
             home,
             node_id=node_id,
             name=name,
             code=code,
             listen_host="127.0.0.1",
-            listen_port=free_port(),
-            segments={},
+            listen_port=port,
+            segments={segment: f"https://127.0.0.1:{port}" for segment in segments},
         )
         text = home.config.read_text().replace(
             "interval_seconds = 5.0", f"interval_seconds = {self.health_interval}"
@@ -79,10 +90,15 @@ class LocalFederation:
         await node.stop()
 
     async def authority(
-        self, node_id: str = "mie-pref", name: str = "三重県", code: str | None = "240001"
+        self,
+        node_id: str = "mie-pref",
+        name: str = "三重県",
+        code: str | None = "240001",
+        *,
+        segments: Sequence[str] = (),
     ) -> Node:
         """Init, create the federation, run."""
-        await self.init(node_id, name, code)
+        await self.init(node_id, name, code, segments=segments)
         await create_federation(self.home(node_id), name="三重県 市町連携")
         return await self.start(node_id)
 
@@ -105,10 +121,18 @@ class LocalFederation:
         )
         return issued.token
 
-    async def member(self, node_id: str, name: str, code: str | None = None) -> Node:
+    async def member(
+        self,
+        node_id: str,
+        name: str,
+        code: str | None = None,
+        *,
+        segments: Sequence[str] = (),
+        relay: bool = False,
+    ) -> Node:
         """init + invite + join + run, as an operator would with the CLI."""
-        await self.init(node_id, name, code)
-        token = await self.invite(node_id)
+        await self.init(node_id, name, code, segments=segments)
+        token = await self.invite(node_id, relay=relay)
         await join_federation(self.home(node_id), token)
         return await self.start(node_id)
 

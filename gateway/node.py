@@ -35,6 +35,7 @@ from federation.roster import (
     check_update,
     verify_roster,
 )
+from federation.routing import Route, RouteExplanation, direct_peers, explain, plan
 from federation.signing import SigningKey
 
 from . import tls
@@ -189,6 +190,7 @@ class Node:
             store=self._rooms.store,
             client=self._client,
             roster=lambda: self.roster,
+            router=self.route,
             settings=DeliverySettings(
                 backoff=Backoff(base=0.2, cap=self.config.retry_cap, jitter=0.2)
             ),
@@ -200,6 +202,7 @@ class Node:
             client=self._client,
             roster=lambda: self.roster,
             interval=self.config.catch_up_interval,
+            direct=self.direct_peers,
         )
         self._monitor = PeerMonitor(
             node_id=self.node_id,
@@ -210,6 +213,7 @@ class Node:
             interval=self.config.health_interval,
             clock=self.clock,
             on_peer_up=self._peer_up,
+            direct=self.direct_peers,
         )
         server_ssl = tls.server_context(
             self.home.tls_cert, self.home.tls_key, self.home.ca_cert, require_client_cert=False
@@ -334,6 +338,28 @@ class Node:
                 if change is not None or self.roster.version >= version:
                     return
 
+    # routing ------------------------------------------------------------------
+
+    def direct_peers(self) -> frozenset[str]:
+        """Active members on a segment this node sits on."""
+        return direct_peers(self.roster, self.node_id)
+
+    def down_relays(self) -> frozenset[str]:
+        """Relays the last delivery to failed, or whose last health check failed."""
+        down = set(self.outbox.down)
+        for member in self.roster.members:
+            health = self.monitor.health(member.node_id)
+            if member.relay and health is not None and health.failures:
+                down.add(member.node_id)
+        return frozenset(down)
+
+    def route(self, destination: str) -> Route | None:
+        """The path envelopes for `destination` take now (direct, or via relays)."""
+        return plan(self.roster, self.node_id, destination, down=self.down_relays())
+
+    def explain_route(self, destination: str) -> RouteExplanation:
+        return explain(self.roster, self.node_id, destination, down=self.down_relays())
+
     # federation API ---------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
@@ -344,6 +370,7 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/health", self._handle_health),
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
+            web.post(f"{FEDERATION_PREFIX}/relay", self._handle_relay),
         ]
 
     def _peer_up(self, peer: str) -> None:
@@ -389,6 +416,36 @@ class Node:
         accepted, duplicates, refused = await self.rooms.receive(peer.node_id, wires)
         if self.rooms.pending_count():
             self.catchup.request(peer.node_id)  # fetch the dependencies we still lack
+        answer = {
+            "accepted": accepted,
+            "duplicates": duplicates,
+            "refused": [[r.envelope_id, r.code] for r in refused],
+        }
+        return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+
+    async def _handle_relay(self, request: web.Request) -> web.Response:
+        """As a relay: verify a batch for another node, queue it durably, then acknowledge."""
+        peer = request[PEER]
+        me = self.roster.member(self.node_id)
+        if me is None or not me.relay:
+            raise TrustError(f"{self.node_id} is not a relay in the roster", code="not_a_relay")
+        body = codec.decode_map(await request.read(), BATCH_LIMITS, canonical=False)
+        wires, destination = body.get("envelopes"), body.get("to")
+        if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
+            raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
+        if not isinstance(destination, str):
+            raise ProtocolError("relay needs the destination node id (to)", code="bad_batch")
+        target = self.roster.member(destination)
+        if target is None or not target.active or destination == peer.node_id:
+            raise TrustError(
+                f"cannot relay to {destination!r}: not an active member other than the sender",
+                code="bad_destination",
+            )
+        if destination == self.node_id:
+            accepted, duplicates, refused = await self.rooms.receive(peer.node_id, wires)
+        else:
+            accepted, refused = await self.rooms.relay(peer.node_id, destination, wires)
+            duplicates = 0
         answer = {
             "accepted": accepted,
             "duplicates": duplicates,
@@ -499,10 +556,16 @@ class Node:
         for member in self.roster.members:
             health = self.monitor.health(member.node_id)
             own = member.node_id == self.node_id
+            route = None if own or not member.active else self.route(member.node_id)
+            if route is not None and not route.direct:
+                # Reached through relays: as healthy as the first of them.
+                health = self.monitor.health(route.next_hop)
             if own:
                 state = "self"
             elif not member.active:
                 state = member.status.value
+            elif route is None:
+                state = "no route"
             else:
                 state = "up" if is_up(health, now_ms, self.config.health_interval) else "down"
             last = health.last_contact_ms if health else None
@@ -517,6 +580,11 @@ class Node:
                     "health": state,
                     "segments": list(member.segments),
                     "relay": member.relay,
+                    "route": None
+                    if route is None
+                    else "direct"
+                    if route.direct
+                    else "via " + ",".join(route.relays),
                     "last_contact": None
                     if last is None
                     else datetime.fromtimestamp(last / 1000, UTC).isoformat(timespec="seconds"),

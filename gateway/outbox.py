@@ -8,6 +8,14 @@ does only after committing them. On failure it waits an exponential backoff with
 jitter and tries again; the envelopes stay queued, across restarts too (a loop is
 started at start-up for every peer with a non-empty outbox).
 
+A destination on no segment we sit on is reached through relays: the loop asks
+the router (a pure function of the roster and the hops known to be down) for the
+next hop and posts the batch to that relay's `/relay` with the destination named.
+The relay acknowledges only after it has verified and durably queued the batch, so
+the guarantee is the same hop by hop. When a relay fails, it is marked down and, if
+the router then finds another path, the batch goes that way at once, without
+waiting out a backoff.
+
 Every loop is a task owned by `Outbox`, cancelled by `stop()`, and its failure is
 logged, never lost.
 """
@@ -20,13 +28,15 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from federation import codec
 from federation.backoff import Backoff
-from federation.errors import KakehashiError, TrustError
+from federation.errors import KakehashiError, TransportError, TrustError
 from federation.roster import Roster
+from federation.routing import Route
 
 from .roomstore import RoomStore
 from .tasks import cancel_all
@@ -58,6 +68,8 @@ class PeerDelivery:
     failures: int = 0
     last_error: str | None = None
     last_delivery_ms: int | None = None
+    route: str | None = None
+    """How the last batch went: "direct" or "via RELAY[,RELAY...]"."""
 
 
 class _Sender:
@@ -94,16 +106,22 @@ class _Sender:
                 # wait is not lost, because the flag was cleared before the read.
                 await self.new_data.wait()
                 continue
-            entry = self.outbox.roster().member(self.peer)
+            route = self.outbox.router(self.peer)
+            started = time.perf_counter()
             try:
-                if entry is None:
-                    raise TrustError(f"{self.peer} is not in the roster", code="unknown_peer")
-                started = time.perf_counter()
-                response = await self.outbox.client.request(
-                    entry, "POST", "/envelopes", codec.encode_frame({"envelopes": batch.wires})
-                )
-                answer = codec.decode_map(response.body, canonical=False)
+                answer = await self._post(route, batch.wires)
             except KakehashiError as exc:
+                if route is not None and not route.direct:
+                    self.outbox.note_down(route.next_hop)
+                    detour = self.outbox.router(self.peer)
+                    if detour is not None and not detour.degraded and detour != route:
+                        log.info(
+                            "route_changed",
+                            peer=self.peer,
+                            failed=route.next_hop,
+                            via=list(detour.relays) or "direct",
+                        )
+                        continue
                 self.attempt += 1
                 self.stats.failures += 1
                 self.stats.last_error = f"{exc.code}: {exc}"
@@ -124,6 +142,9 @@ class _Sender:
                         await self.retry.wait()
                 continue
             await self.outbox.store.outbox_ack(self.peer, batch.last_pos)
+            if route is not None and not route.direct:
+                self.outbox.note_up(route.next_hop)
+            self.stats.route = _describe(route)
             self.attempt = 0
             self.stats.delivered += len(batch.wires)
             self.stats.batches += 1
@@ -139,6 +160,32 @@ class _Sender:
                 ms=round((time.perf_counter() - started) * 1000, 2),
             )
 
+    async def _post(self, route: Route | None, wires: list[bytes]) -> dict[str, Any]:
+        """Post one batch along `route`; the peer's answer."""
+        roster = self.outbox.roster()
+        if roster.member(self.peer) is None:
+            raise TrustError(f"{self.peer} is not in the roster", code="unknown_peer")
+        if route is None:
+            raise TransportError(
+                f"no route to {self.peer}: it is not active, or no relay reaches its segments",
+                code="no_route",
+            )
+        hop = roster.member(route.next_hop)
+        if hop is None:
+            raise TrustError(f"{route.next_hop} is not in the roster", code="unknown_peer")
+        body: dict[str, Any] = {"envelopes": wires}
+        path = "/envelopes"
+        if not route.direct:
+            path, body["to"] = "/relay", self.peer  # framing maps keep sorted keys
+        response = await self.outbox.client.request(hop, "POST", path, codec.encode_frame(body))
+        return codec.decode_map(response.body, canonical=False)
+
+
+def _describe(route: Route | None) -> str | None:
+    if route is None:
+        return None
+    return "direct" if route.direct else "via " + ",".join(route.relays)
+
 
 class Outbox:
     """Owns every peer's sender loop."""
@@ -149,14 +196,30 @@ class Outbox:
         store: RoomStore,
         client: PeerClient,
         roster: Callable[[], Roster],
+        router: Callable[[str], Route | None],
         settings: DeliverySettings | None = None,
     ) -> None:
         self.store = store
         self.client = client
         self.roster = roster
+        self.router = router
         self.settings = settings or DeliverySettings()
         self._senders: dict[str, _Sender] = {}
+        self._down: set[str] = set()
         self._stopped = False
+
+    @property
+    def down(self) -> frozenset[str]:
+        """Relays whose last delivery attempt failed (routes avoid them while others exist)."""
+        return frozenset(self._down)
+
+    def note_down(self, relay: str) -> None:
+        if relay not in self._down:
+            self._down.add(relay)
+            log.warning("relay_down", relay=relay)
+
+    def note_up(self, relay: str) -> None:
+        self._down.discard(relay)
 
     async def start(self) -> None:
         """Resume delivery of everything left queued by a previous run."""
@@ -176,10 +239,12 @@ class Outbox:
             self.wake(peer)
 
     def retry_now(self, peer: str) -> None:
-        """A peer came back: skip the rest of its backoff."""
-        sender = self._senders.get(peer)
-        if sender is not None and sender.attempt:
-            sender.retry.set()
+        """A peer came back: skip the rest of the backoff of every sender waiting on a
+        failure (its own, and those of destinations routed through it)."""
+        self._down.discard(peer)
+        for sender in self._senders.values():
+            if sender.attempt:
+                sender.retry.set()
 
     def stats(self, peer: str) -> PeerDelivery | None:
         sender = self._senders.get(peer)

@@ -60,6 +60,7 @@ class PeerMonitor:
         interval: float,
         clock: Callable[[], float] = time.time,
         on_peer_up: Callable[[str], None] | None = None,
+        direct: Callable[[], frozenset[str]] | None = None,
     ) -> None:
         self._node_id = node_id
         self._client = client
@@ -69,6 +70,7 @@ class PeerMonitor:
         self._interval = interval
         self._clock = clock
         self._on_peer_up = on_peer_up
+        self._direct = direct
         self._links: dict[str, _Link] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -115,8 +117,16 @@ class PeerMonitor:
             self._kick.clear()
 
     async def round(self) -> None:
-        """Check every active peer once, concurrently."""
-        peers = [m for m in self._roster().members if m.active and m.node_id != self._node_id]
+        """Check every active peer we can reach directly (share a segment with), concurrently.
+
+        Peers on other segments are reached through relays; their health is the relay's.
+        """
+        direct = self._direct() if self._direct is not None else None
+        peers = [
+            m
+            for m in self._roster().members
+            if m.active and m.node_id != self._node_id and (direct is None or m.node_id in direct)
+        ]
         await asyncio.gather(*(self._check(peer) for peer in peers))
 
     async def _check(self, peer: RosterEntry) -> None:

@@ -81,6 +81,7 @@ class _Step:
     outbox: list[tuple[str, bytes]] = field(default_factory=list)
     new_rooms: dict[str, str] = field(default_factory=dict)
     requests: list[Envelope] = field(default_factory=list)
+    relayed: list[Envelope] = field(default_factory=list)
     accepted: list[Envelope] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicates: int = 0
@@ -446,8 +447,14 @@ class RoomService:
             and self.node_id in content.body.get("add_nodes", [])
         )
 
-    async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
-        """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit."""
+    def _verified(
+        self, peer: str, wires: Sequence[bytes], *, relaying: bool = False
+    ) -> tuple[list[Envelope], list[Refusal]]:
+        """Decode `wires` and check origin signatures: (verified envelopes, refusals, logged).
+
+        Taking in (not `relaying`), an envelope for a room this node is not in is refused;
+        a relay forwards those too, for it only vouches for the origin's signature.
+        """
         roster = self._roster()
         candidates: list[tuple[Envelope, bytes]] = []
         refused: list[Refusal] = []
@@ -459,7 +466,7 @@ class RoomService:
                 continue
             try:
                 key = self._signer(envelope, roster)
-                if not self._admissible_room(envelope.content):
+                if not relaying and not self._admissible_room(envelope.content):
                     raise ProtocolError(
                         f"unknown room {envelope.content.room}", code="unknown_room", status=404
                     )
@@ -468,25 +475,56 @@ class RoomService:
                 continue
             candidates.append((envelope, key))
         verified = self._verify_signatures(candidates, refused)
-        decoded = [envelope for envelope, _ in candidates if envelope.id in verified]
         for refusal in refused:
             log.warning(
-                "envelope_refused",
+                "relay_refused" if relaying else "envelope_refused",
                 peer=peer,
                 envelope_id=refusal.envelope_id.hex()[:16],
                 reason=refusal.code,
                 message=refusal.message,
             )
+        return [envelope for envelope, _ in candidates if envelope.id in verified], refused
+
+    async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
+        """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit."""
+        decoded, refused = self._verified(peer, wires)
         step = _Step(refused=refused)
         async with self._lock:
-            for envelope in decoded:
-                self._hlc = hlc_receive(self._hlc, envelope.content.hlc)
-                if envelope.content.room not in self._homes:
-                    step.new_rooms[envelope.content.room] = room_home(envelope.content.room)
-            self._process(decoded, step, local=False)
+            self._take_in(decoded, step)
             await self._commit(step)
         await self._after(step)
         return len(step.accepted), step.duplicates, step.refused
+
+    async def relay(
+        self, peer: str, destination: str, wires: Sequence[bytes]
+    ) -> tuple[int, list[Refusal]]:
+        """As a relay: keep and queue for `destination` every envelope whose origin
+        signature verifies; returns (queued, refusals), after commit.
+
+        Forged or tampered envelopes are refused here and never forwarded. Envelopes of
+        rooms this node is a member of are also taken in as usual (so it serves them in
+        catch-up); those of other rooms are kept apart, only to be forwarded.
+        """
+        decoded, refused = self._verified(peer, wires, relaying=True)
+        step = _Step(refused=refused)
+        mine: list[Envelope] = []
+        async with self._lock:
+            for envelope in decoded:
+                admissible = self._admissible_room(envelope.content)
+                (mine if admissible else step.relayed).append(envelope)
+            self._take_in(mine, step)
+            step.outbox.extend((destination, envelope.id) for envelope in decoded)
+            await self._commit(step)
+        await self._after(step)
+        return len(decoded), step.refused
+
+    def _take_in(self, decoded: Sequence[Envelope], step: _Step) -> None:
+        """Advance the clock past, note the rooms of, and process envelopes from a peer."""
+        for envelope in decoded:
+            self._hlc = hlc_receive(self._hlc, envelope.content.hlc)
+            if envelope.content.room not in self._homes:
+                step.new_rooms[envelope.content.room] = room_home(envelope.content.room)
+        self._process(decoded, step, local=False)
 
     # the processing step ----------------------------------------------------------
 
@@ -543,12 +581,17 @@ class RoomService:
             step.requests.append(envelope)
 
     async def _commit(self, step: _Step) -> None:
-        if not step.rows and not step.new_rooms:
+        if not step.rows and not step.new_rooms and not step.outbox:
             return
         try:
             async with self._store.transaction() as db:
                 await RoomStore.write(
-                    db, step.rows.values(), step.outbox, step.new_rooms.items(), self._now_ms()
+                    db,
+                    step.rows.values(),
+                    step.outbox,
+                    step.new_rooms.items(),
+                    self._now_ms(),
+                    step.relayed,
                 )
         except KakehashiError:
             await self.load()  # memory must not run ahead of disk

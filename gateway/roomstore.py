@@ -11,6 +11,9 @@ sender reads its peer's oldest rows, and deletes them only after the peer has
 acknowledged the batch, which it does only after committing it. So an envelope
 stays queued across crashes until its receiver has it.
 
+A relay that is not a member of a room keeps what it forwards for that room in
+`relayed` (verified, never part of a timeline); outbox rows point at either table.
+
 All writes of one processing step (envelope rows, status changes, outbox rows)
 happen in one transaction: a crash leaves the step wholly done or not at all.
 """
@@ -125,8 +128,18 @@ class RoomStore:
         outbox: Iterable[tuple[str, bytes]],
         new_rooms: Iterable[tuple[str, str]],
         now_ms: int,
+        relayed: Iterable[Envelope] = (),
     ) -> None:
-        """Inside a caller's transaction: envelope rows (insert or status update), outbox, rooms."""
+        """Inside a caller's transaction: envelope rows (insert or status update), copies
+        kept only to forward (`relayed`), outbox rows, rooms."""
+        await db.executemany(
+            "INSERT INTO relayed (id, room_id, origin, seq, wire, received_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            [
+                (e.id, e.content.room, e.content.origin, e.content.seq, e.to_bytes(), now_ms)
+                for e in relayed
+            ],
+        )
         await db.executemany(
             "INSERT INTO room (room_id, home, joined_at) VALUES (?, ?, ?) "
             "ON CONFLICT (room_id) DO NOTHING",
@@ -165,17 +178,22 @@ class RoomStore:
         wires: list[bytes] = []
         total, last = 0, 0
         async with self._db.execute(
-            "SELECT o.pos, e.wire FROM outbox o JOIN envelope e ON e.id = o.envelope_id "
+            "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
+            "LEFT JOIN envelope e ON e.id = o.envelope_id "
+            "LEFT JOIN relayed r ON r.id = o.envelope_id "
             "WHERE o.peer = ? ORDER BY o.pos LIMIT ?",
             (peer, max_count),
         ) as cursor:
             async for pos, wire in cursor:
+                if wire is None:
+                    last = pos  # its envelope is gone (not while envelopes are never deleted)
+                    continue
                 if wires and total + len(wire) > max_bytes:
                     break
+                last = pos
                 wires.append(bytes(wire))
                 total += len(wire)
-                last = pos
-        return OutboxBatch(last_pos=last, wires=wires) if wires else None
+        return OutboxBatch(last_pos=last, wires=wires) if last else None
 
     async def outbox_ack(self, peer: str, last_pos: int) -> None:
         # Not fsynced: losing this delete on a power cut only re-sends a batch the peer

@@ -87,6 +87,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX outbox_peer ON outbox (peer, pos);
     """,
+    """
+    CREATE TABLE relayed (
+        id BLOB PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        wire BLOB NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    """,
 )
 
 

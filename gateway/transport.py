@@ -61,7 +61,7 @@ OPEN_ROUTES = frozenset({f"{FEDERATION_PREFIX}/ca", f"{FEDERATION_PREFIX}/join"}
 MAX_REQUEST_BYTES = 1024 * 1024
 # Envelope batches may be larger (a sender bounds them at 4 MiB of envelopes).
 MAX_BATCH_REQUEST_BYTES = 8 * 1024 * 1024
-LARGE_ROUTES = frozenset({f"{FEDERATION_PREFIX}/envelopes"})
+LARGE_ROUTES = frozenset({f"{FEDERATION_PREFIX}/envelopes", f"{FEDERATION_PREFIX}/relay"})
 
 log = structlog.get_logger("kakehashi.transport")
 

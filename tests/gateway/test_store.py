@@ -59,6 +59,7 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "meta",
             "outbox",
             "peer_health",
+            "relayed",
             "room",
             "roster",
         ]
