@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Reinstall when the project's dependencies change.
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench lint chaos clean install
+.PHONY: demo test bench lint chaos clean install segments
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# The system tests build network namespaces with `ip` (iproute2); as root on Debian,
+# install it when missing. Without it (or root) they skip with the reason, or fail on CI.
 test: $(STAMP)
+	@command -v ip >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || true
 	$(BIN)/python -m pytest -q
+
+# A relay deployment across LGWAN and Internet network namespaces (needs root).
+segments: $(STAMP)
+	$(BIN)/python -m examples.segments.run
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
@@ -37,4 +45,4 @@ lint: $(STAMP)
 	$(BIN)/mypy --strict federation gateway
 
 clean:
-	rm -rf $(VENV) .demo test-artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .segments test-artifacts .pytest_cache .mypy_cache .ruff_cache

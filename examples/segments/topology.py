@@ -79,7 +79,7 @@ _counter = itertools.count()
 
 
 class TopologyError(RuntimeError):
-    """An `ip` (or `sysctl`) command failed; carries the command and what it printed."""
+    """An `ip` command failed; carries the command and what it printed."""
 
     def __init__(self, command: Sequence[str], stderr: str) -> None:
         self.command = tuple(command)
@@ -335,7 +335,8 @@ class Topology:
         made.append(ns)
         _ip("-n", ns, "link", "set", "lo", "up")
         # New namespaces start with forwarding off; say so rather than rely on it.
-        _run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        # Through /proc rather than `sysctl`, which a minimal Debian base does not have.
+        _run(["ip", "netns", "exec", ns, "sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"])
         return ns
 
     def _add_link(self, node: str, segment: str) -> None:

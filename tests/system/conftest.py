@@ -47,8 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
-@pytest.fixture
-def netns_available() -> None:
+def require_namespaces() -> None:
     """Skip (or fail on CI) when network namespaces cannot be made here."""
     reason = Topology.available()
     if reason is None:
@@ -56,6 +55,12 @@ def netns_available() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"system tests must run on CI, but: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def netns_available() -> None:
+    """Skip (or fail on CI) when network namespaces cannot be made here."""
+    require_namespaces()
 
 
 @pytest.fixture
