@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -346,7 +346,8 @@ class Cluster:
     def home(self, node_id: str) -> Home:
         return Home(self.root / node_id)
 
-    def _init(self, node_id: str, name: str) -> None:
+    def _init(self, node_id: str, name: str, segments: Sequence[str] = ()) -> None:
+        port = free_port()
         asyncio.run(
             init_home(
                 self.home(node_id),
@@ -354,14 +355,26 @@ class Cluster:
                 name=name,
                 code=None,
                 listen_host="127.0.0.1",
-                listen_port=free_port(),
-                segments={},
+                listen_port=port,
+                segments={segment: f"https://127.0.0.1:{port}" for segment in segments},
             )
         )
 
-    def form(self, authority: str, members: Sequence[str], *, start_members: bool = True) -> None:
-        """Authority: init, create, run. Members: init, invite, join (then run them all)."""
-        self._init(authority, authority)
+    def form(
+        self,
+        authority: str,
+        members: Sequence[str],
+        *,
+        start_members: bool = True,
+        segments: Mapping[str, Sequence[str]] | None = None,
+        relays: Sequence[str] = (),
+    ) -> None:
+        """Authority: init, create, run. Members: init, invite, join (then run them all).
+
+        `segments` names each node's (simulated) segments; on loopback only routing
+        sees them. `relays` are flagged as relays (the authority too)."""
+        segments = segments or {}
+        self._init(authority, authority, segments.get(authority, ()))
         asyncio.run(create_federation(self.home(authority), name="bench federation"))
         self.authority_id = authority
         self.workers[authority] = Worker(
@@ -370,14 +383,17 @@ class Cluster:
         self.workers[authority].start()
         admin = self.workers[authority].admin
         for index, node_id in enumerate(members):
-            self._init(node_id, node_id)
-            token = admin.request("POST", "/v1/peers/invite", {"node_id": node_id})["token"]
+            self._init(node_id, node_id, segments.get(node_id, ()))
+            invite = {"node_id": node_id, "relay": node_id in relays}
+            token = admin.request("POST", "/v1/peers/invite", invite)["token"]
             asyncio.run(join_federation(self.home(node_id), token))
             self.workers[node_id] = Worker(
                 node_id, self.home(node_id), self.logs, ids=self.ids, trace=self.trace
             )
             if len(members) > 5 and (index + 1) % 10 == 0:
                 progress(f"{index + 1}/{len(members)} members joined")
+        if authority in relays:
+            admin.request("POST", "/v1/peers/update", {"node_id": authority, "relay": True})
         if start_members:
             self.start(members)
 

@@ -20,6 +20,12 @@ core does of encode + Merkle + verify with no I/O.
 - catchup_eps: B stopped, messages sent on A, B started; messages over the time
   from B having started (serving) to B's commit of the last. Baseline: the
   one-core pipeline rate.
+- relay_throughput_eps / relay_throughput_ratio / relay_added_latency_p50_ms:
+  four processes, a relay R on two segments, A and C on one, B on the other. A
+  sends to C directly and to B through R (not a room member: verify, store,
+  forward). Throughput as above; latency one message at a time (closed loop),
+  A's post to the receiver's commit. Baseline: the direct A -> C figures from the
+  same processes in the same run.
 - outbox_1m_rss_mb: messages sent on A to a room with B, which is down (never
   started), so they all stay queued in B's outbox; the figure is A's peak RSS
   (VmHWM) while it queues them and after a restart with them queued. Baseline:
@@ -63,6 +69,7 @@ class Sizes:
     fanout_messages: int = 50
     catchup: int = 100_000
     outbox: int = 1_000_000
+    relay: int = 30_000
 
 
 FULL = Sizes()
@@ -73,6 +80,7 @@ QUICK = Sizes(
     fanout_messages=10,
     catchup=10_000,
     outbox=100_000,
+    relay=5_000,
 )
 
 
@@ -559,10 +567,100 @@ def outbox_rss(sizes: Sizes, base: Baselines, prof: Profiler) -> list[dict[str, 
             cluster.stop_all()
 
 
+def _closed_loop(a: Worker, to: Worker, room: str, count: int, tag: str) -> list[float]:
+    """One message at a time from `a`, the next after `to` committed it: ms each."""
+    samples = []
+    for index in range(count + 10):
+        issued = time.monotonic()
+        prefix = _send(a, room, [baseline.text(f"{tag}-{index}")])[0][:16]
+        at = to.wait_ids([prefix], 30.0).get(prefix)
+        if at is None:
+            raise NodeFailed(f"{tag}: message {index} did not reach {to.node_id}")
+        if index >= 10:
+            samples.append((at - issued) * 1000)
+    return samples
+
+
+def _throughput(a: Worker, to: Worker, room: str, count: int, chunk: int, tag: str) -> float:
+    """Messages per second from the first post to `a` to `to`'s commit of the last."""
+    before = to.count
+    started = time.monotonic()
+    send_many(a, room, count, chunk, tag, label=tag)
+    done_at = to.wait_count_alive(before + count, _timeout_for(count), tag)
+    if done_at is None:
+        raise NodeFailed(f"{tag}: only {to.count - before:,} of {count:,} reached {to.node_id}")
+    return count / (done_at - started)
+
+
+def relay(sizes: Sizes, base: Baselines, prof: Profiler) -> list[dict[str, Any]]:
+    """Through one relay between two segments, beside direct delivery in the same cluster.
+
+    R (authority and relay) sits on both segments, A and C on `lgwan`, B on
+    `internet`. A sends to C directly (they share `lgwan`) and to B through R, which
+    is not a member of that room: it verifies, stores and forwards only. Same
+    processes, same run: the direct figure is the baseline.
+    """
+    relay_id, a_id, b_id, c_id = "mie-pref", "tsu", "ise", "kameyama"
+    count = sizes.relay
+    with workdir() as tmp:
+        cluster = Cluster(Path(tmp), ids=True, trace=prof.enabled)
+        progress(
+            f"forming {relay_id} (relay; lgwan+internet), {a_id} and {c_id} (lgwan), "
+            f"{b_id} (internet)"
+        )
+        cluster.form(
+            relay_id,
+            [a_id, b_id, c_id],
+            segments={
+                relay_id: ("internet", "lgwan"),
+                a_id: ("lgwan",),
+                c_id: ("lgwan",),
+                b_id: ("internet",),
+            },
+            relays=(relay_id,),
+        )
+        try:
+            a, b, c = cluster.workers[a_id], cluster.workers[b_id], cluster.workers[c_id]
+            direct_room = cluster.create_room(a_id, [c_id])
+            relayed_room = cluster.create_room(a_id, [b_id])
+            route = a.admin.request("GET", f"/v1/route?node_id={b_id}")["route"]
+            if route is None or route["path"] != [relay_id, b_id]:
+                raise NodeFailed(f"{a_id} -> {b_id} is not routed through {relay_id}: {route}")
+            progress(f"relay latency: one message at a time, {a_id} -> {c_id} direct, then via")
+            direct_ms = _closed_loop(a, c, direct_room, 200, "lat-direct")
+            relayed_ms = _closed_loop(a, b, relayed_room, 200, "lat-relay")
+            progress(
+                f"relay latency p50/p99 ms: direct {statistics.median(direct_ms):.2f}/"
+                f"{percentile(direct_ms, 0.99):.2f}, via {relay_id} "
+                f"{statistics.median(relayed_ms):.2f}/{percentile(relayed_ms, 0.99):.2f}"
+            )
+            progress(f"relay throughput: {count:,} messages {a_id} -> {c_id} (direct)")
+            direct_eps = _throughput(a, c, direct_room, count, sizes.chunk, "tp-direct")
+            progress(f"relay throughput: {count:,} messages {a_id} -> {b_id} via {relay_id}")
+            meter = CpuMeter([a, cluster.workers[relay_id], b])
+            relayed_eps = _throughput(a, b, relayed_room, count, sizes.chunk, "tp-relay")
+            meter.report("relay_throughput")
+            progress(
+                f"relay throughput: direct {direct_eps:,.0f}/s, via {relay_id} {relayed_eps:,.0f}/s"
+            )
+            added = statistics.median(relayed_ms) - statistics.median(direct_ms)
+            return [
+                result("relay_throughput_eps", relayed_eps, "1/s", direct_eps),
+                result("relay_throughput_ratio", relayed_eps / direct_eps, "ratio", 1.0),
+                result("relay_added_latency_p50_ms", added, "ms", statistics.median(direct_ms)),
+            ]
+        finally:
+            cluster.stop_all()
+
+
 FIGURES: dict[str, tuple[tuple[str, ...], Callable[[Sizes, Baselines, Profiler], list[Any]]]] = {
     "two_node_throughput": (("two_node_throughput_eps",), two_node_throughput),
     "one_hop_latency": (("one_hop_latency_p50_ms", "one_hop_latency_p99_ms"), one_hop_latency),
     "fanout30": (("fanout30_p99_ms",), fanout),
     "catchup": (("catchup_eps",), catchup),
     "outbox_rss": (("outbox_1m_rss_mb",), outbox_rss),
+    "relay": (
+        ("relay_throughput_eps", "relay_throughput_ratio", "relay_added_latency_p50_ms"),
+        relay,
+    ),
 }
