@@ -192,3 +192,56 @@ async def test_route_command_explains_the_path(cluster: Cluster) -> None:
     out, err = await asyncio.wait_for(process.communicate(), timeout=60)
     assert process.returncode != 0
     assert "nosuch" in (out + err).decode()
+
+
+async def test_two_relays_in_a_row_carry_a_room_across_three_segments(cluster: Cluster) -> None:
+    pref = await cluster.authority(segments=("lgwan",))
+    tsu = await cluster.member("tsu", "津市", "242012", segments=("lgwan",))
+    await cluster.member("nabari", "名張市", "242080", segments=("dmz", "lgwan"), relay=True)
+    await cluster.member("owase", "尾鷲市", "242098", segments=("dmz", "internet"), relay=True)
+    ise = await cluster.member("ise", "伊勢市", "242039", segments=("internet",))
+    version = pref.roster.version
+    await eventually(lambda: all(n.roster.version == version for n in cluster.nodes.values()))
+    route = tsu.route("ise")
+    assert route is not None and route.path == ("nabari", "owase", "ise")
+    room = await tsu.rooms.create("南北連携", nodes=["ise"])
+    await eventually(lambda: ise.rooms.state(room) is not None)
+    await ise.rooms.send(room, [f"伊勢 {i}" for i in range(30)])
+    await tsu.rooms.send(room, [f"津 {i}" for i in range(30)])
+    await eventually(lambda: tsu.rooms.vector(room) == {"tsu": 31, "ise": 30})
+    await eventually(lambda: ise.rooms.vector(room) == {"tsu": 31, "ise": 30})
+    assert await texts(tsu, room) == await texts(ise, room)
+
+
+async def test_peer_update_flags_a_relay_and_refuses_bad_requests(cluster: Cluster) -> None:
+    nodes = await segmented(cluster)
+    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+    home = str(nodes["mie-pref"].home.root)
+
+    async def run(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            KAKEHASHI,
+            *args,
+            "--home",
+            home,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        assert process.returncode is not None
+        return process.returncode, (out + err).decode()
+
+    code, out = await run("peer", "update", "kameyama", "--relay", "--json")
+    assert code == 0, out
+    assert json.loads(out)["relay"] is True
+    version = nodes["mie-pref"].roster.version
+    await eventually(lambda: all(n.roster.version == version for n in nodes.values()))
+    entry = nodes["ise"].roster.member("kameyama")
+    assert entry is not None and entry.relay
+    code, out = await run("peer", "update", "kameyama")
+    assert code == 2 and "nothing to change" in out
+    code, out = await run("peer", "update", "nosuch", "--relay")
+    assert code == 1 and "unknown_peer" in out
+    code, out = await run("peer", "update", "ise", "--segment", "internet=ftp://x")
+    assert code == 1 and "https" in out
