@@ -46,8 +46,12 @@ __all__ = [
     "RosterEntry",
     "SignedRoster",
     "check_update",
+    "key_proof_message",
+    "rotation_chain",
     "sign_roster",
     "verify_roster",
+    "with_certificate",
+    "with_signing_key",
 ]
 
 ROSTER_FORMAT = 1
@@ -172,6 +176,11 @@ class RosterEntry:
     """Whether the node relays envelopes between segments."""
     joined_at: int = 0
     """Unix seconds when the node joined."""
+    previous_tls_fingerprint: bytes | None = None
+    """The certificate being replaced by a rotation, still accepted until
+    `previous_tls_until` so connections open during the switch keep working."""
+    previous_tls_until: int = 0
+    """Unix seconds until which the previous certificate is accepted."""
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
@@ -186,7 +195,22 @@ class RosterEntry:
         segments = [endpoint.segment for endpoint in self.endpoints]
         if segments != sorted(set(segments)):
             raise ProtocolError("endpoints must be unique and sorted by segment", code="bad_roster")
+        if self.previous_tls_fingerprint is not None and (
+            len(self.previous_tls_fingerprint) != 32
+            or self.previous_tls_fingerprint == self.tls_fingerprint
+        ):
+            raise ProtocolError(
+                "previous TLS fingerprint must be 32 bytes and differ from the current",
+                code="bad_roster",
+            )
         object.__setattr__(self, "status", MemberStatus(self.status))
+
+    def certificates(self, now: int) -> tuple[bytes, ...]:
+        """Fingerprints of the TLS certificates this member may present at `now`:
+        the current one, and during a rotation's overlap the one it replaces."""
+        if self.previous_tls_fingerprint is not None and now <= self.previous_tls_until:
+            return (self.tls_fingerprint, self.previous_tls_fingerprint)
+        return (self.tls_fingerprint,)
 
     @property
     def active(self) -> bool:
@@ -207,7 +231,7 @@ class RosterEntry:
         return next((k for k in self.signing_keys if k.key_id == kid), None)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "node_id": self.node_id,
             "name": self.name,
             "code": self.code,
@@ -220,6 +244,13 @@ class RosterEntry:
             "relay": self.relay,
             "joined_at": self.joined_at,
         }
+        if self.previous_tls_fingerprint is not None:
+            # Present only during a rotation, so rosters without one encode as before.
+            wire["previous_tls"] = {
+                "fingerprint": self.previous_tls_fingerprint,
+                "until": self.previous_tls_until,
+            }
+        return wire
 
     @classmethod
     def from_wire(cls, raw: Any) -> RosterEntry:
@@ -231,6 +262,9 @@ class RosterEntry:
         status = _require(raw, "status", str)
         if status not in MemberStatus.__members__.values():
             raise ProtocolError(f"unknown member status {status!r}", code="bad_roster")
+        previous = raw.get("previous_tls")
+        if previous is not None and not isinstance(previous, dict):
+            raise ProtocolError("roster field 'previous_tls' must be a map", code="bad_roster")
         return cls(
             node_id=_require(raw, "node_id", str),
             name=_require(raw, "name", str),
@@ -245,6 +279,10 @@ class RosterEntry:
             status_since=_require(raw, "status_since", int),
             relay=_require(raw, "relay", bool),
             joined_at=_require(raw, "joined_at", int),
+            previous_tls_fingerprint=None
+            if previous is None
+            else _require(previous, "fingerprint", bytes),
+            previous_tls_until=0 if previous is None else _require(previous, "until", int),
         )
 
 
@@ -274,7 +312,13 @@ class Roster:
     def __post_init__(self) -> None:
         # Indexes for the per-request and per-envelope lookups (derived, not compared).
         object.__setattr__(self, "_by_id", {m.node_id: m for m in self.members})
-        object.__setattr__(self, "_by_fingerprint", {m.tls_fingerprint: m for m in self.members})
+        by_fingerprint = {
+            m.previous_tls_fingerprint: m
+            for m in self.members
+            if m.previous_tls_fingerprint is not None
+        }
+        by_fingerprint.update({m.tls_fingerprint: m for m in self.members})
+        object.__setattr__(self, "_by_fingerprint", by_fingerprint)
         check_federation_id(self.federation_id)
         check_node_id(self.authority)
         if self.version < 1:
@@ -307,7 +351,8 @@ class Roster:
         return entry
 
     def by_fingerprint(self, fingerprint: bytes) -> RosterEntry | None:
-        """The member whose current TLS certificate has this fingerprint."""
+        """The member whose current TLS certificate, or the one a rotation is replacing,
+        has this fingerprint (check `RosterEntry.certificates(now)` for the overlap)."""
         return self._by_fingerprint.get(fingerprint)
 
     def next_version(self, *, issued_at: int, members: Iterable[RosterEntry]) -> Roster:
@@ -469,3 +514,61 @@ def check_update(current: Roster, candidate: SignedRoster) -> RosterChange:
         status_changed=status_changed,
         rekeyed=rekeyed,
     )
+
+
+# key lifecycle ----------------------------------------------------------------
+
+
+def with_certificate(
+    entry: RosterEntry, fingerprint: bytes, *, now: int, overlap: int
+) -> RosterEntry:
+    """`entry` after a certificate rotation: `fingerprint` is current, the replaced one
+    stays accepted for `overlap` seconds (connections open during the switch go on)."""
+    if fingerprint == entry.tls_fingerprint:
+        raise TrustError("the new certificate is the current one", code="same_certificate")
+    return replace(
+        entry,
+        tls_fingerprint=fingerprint,
+        previous_tls_fingerprint=entry.tls_fingerprint,
+        previous_tls_until=now + overlap,
+    )
+
+
+def with_signing_key(
+    entry: RosterEntry, public_key: bytes, *, now: int, overlap: int
+) -> RosterEntry:
+    """`entry` with a new current signing key from `now`; every key still open gets
+    `now + overlap` as its end, so envelopes it signed before then keep verifying
+    (their windows are kept: old history verifies forever)."""
+    if any(key.public_key == public_key for key in entry.signing_keys):
+        raise TrustError("this signing key was published before", code="key_reused")
+    closed = tuple(
+        key if key.not_after is not None else replace(key, not_after=now + overlap)
+        for key in entry.signing_keys
+    )
+    return replace(
+        entry, signing_keys=(*closed, PublishedKey(public_key=public_key, not_before=now))
+    )
+
+
+def key_proof_message(federation_id: str, node_id: str, public_key: bytes) -> bytes:
+    """What a node signs with a new signing key to prove it holds it."""
+    return codec.encode(
+        {"federation": federation_id, "node": node_id, "purpose": "signing-key", "key": public_key}
+    )
+
+
+def rotation_chain(held: Roster, rosters: Iterable[SignedRoster]) -> list[SignedRoster]:
+    """From stored roster versions (any order), the ones a node holding `held` needs to
+    reach the newest when the federation key changed meanwhile: each version that
+    names a new federation key (signed by the key before it), then the newest."""
+    ordered = sorted((r for r in rosters if r.version > held.version), key=lambda r: r.version)
+    chain: list[SignedRoster] = []
+    key = held.federation_key
+    for signed in ordered:
+        if signed.roster.federation_key != key:
+            chain.append(signed)
+            key = signed.roster.federation_key
+    if ordered and (not chain or chain[-1] is not ordered[-1]):
+        chain.append(ordered[-1])
+    return chain

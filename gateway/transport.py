@@ -20,6 +20,8 @@ Every request and response carries the sender's roster version
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -112,6 +114,9 @@ class FederationService(Protocol):
     def record_refusal(self, reason: str, **fields: Any) -> None:
         """Count and log a refused peer request."""
 
+    def now(self) -> float:
+        """Unix seconds (the node's clock)."""
+
 
 def _peer_certificate(request: web.Request) -> bytes | None:
     transport = request.transport
@@ -186,6 +191,16 @@ async def _check_peer(request: web.Request, service: FederationService) -> web.R
         # A node that joined after our roster was fetched: catch up, then look again.
         await service.roster_hint(version, None)
         entry = service.roster.by_fingerprint(fingerprint)
+    if entry is not None and fingerprint not in entry.certificates(int(service.now())):
+        service.record_refusal(
+            "certificate_replaced", remote=remote, peer=entry.node_id, claimed=claimed
+        )
+        return _refusal(
+            403,
+            "certificate_replaced",
+            f"this certificate of {entry.node_id!r} was replaced by a rotation",
+            "the node must use the certificate the roster publishes for it",
+        )
     if entry is None or entry.node_id != claimed:
         service.record_refusal(
             "unknown_certificate",
@@ -207,6 +222,23 @@ async def _check_peer(request: web.Request, service: FederationService) -> web.R
     if version > service.roster.version:
         await service.roster_hint(version, entry)
     return None
+
+
+class AnyFingerprint(aiohttp.Fingerprint):
+    """A pin that accepts any of a peer's published certificates (two during a rotation)."""
+
+    def __init__(self, fingerprints: tuple[bytes, ...]) -> None:
+        super().__init__(fingerprints[0])
+        self._accepted = frozenset(fingerprints)
+
+    def check(self, transport: asyncio.Transport) -> None:
+        if not transport.get_extra_info("sslcontext"):
+            return
+        der = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        got = hashlib.sha256(der).digest()
+        if got not in self._accepted:
+            host, port, *_ = transport.get_extra_info("peername")
+            raise aiohttp.ServerFingerprintMismatch(self.fingerprint, got, host, port)
 
 
 class PinnedConnector(aiohttp.TCPConnector):
@@ -248,7 +280,9 @@ class PeerClient:
         roster_version: Callable[[], int],
         timeout: float,
         segments: tuple[str, ...] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock
         self._session = aiohttp.ClientSession(
             connector=PinnedConnector(context, limit_per_host=8, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
@@ -257,13 +291,14 @@ class PeerClient:
         self._roster_version = roster_version
         self._segments = segments
         # aiohttp pools connections by a key that includes the Fingerprint object, which
-        # compares by identity: one object per certificate, or every request handshakes anew.
-        self._pins: dict[bytes, aiohttp.Fingerprint] = {}
+        # compares by identity: one object per set of certificates, or every request
+        # handshakes anew.
+        self._pins: dict[tuple[bytes, ...], AnyFingerprint] = {}
 
-    def _pin(self, fingerprint: bytes) -> aiohttp.Fingerprint:
-        pin = self._pins.get(fingerprint)
+    def _pin(self, fingerprints: tuple[bytes, ...]) -> AnyFingerprint:
+        pin = self._pins.get(fingerprints)
         if pin is None:
-            pin = self._pins[fingerprint] = aiohttp.Fingerprint(fingerprint)
+            pin = self._pins[fingerprints] = AnyFingerprint(fingerprints)
         return pin
 
     def endpoint_for(self, peer: RosterEntry) -> str:
@@ -290,7 +325,7 @@ class PeerClient:
                 url,
                 data=body,
                 headers=headers,
-                ssl=self._pin(peer.tls_fingerprint),
+                ssl=self._pin(peer.certificates(int(self._clock()))),
             ) as response:
                 payload = await response.read()
                 status = response.status

@@ -61,6 +61,8 @@ def roster(federation_key: SigningKey) -> Roster:
         signing_keys=(PublishedKey(public_key=SigningKey.generate().public_raw, not_before=1),),
         tls_fingerprint=bytes(range(32)),
         joined_at=1,
+        previous_tls_fingerprint=bytes(range(1, 33)),  # a certificate rotation in progress
+        previous_tls_until=1_790_086_400,
     )
     authority = RosterEntry(
         node_id="mie-pref",
@@ -89,6 +91,7 @@ def test_roster_and_signed_roster_match_their_schemas(federation_key: SigningKey
     assert outer["kid"] == federation_key.key_id
     body = validate("roster", signed.body)
     assert [m["node_id"] for m in body["members"]] == ["mie-pref", "tsu"]
+    assert "previous_tls" in body["members"][1] and "previous_tls" not in body["members"][0]
 
 
 def test_roster_schema_rejects_an_unknown_member_status(federation_key: SigningKey) -> None:

@@ -22,10 +22,14 @@ from federation.roster import (
     RosterEntry,
     SignedRoster,
     check_update,
+    key_proof_message,
+    rotation_chain,
     sign_roster,
     verify_roster,
+    with_certificate,
+    with_signing_key,
 )
-from federation.signing import SigningKey
+from federation.signing import SigningKey, verify_signature
 
 FEDERATION_ID = "mie-renkei-7f3a"
 T0 = 1_700_000_000  # 2023-11-14, a fixed instant; nothing here reads the clock
@@ -630,3 +634,78 @@ def test_roster_with_a_required_field_removed_is_refused(path: tuple[Any, ...]) 
         return
     with pytest.raises(ProtocolError):
         Roster.from_bytes(codec.encode(wire))
+
+
+# --------------------------------------------------------------------------- key lifecycle
+
+
+def test_certificate_rotation_accepts_the_replaced_one_only_during_the_overlap() -> None:
+    tsu = member("tsu", seed=2)
+    rotated = with_certificate(tsu, fingerprint("tsu-cert-2"), now=T0 + 10, overlap=3600)
+    assert rotated.certificates(T0 + 10) == (fingerprint("tsu-cert-2"), fingerprint("tsu-cert-1"))
+    assert len(rotated.certificates(T0 + 3610)) == 2  # the last second of the overlap
+    assert rotated.certificates(T0 + 3611) == (fingerprint("tsu-cert-2"),)
+    roster = make_roster(2, [*founding_members()[:1], rotated, *founding_members()[2:]])
+    assert roster.by_fingerprint(fingerprint("tsu-cert-1")) == rotated
+    assert roster.by_fingerprint(fingerprint("tsu-cert-2")) == rotated
+    with pytest.raises(TrustError) as same:
+        with_certificate(rotated, fingerprint("tsu-cert-2"), now=T0, overlap=1)
+    assert same.value.code == "same_certificate"
+
+
+def test_a_rotation_in_progress_survives_the_wire_and_a_plain_entry_encodes_as_before() -> None:
+    plain = member("tsu", seed=2)
+    assert "previous_tls" not in plain.to_wire()
+    rotated = with_certificate(plain, fingerprint("tsu-cert-2"), now=T0, overlap=60)
+    roster = make_roster(2, [rotated, member("mie-pref", seed=1)])
+    again = Roster.from_bytes(roster.to_bytes())
+    assert again == roster
+    assert again.member("tsu") == rotated
+
+
+def test_signing_key_rotation_closes_open_windows_and_keeps_history() -> None:
+    tsu = member("tsu", seed=2)
+    once = with_signing_key(tsu, public_key(20), now=T0 + 100, overlap=50)
+    first, second = once.signing_keys
+    assert (first.not_before, first.not_after) == (T0, T0 + 150)
+    assert (second.not_before, second.not_after) == (T0 + 100, None)
+    assert first.valid_at(T0 + 99) and first.valid_at(T0 + 150) and not first.valid_at(T0 + 151)
+    twice = with_signing_key(once, public_key(21), now=T0 + 1000, overlap=50)
+    assert twice.signing_keys[0] == first  # an old window is never reopened or moved
+    assert twice.signing_keys[1].not_after == T0 + 1050
+    with pytest.raises(TrustError) as reused:
+        with_signing_key(twice, public_key(2), now=T0 + 2000, overlap=50)
+    assert reused.value.code == "key_reused"
+
+
+def test_key_proof_binds_federation_node_and_key() -> None:
+    key = signing_key(30)
+    proof = key.sign(key_proof_message(FEDERATION_ID, "tsu", key.public_raw))
+    verify_signature(key.public_raw, proof, key_proof_message(FEDERATION_ID, "tsu", key.public_raw))
+    for federation, node in (("other-fed-1a2b", "tsu"), (FEDERATION_ID, "ise")):
+        with pytest.raises(TrustError):
+            verify_signature(
+                key.public_raw, proof, key_proof_message(federation, node, key.public_raw)
+            )
+
+
+def test_rotation_chain_lets_a_node_follow_every_federation_key_change() -> None:
+    k0, k1, k2 = FEDERATION_KEY, OTHER_KEY, signing_key(102)
+    v1 = make_roster(1)
+    signed: list[SignedRoster] = [sign_roster(v1, k0)]
+    keys_by_version = {1: k0, 2: k0, 3: k1, 4: k1, 5: k2, 6: k2}
+    for version in range(2, 7):
+        announced = keys_by_version.get(version + 1, keys_by_version[version])
+        roster = replace(make_roster(version), federation_key=announced.public_raw)
+        signed.append(sign_roster(roster, keys_by_version[version]))
+    # v2 names k1 (signed by k0), v4 names k2 (signed by k1), v6 is the newest.
+    chain = rotation_chain(v1, reversed(signed))
+    assert [s.version for s in chain] == [2, 4, 6]
+    held = v1
+    for step in chain:
+        check_update(held, step)
+        held = step.roster
+    assert held.version == 6
+    # Without the chain, the newest cannot be checked against what v1 names.
+    assert refused_update(v1, signed[-1]).code == "bad_roster_signature"
+    assert rotation_chain(held, signed) == []
