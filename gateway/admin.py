@@ -160,6 +160,18 @@ def admin_app(node: Node) -> web.Application:
             }
         )
 
+    async def rotate_keys(request: web.Request) -> web.Response:
+        data = await body(request)
+        which = data.get("key")
+        rotations = {
+            "signing": node.keys.rotate_signing,
+            "tls": node.keys.rotate_tls,
+            "federation": node.keys.rotate_federation,
+        }
+        if which not in rotations:
+            raise ProtocolError("key must be signing, tls or federation", code="bad_request")
+        return web.json_response({"key": which, **await rotations[which]()})
+
     async def rooms(request: web.Request) -> web.Response:
         return web.json_response(await node.room_views())
 
@@ -212,6 +224,7 @@ def admin_app(node: Node) -> web.Application:
             web.post("/v1/peers/deny", deny),
             web.post("/v1/peers/status", set_status),
             web.post("/v1/peers/update", update_peer),
+            web.post("/v1/keys/rotate", rotate_keys),
             web.get("/v1/rooms", rooms),
             web.post("/v1/rooms", room_create),
             web.post("/v1/rooms/invite", room_invite),

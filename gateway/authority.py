@@ -14,12 +14,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
-from federation.errors import ConfigError, TrustError
+from federation.errors import ConfigError, ProtocolError, TrustError
 from federation.identity import check_node_id
 from federation.invites import (
     Approval,
@@ -43,9 +44,12 @@ from federation.roster import (
     Roster,
     RosterEntry,
     SignedRoster,
+    key_proof_message,
     sign_roster,
+    with_certificate,
+    with_signing_key,
 )
-from federation.signing import SigningKey
+from federation.signing import SigningKey, public_key_id, verify_signature
 
 from . import tls
 from .config import Home, NodeConfig
@@ -352,6 +356,93 @@ class Authority:
                 roster_version=version,
             )
             return self.roster
+
+    # key lifecycle ------------------------------------------------------------
+
+    async def renew_certificate(self, node_id: str, csr_pem: bytes, *, overlap: int) -> bytes:
+        """Issue a new certificate for an active member's new TLS key; the roster names it
+        current and keeps the replaced one accepted for `overlap` seconds. Returns PEM."""
+        async with self._lock:
+            entry = self.roster.active_member(node_id)
+            csr = tls.load_csr_pem(csr_pem)
+            now = self._now()
+            cert = tls.issue_node_certificate(
+                self._ca_key,
+                self._ca_cert,
+                csr,
+                node_id,
+                datetime.fromtimestamp(now, UTC),
+                days=self._config.certificate_days,
+            )
+            changed = with_certificate(entry, tls.fingerprint(cert), now=now, overlap=overlap)
+            version = await self._issue(changed, now)
+            log.info(
+                "certificate_renewed",
+                node=node_id,
+                fingerprint=changed.tls_fingerprint.hex()[:16],
+                expires=cert.not_valid_after_utc.isoformat(),
+                roster_version=version,
+            )
+            return tls.cert_to_pem(cert)
+
+    async def add_signing_key(
+        self, node_id: str, public_key: bytes, proof: bytes, *, overlap: int
+    ) -> int:
+        """Publish an active member's new signing key (it proved it holds it); the keys
+        before it stay valid for `overlap` seconds. Returns the roster version."""
+        async with self._lock:
+            entry = self.roster.active_member(node_id)
+            if len(public_key) != 32:
+                raise ProtocolError("a signing key is 32 bytes", code="bad_key")
+            try:
+                verify_signature(
+                    public_key,
+                    proof,
+                    key_proof_message(self.roster.federation_id, node_id, public_key),
+                )
+            except TrustError as exc:
+                raise TrustError(
+                    "the proof does not show the node holds the new key", code="bad_key_proof"
+                ) from exc
+            now = self._now()
+            changed = with_signing_key(entry, public_key, now=now, overlap=overlap)
+            version = await self._issue(changed, now)
+            log.info(
+                "signing_key_rotated",
+                node=node_id,
+                key_id=public_key_id(public_key),
+                overlap_s=overlap,
+                roster_version=version,
+            )
+            return version
+
+    async def rotate_federation_key(self, key_path: Path) -> int:
+        """Replace the federation key: the next roster version, signed by the old key,
+        names the new one; every later version is signed by the new key. The new key is
+        written to `key_path` (the old one kept beside it) before anything is published.
+        Returns the roster version that announced it."""
+        async with self._lock:
+            new_key = SigningKey.generate()
+            now = self._now()
+            announced = replace(
+                self.roster.next_version(issued_at=now, members=self.roster.members),
+                federation_key=new_key.public_raw,
+            )
+            signed = sign_roster(announced, self._federation_key)
+            old = key_path.with_name(f"{key_path.name}.{self._federation_key.key_id}")
+            tls.write_secret_file(old, self._federation_key.to_pem())
+            tls.write_secret_file(key_path, new_key.to_pem())
+            async with self._store.transaction() as db:
+                await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+            self._federation_key = new_key
+            await self._publish(signed)
+            log.info(
+                "federation_key_rotated",
+                key_id=new_key.key_id,
+                previous=old.name,
+                roster_version=signed.version,
+            )
+            return signed.version
 
     async def _issue(self, changed: RosterEntry, now: int) -> int:
         """Sign, store and publish the roster with `changed` in place of its member."""

@@ -425,6 +425,43 @@ def peer_list(home: str, as_json: bool) -> None:
     out.print(table)
 
 
+@cli.group()
+def keys() -> None:
+    """Rotate this node's keys through the authority (online, no downtime)."""
+
+
+@keys.command("rotate")
+@home_option
+@click.option("--signing", "which", flag_value="signing", help="The envelope signing key.")
+@click.option("--tls", "which", flag_value="tls", help="The TLS key and certificate.")
+@click.option(
+    "--federation", "which", flag_value="federation", help="The federation key (authority only)."
+)
+@json_option
+def keys_rotate(home: str, which: str | None, as_json: bool) -> None:
+    """Replace a key. The old one stays valid for an overlap (signing: 7 days, so what it
+    signed keeps verifying forever; TLS: 1 day), and every node learns the new one
+    from the roster within seconds. Nodes offline during a federation key rotation
+    follow the chain of roster versions when they come back."""
+    if which is None:
+        raise click.UsageError("say which key: --signing, --tls or --federation")
+    data = _admin(home).request("POST", "/v1/keys/rotate", {"key": which})
+    if as_json:
+        _print_json(data)
+    elif which == "signing":
+        out.print(
+            f"signing key {data['key_id']} in use (was {data['previous']}); "
+            f"roster version {data['roster_version']}"
+        )
+    elif which == "tls":
+        out.print(
+            f"new certificate {data['fingerprint'][:16]}… valid until {data['expires']}; "
+            f"roster version {data['roster_version']}"
+        )
+    else:
+        out.print(f"federation key {data['key_id']}; roster version {data['roster_version']}")
+
+
 @cli.command("route")
 @home_option
 @click.argument("node_id")

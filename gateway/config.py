@@ -140,6 +140,9 @@ class NodeConfig:
     """debug, info, warning or error."""
     certificate_days: int = 365
     """Validity of node certificates this node issues (authority only)."""
+    renew_before_days: int = 30
+    """Renew this node's TLS certificate (through the authority) this many days before
+    it expires ([tls] renew_before_days)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections this version does not know, kept so a rewrite does not lose them."""
 
@@ -281,7 +284,15 @@ def load_config(home: Home) -> NodeConfig:
             "catch_up_interval_seconds positive",
             code="config_bad_field",
         )
-    known = {"node", "listen", "health", "log", "segments", "delivery"}
+    tls_table = raw.get("tls", {})
+    if not isinstance(tls_table, dict):
+        raise ConfigError(f"{path}: [tls] must be a table", code="config_bad_field")
+    renew_before = _optional(tls_table, "tls", "renew_before_days", int, path, 30)
+    if not 1 <= renew_before <= 365:
+        raise ConfigError(
+            f"{path}: field 'tls.renew_before_days' must be 1-365", code="config_bad_field"
+        )
+    known = {"node", "listen", "health", "log", "segments", "delivery", "tls"}
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -296,6 +307,7 @@ def load_config(home: Home) -> NodeConfig:
         retry_cap=float(retry_cap),
         catch_up_interval=float(catch_up),
         certificate_days=certificate_days,
+        renew_before_days=renew_before,
         extra={key: value for key, value in raw.items() if key not in known},
     )
 
@@ -320,6 +332,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["node"]["code"] = config.code
     if config.certificate_days != 365:
         document["node"]["certificate_days"] = config.certificate_days
+    if config.renew_before_days != 30:
+        document["tls"] = {"renew_before_days": config.renew_before_days}
     document.update(config.extra)
     header = "# Kakehashi node configuration. Restart the node after editing.\n"
     tmp = home.config.with_suffix(".tmp")

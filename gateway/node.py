@@ -33,6 +33,7 @@ from federation.roster import (
     RosterEntry,
     SignedRoster,
     check_update,
+    rotation_chain,
     verify_roster,
 )
 from federation.routing import Route, RouteExplanation, direct_peers, explain, plan
@@ -43,6 +44,7 @@ from .admin import admin_app, claim_admin_socket, serve_admin
 from .authority import Authority
 from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
+from .keys import KeyManager, KeySettings, recover_interrupted
 from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
@@ -70,6 +72,7 @@ class Node:
         self._rooms: RoomService | None = None
         self._outbox: Outbox | None = None
         self._catchup: CatchUp | None = None
+        self._keys: KeyManager | None = None
         self._runners: list[web.BaseRunner] = []
         self._sync_lock = asyncio.Lock()
         self._started_at = 0.0
@@ -117,6 +120,11 @@ class Node:
         return self._catchup
 
     @property
+    def keys(self) -> KeyManager:
+        assert self._keys is not None
+        return self._keys
+
+    @property
     def federation_port(self) -> int:
         """The port actually bound (useful when the config asks for port 0)."""
         for runner in self._runners:
@@ -147,10 +155,11 @@ class Node:
                 "`kakehashi federation join TOKEN`",
             )
         signed = SignedRoster.from_bytes(raw)
-        verify_roster(signed, signed.roster.federation_key)
+        await self._verify_held(signed)
+        recover_interrupted(self.home)
         me = signed.roster.member(self.node_id)
         certificate = tls.load_certificate_pem(self.home.tls_cert.read_bytes())
-        if me is None or me.tls_fingerprint != tls.fingerprint(certificate):
+        if me is None or tls.fingerprint(certificate) not in me.certificates(int(self.clock())):
             raise ConfigError(
                 "this node's certificate is not the one the roster publishes for it",
                 code="certificate_not_in_roster",
@@ -165,12 +174,23 @@ class Node:
                 publish=self.publish,
                 clock=self.clock,
             )
+        client_ssl = tls.client_context(self.home.tls_cert, self.home.tls_key, self.home.ca_cert)
+        server_ssl = tls.server_context(
+            self.home.tls_cert, self.home.tls_key, self.home.ca_cert, require_client_cert=False
+        )
+        self._keys = KeyManager(
+            self,
+            contexts=(client_ssl, server_ssl),
+            settings=KeySettings(renew_before_days=self.config.renew_before_days),
+            clock=self.clock,
+        )
         self._client = PeerClient(
-            tls.client_context(self.home.tls_cert, self.home.tls_key, self.home.ca_cert),
+            client_ssl,
             node_id=self.node_id,
             roster_version=lambda: self.roster.version,
             timeout=self.config.request_timeout,
             segments=tuple(e.segment for e in self.config.endpoints),
+            clock=self.clock,
         )
         try:
             signing = SigningKey.from_pem(self.home.signing_key.read_bytes())
@@ -215,9 +235,6 @@ class Node:
             on_peer_up=self._peer_up,
             direct=self.direct_peers,
         )
-        server_ssl = tls.server_context(
-            self.home.tls_cert, self.home.tls_key, self.home.ca_cert, require_client_cert=False
-        )
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
@@ -244,6 +261,7 @@ class Node:
         await self._monitor.start()
         await self._outbox.start()
         self._catchup.start()
+        self._keys.start()
         self._rooms.resume()
         self._started_at = self.clock()
         log.info(
@@ -259,7 +277,7 @@ class Node:
         """Stop everything this node started, in reverse order. Safe to call twice."""
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
-        for part in (self._catchup, self._outbox, self._monitor, self._rooms):
+        for part in (self._keys, self._catchup, self._outbox, self._monitor, self._rooms):
             if part is not None:
                 try:
                     await part.stop()
@@ -304,6 +322,40 @@ class Node:
             log.warning("own_status_changed", status=me.status.value, reason=me.status_reason)
         if change.joined:
             self.monitor.kick()
+        for node_id in change.status_changed:
+            entry = signed.roster.member(node_id)
+            if entry is not None and entry.active and self._outbox is not None:
+                # Resumed: what was kept for it goes now, not after the backoff.
+                self._outbox.retry_now(node_id)
+                self._outbox.wake(node_id)
+        return change
+
+    async def _verify_held(self, signed: SignedRoster) -> None:
+        """The stored roster is signed by the key its predecessor names (itself, unless it
+        announced a new federation key: then by the previous version's key)."""
+        try:
+            verify_roster(signed, signed.roster.federation_key)
+            return
+        except TrustError:
+            previous = await self.store.roster(signed.version - 1)
+            if previous is None:
+                raise
+        verify_roster(signed, SignedRoster.from_bytes(previous).roster.federation_key)
+
+    async def _adopt_chain(self, source: RosterEntry) -> RosterChange | None:
+        response = await self.client.request(
+            source, "GET", f"/roster/chain?after={self.roster.version}"
+        )
+        body = codec.decode_map(response.body, canonical=False)
+        rosters = body.get("rosters")
+        if not isinstance(rosters, list) or not rosters:
+            raise TrustError("the peer sent no roster chain", code="bad_roster_signature")
+        change = None
+        for raw in rosters:
+            if not isinstance(raw, bytes):
+                raise ProtocolError("a roster chain holds signed rosters", code="bad_roster")
+            change = await self.adopt(SignedRoster.from_bytes(raw)) or change
+        log.info("roster_chain_followed", versions=len(rosters), version=self.roster.version)
         return change
 
     async def publish(self, signed: SignedRoster) -> None:
@@ -329,7 +381,19 @@ class Node:
             for source in sources:
                 try:
                     response = await self.client.request(source, "GET", "/roster")
-                    change = await self.adopt(SignedRoster.from_bytes(response.body))
+                    try:
+                        change = await self.adopt(SignedRoster.from_bytes(response.body))
+                    except TrustError as exc:
+                        if exc.code != "bad_roster_signature":
+                            raise
+                        # The federation key may have changed while we were away: follow
+                        # the chain of versions that announced each new key. If the source
+                        # has no such chain, the roster was simply badly signed.
+                        try:
+                            change = await self._adopt_chain(source)
+                        except KakehashiError as chain_error:
+                            log.debug("roster_chain_failed", code=chain_error.code)
+                            raise exc from chain_error
                 except KakehashiError as exc:
                     log.warning(
                         "roster_sync_failed", source=source.node_id, code=exc.code, error=str(exc)
@@ -367,6 +431,9 @@ class Node:
             web.get(f"{FEDERATION_PREFIX}/ca", self._handle_ca),
             web.post(f"{FEDERATION_PREFIX}/join", self._handle_join),
             web.get(f"{FEDERATION_PREFIX}/roster", self._handle_roster),
+            web.get(f"{FEDERATION_PREFIX}/roster/chain", self._handle_roster_chain),
+            web.post(f"{FEDERATION_PREFIX}/keys/certificate", self._handle_new_certificate),
+            web.post(f"{FEDERATION_PREFIX}/keys/signing", self._handle_new_signing_key),
             web.post(f"{FEDERATION_PREFIX}/health", self._handle_health),
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
@@ -379,6 +446,9 @@ class Node:
             self._outbox.retry_now(peer)
         if self._catchup is not None:
             self._catchup.request(peer)
+
+    def now(self) -> float:
+        return self.clock()
 
     def record_refusal(self, reason: str, **fields: Any) -> None:
         self.refusals[reason] += 1
@@ -398,6 +468,51 @@ class Node:
 
     async def _handle_roster(self, request: web.Request) -> web.Response:
         return web.Response(body=self.signed_roster.to_bytes(), content_type=MSGPACK)
+
+    async def _handle_roster_chain(self, request: web.Request) -> web.Response:
+        """The stored versions a node holding version `after` needs to reach ours."""
+        try:
+            after = int(request.query.get("after", ""))
+        except ValueError as exc:
+            raise ProtocolError("chain needs ?after=VERSION", code="bad_request") from exc
+        held_raw = await self.store.roster(after)
+        if held_raw is None:
+            raise ProtocolError(f"this node does not hold roster version {after}", code="no_roster")
+        held = SignedRoster.from_bytes(held_raw).roster
+        stored = [SignedRoster.from_bytes(raw) for raw in await self.store.rosters_after(after)]
+        chain = rotation_chain(held, stored)
+        body = codec.encode_frame({"rosters": [signed.to_bytes() for signed in chain]})
+        return web.Response(body=body, content_type=MSGPACK)
+
+    def _authority_for(self, request: web.Request) -> Authority:
+        if self.authority is None:
+            raise TrustError("this node is not the federation authority", code="not_authority")
+        return self.authority
+
+    async def _handle_new_certificate(self, request: web.Request) -> web.Response:
+        """At the authority: a member renews its certificate (authenticated by the current)."""
+        authority = self._authority_for(request)
+        body = codec.decode_map(await request.read())
+        csr = body.get("csr")
+        if not isinstance(csr, bytes):
+            raise ProtocolError("a certificate request needs csr (PEM)", code="bad_request")
+        pem = await authority.renew_certificate(
+            request[PEER].node_id, csr, overlap=self.keys.settings.tls_overlap
+        )
+        answer = codec.encode({"certificate": pem, "roster_version": self.roster.version})
+        return web.Response(body=answer, content_type=MSGPACK)
+
+    async def _handle_new_signing_key(self, request: web.Request) -> web.Response:
+        """At the authority: a member publishes a new signing key it proves it holds."""
+        authority = self._authority_for(request)
+        body = codec.decode_map(await request.read())
+        key, proof = body.get("key"), body.get("proof")
+        if not isinstance(key, bytes) or not isinstance(proof, bytes):
+            raise ProtocolError("a signing key request needs key and proof", code="bad_request")
+        version = await authority.add_signing_key(
+            request[PEER].node_id, key, proof, overlap=self.keys.settings.signing_overlap
+        )
+        return web.Response(body=codec.encode({"roster_version": version}), content_type=MSGPACK)
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         codec.decode_map(await request.read())

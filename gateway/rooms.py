@@ -123,6 +123,15 @@ class RoomService:
     def store(self) -> RoomStore:
         return self._rooms
 
+    @property
+    def signing_key(self) -> SigningKey:
+        return self._key
+
+    async def set_signing_key(self, key: SigningKey) -> None:
+        """Sign from now on with `key` (after a rotation); batches being sealed finish first."""
+        async with self._lock:
+            self._key = key
+
     # loading -------------------------------------------------------------------
 
     async def load(self) -> None:

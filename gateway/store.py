@@ -283,6 +283,18 @@ class Store:
         row = await self._fetchone("SELECT signed FROM roster ORDER BY version DESC LIMIT 1")
         return bytes(row[0]) if row else None
 
+    async def roster(self, version: int) -> bytes | None:
+        """The stored signed roster of `version`, if this node holds it."""
+        row = await self._fetchone("SELECT signed FROM roster WHERE version = ?", (version,))
+        return bytes(row[0]) if row else None
+
+    async def rosters_after(self, version: int) -> list[bytes]:
+        """Every stored signed roster newer than `version`, oldest first."""
+        rows = await self._fetchall(
+            "SELECT signed FROM roster WHERE version > ? ORDER BY version", (version,)
+        )
+        return [bytes(row[0]) for row in rows]
+
     async def save_roster(self, version: int, signed: bytes, now_ms: int) -> None:
         """Keep a verified roster version (history is kept for audit and key-rotation chains)."""
         try:
