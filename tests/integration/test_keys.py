@@ -206,3 +206,43 @@ async def test_keys_rotate_from_the_cli(cluster: Cluster) -> None:
     assert data["key"] == "signing" and data["key_id"] == tsu.rooms.signing_key.key_id
     code, out = await cli("keys", "rotate", "--federation", "--home", home)
     assert code == 1 and "not_authority" in out
+
+
+async def test_revoked_node_history_stays_valid_and_what_it_signs_later_is_refused(
+    cluster: Cluster,
+) -> None:
+    mie, tsu, ise = await three(cluster)
+    assert mie.authority is not None
+    room = await mie.rooms.create("連絡室", nodes=["tsu", "ise"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+    await tsu.rooms.send(room, [f"失効前 {i}" for i in range(5)])
+    await holds(ise, room, 6)
+    await asyncio.sleep(1.1)  # signatures carry seconds: "after" must be a later second
+    await mie.authority.set_status("tsu", MemberStatus.REVOKED, "端末紛失")
+    await eventually(lambda: ise.roster.member("tsu").status is MemberStatus.REVOKED)  # type: ignore[union-attr]
+    # What tsu signed before stays history: a node joining now receives and verifies it.
+    yokkaichi = await cluster.member("yokkaichi", "四日市市", "242021")
+    await mie.rooms.invite(room, "yokkaichi")
+    await holds(yokkaichi, room, 7)
+    # What it signs after is refused, whoever carries it.
+    (late_id,) = await tsu.rooms.send(room, ["失効後"])
+    late = next(wire for eid, wire in await tsu.rooms.store.history(room, 1) if eid == late_id)
+    entry = ise.roster.member("mie-pref")
+    assert entry is not None
+    response = await ise.client.request(
+        entry, "POST", "/envelopes", codec.encode_frame({"envelopes": [late]})
+    )
+    answer = codec.decode_map(response.body, canonical=False)
+    assert [code for _, code in answer["refused"]] == ["origin_revoked"]
+    assert await count(mie, room) == 7
+
+
+async def test_members_keep_exchanging_while_the_authority_is_down(cluster: Cluster) -> None:
+    mie, tsu, ise = await three(cluster)
+    room = await tsu.rooms.create("町同士", nodes=["ise"])
+    await eventually(lambda: ise.rooms.state(room) is not None)
+    await cluster.stop("mie-pref")
+    await tsu.rooms.send(room, ["県のサーバ停止中"])
+    await ise.rooms.send(room, ["こちらは届いています"])
+    await holds(ise, room, 3)
+    await holds(tsu, room, 3)
