@@ -238,7 +238,7 @@ async def test_revoked_node_history_stays_valid_and_what_it_signs_later_is_refus
 
 
 async def test_members_keep_exchanging_while_the_authority_is_down(cluster: Cluster) -> None:
-    mie, tsu, ise = await three(cluster)
+    _mie, tsu, ise = await three(cluster)
     room = await tsu.rooms.create("町同士", nodes=["ise"])
     await eventually(lambda: ise.rooms.state(room) is not None)
     await cluster.stop("mie-pref")
