@@ -125,6 +125,9 @@ class CatchUp:
             if self._direct is not None and peer not in self._direct():
                 return 0  # on another segment: we pull from peers we reach (any holder serves)
             rooms = self._rooms.shares_room_with(peer)
+            if entry.relay:
+                # A relay also serves the rooms it only forwards for us (what was sent us).
+                rooms = sorted(set(rooms) | set(self._rooms.member_rooms()))
             if not rooms:
                 return 0
             total = 0

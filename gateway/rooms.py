@@ -81,7 +81,7 @@ class _Step:
     outbox: list[tuple[str, bytes]] = field(default_factory=list)
     new_rooms: dict[str, str] = field(default_factory=dict)
     requests: list[Envelope] = field(default_factory=list)
-    relayed: list[Envelope] = field(default_factory=list)
+    relayed: list[tuple[Envelope, str]] = field(default_factory=list)
     accepted: list[Envelope] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicates: int = 0
@@ -192,6 +192,14 @@ class RoomService:
 
     def pending_count(self) -> int:
         return self._buffer.pending_count()
+
+    def member_rooms(self) -> list[str]:
+        """Rooms this node is a member node of."""
+        return [
+            room
+            for room in self.room_ids()
+            if (state := self.state(room)) is not None and self.node_id in state.nodes
+        ]
 
     def shares_room_with(self, peer: str) -> list[str]:
         """Rooms in which `peer` is a member node (or whose home it is)."""
@@ -519,8 +527,10 @@ class RoomService:
         mine: list[Envelope] = []
         async with self._lock:
             for envelope in decoded:
-                admissible = self._admissible_room(envelope.content)
-                (mine if admissible else step.relayed).append(envelope)
+                if self._admissible_room(envelope.content):
+                    mine.append(envelope)
+                else:
+                    step.relayed.append((envelope, destination))
             self._take_in(mine, step)
             step.outbox.extend((destination, envelope.id) for envelope in decoded)
             await self._commit(step)
@@ -653,19 +663,29 @@ class RoomService:
     async def missing_for(
         self, peer: str, vectors: dict[str, dict[str, int]], limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool]:
-        """Envelopes of the requested rooms beyond the peer's vectors, for a member peer."""
+        """Envelopes of the requested rooms beyond the peer's vectors: of rooms it is a
+        member of, and, in rooms this node only relays, what was addressed to it."""
         wires: list[bytes] = []
         more = False
         for room, vector in sorted(vectors.items()):
             state = self.state(room)
-            if state is None or peer not in state.nodes:
-                continue  # never serve a room to a node that is not (or no longer) a member
             budget = limit - len(wires)
             if budget <= 0:
                 return wires, True
-            page, room_more = await self._rooms.processed_after(
-                room, vector, budget, max_bytes - sum(len(w) for w in wires)
-            )
+            room_bytes = max_bytes - sum(len(w) for w in wires)
+            if state is None:
+                # Not a member: as a relay, serve the copies the origins addressed to this
+                # peer (and only those: nothing it was not sent already).
+                check_room_id(room)
+                page, room_more = await self._rooms.relayed_after(
+                    room, peer, vector, budget, room_bytes
+                )
+            elif peer not in state.nodes:
+                continue  # never serve a room to a node that is not (or no longer) a member
+            else:
+                page, room_more = await self._rooms.processed_after(
+                    room, vector, budget, room_bytes
+                )
             wires.extend(page)
             more = more or room_more
         return wires, more

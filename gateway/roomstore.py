@@ -12,7 +12,9 @@ acknowledged the batch, which it does only after committing it. So an envelope
 stays queued across crashes until its receiver has it.
 
 A relay that is not a member of a room keeps what it forwards for that room in
-`relayed` (verified, never part of a timeline); outbox rows point at either table.
+`relayed` (verified, never part of a timeline), and in `relayed_to` which node
+each was addressed to; outbox rows point at either table. It serves those copies
+in catch-up, each only to a node the origin addressed it to.
 
 All writes of one processing step (envelope rows, status changes, outbox rows)
 happen in one transaction: a crash leaves the step wholly done or not at all.
@@ -128,17 +130,31 @@ class RoomStore:
         outbox: Iterable[tuple[str, bytes]],
         new_rooms: Iterable[tuple[str, str]],
         now_ms: int,
-        relayed: Iterable[Envelope] = (),
+        relayed: Iterable[tuple[Envelope, str]] = (),
     ) -> None:
         """Inside a caller's transaction: envelope rows (insert or status update), copies
-        kept only to forward (`relayed`), outbox rows, rooms."""
+        kept only to forward (`relayed`: envelope and destination), outbox rows, rooms."""
+        relayed = list(relayed)
         await db.executemany(
-            "INSERT INTO relayed (id, room_id, origin, seq, wire, received_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO relayed (id, room_id, origin, seq, hlc, wire, received_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
             [
-                (e.id, e.content.room, e.content.origin, e.content.seq, e.to_bytes(), now_ms)
-                for e in relayed
+                (
+                    e.id,
+                    e.content.room,
+                    e.content.origin,
+                    e.content.seq,
+                    e.content.hlc,
+                    e.to_bytes(),
+                    now_ms,
+                )
+                for e, _ in relayed
             ],
+        )
+        await db.executemany(
+            "INSERT INTO relayed_to (destination, envelope_id) VALUES (?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [(destination, e.id) for e, destination in relayed],
         )
         await db.executemany(
             "INSERT INTO room (room_id, home, joined_at) VALUES (?, ?, ?) "
@@ -239,6 +255,33 @@ class RoomStore:
                 "SELECT hlc, origin, seq, wire FROM envelope WHERE room_id = ? AND origin = ? "
                 "AND seq > ? AND status != 0 ORDER BY seq LIMIT ?",
                 (room, origin, after, limit + 1),
+            ) as cursor:
+                streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
+        wires: list[bytes] = []
+        total = 0
+        for _, _, _, wire in heapq.merge(*streams):
+            if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
+                return wires, True
+            wires.append(wire)
+            total += len(wire)
+        return wires, False
+
+    async def relayed_after(
+        self, room: str, destination: str, vector: dict[str, int], limit: int, max_bytes: int
+    ) -> tuple[list[bytes], bool]:
+        """Kept copies of `room` addressed to `destination` beyond `vector`, in hlc order;
+        returns (wires, more). Per origin in seq order, merged by hlc, as `processed_after`."""
+        async with self._db.execute(
+            "SELECT DISTINCT r.origin FROM relayed r WHERE r.room_id = ?", (room,)
+        ) as cursor:
+            origins = [row[0] for row in await cursor.fetchall()]
+        streams = []
+        for origin in origins:
+            async with self._db.execute(
+                "SELECT r.hlc, r.origin, r.seq, r.wire FROM relayed r "
+                "JOIN relayed_to t ON t.envelope_id = r.id AND t.destination = ? "
+                "WHERE r.room_id = ? AND r.origin = ? AND r.seq > ? ORDER BY r.seq LIMIT ?",
+                (destination, room, origin, vector.get(origin, 0), limit + 1),
             ) as cursor:
                 streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
         wires: list[bytes] = []

@@ -93,9 +93,16 @@ MIGRATIONS: tuple[str, ...] = (
         room_id TEXT NOT NULL,
         origin TEXT NOT NULL,
         seq INTEGER NOT NULL,
+        hlc INTEGER NOT NULL,
         wire BLOB NOT NULL,
         received_ms INTEGER NOT NULL
     );
+    CREATE INDEX relayed_order ON relayed (room_id, origin, seq);
+    CREATE TABLE relayed_to (
+        destination TEXT NOT NULL,
+        envelope_id BLOB NOT NULL,
+        PRIMARY KEY (destination, envelope_id)
+    ) WITHOUT ROWID;
     """,
 )
 
