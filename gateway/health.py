@@ -427,7 +427,8 @@ def outbox(views: Sequence[Mapping[str, Any]]) -> list[Check]:
             Check(
                 check=f"outbox/{view['node_id']}",
                 status=status,
-                detail=f"{depth} envelopes wait for {view['node_id']}, the oldest for {_span(lag)}",
+                detail=f"{depth} envelope{' waits' if depth == 1 else 's wait'} for "
+                f"{view['node_id']}, the oldest for {_span(lag)}",
                 fix=_outbox_fix(view["node_id"]),
             )
         )
