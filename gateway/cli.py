@@ -735,9 +735,10 @@ def doctor(home: str, as_json: bool) -> None:
         out.print(table)
         if problems:
             critical = sum(c.status is Severity.CRITICAL for c in problems)
+            warnings = len(problems) - critical
             out.print(
                 f"[red]{len(problems)} problem{'' if len(problems) == 1 else 's'}[/] "
-                f"({critical} critical, {len(problems) - critical} warning)"
+                f"({critical} critical, {warnings} warning{'' if warnings == 1 else 's'})"
             )
         else:
             out.print("[green]no problem found[/]")
