@@ -26,6 +26,7 @@ from federation.rooms import RoomKind
 from federation.roster import MemberStatus
 
 from .config import parse_endpoints
+from .monitoring import diagnosis, monitoring_routes
 
 if TYPE_CHECKING:
     from .node import Node
@@ -212,9 +213,27 @@ def admin_app(node: Node) -> web.Application:
         room = request.query.get("room", "")
         return web.json_response(await node.history_view(room, max(1, min(limit, 100_000))))
 
+    async def doctor(request: web.Request) -> web.Response:
+        return web.json_response([check.to_json() for check in await diagnosis(node)])
+
+    async def maintenance(request: web.Request) -> web.Response:
+        return web.json_response(node.maintenance.to_json())
+
+    async def set_maintenance(request: web.Request) -> web.Response:
+        data = await body(request)
+        on, reason = data.get("on"), data.get("reason", "")
+        if not isinstance(on, bool) or not isinstance(reason, str):
+            raise ProtocolError("on must be true or false, reason a string", code="bad_request")
+        await node.maintenance.set(on, reason.strip())
+        return web.json_response(node.maintenance.to_json())
+
     app = web.Application(middlewares=[errors], client_max_size=16 * 1024 * 1024)
+    app.add_routes(monitoring_routes(node))
     app.add_routes(
         [
+            web.get("/v1/doctor", doctor),
+            web.get("/v1/maintenance", maintenance),
+            web.post("/v1/maintenance", set_maintenance),
             web.get("/v1/status", status),
             web.get("/v1/peers", peers),
             web.get("/v1/route", route),

@@ -670,6 +670,119 @@ def status(home: str, as_json: bool) -> None:
     out.print(table)
 
 
+@cli.group()
+def maintenance() -> None:
+    """Maintenance mode: /healthz answers 503 so a load balancer drains the node."""
+
+
+def _print_maintenance(data: dict[str, Any]) -> None:
+    if data["on"]:
+        why = f": {escape(data['reason'])}" if data["reason"] else ""
+        out.print(f"maintenance mode [yellow]on[/] since {data['since']}{why}")
+        out.print("  /healthz answers 503; the node otherwise keeps working")
+    else:
+        out.print("maintenance mode [green]off[/]")
+
+
+@maintenance.command("on")
+@home_option
+@click.option("--reason", default="", help="Why (shown by /healthz and `maintenance status`).")
+@json_option
+def maintenance_on(home: str, reason: str, as_json: bool) -> None:
+    """Drain the node: /healthz answers 503 until `maintenance off` (survives restarts)."""
+    data = _admin(home).request("POST", "/v1/maintenance", {"on": True, "reason": reason})
+    if as_json:
+        _print_json(data)
+    else:
+        _print_maintenance(data)
+
+
+@maintenance.command("off")
+@home_option
+@json_option
+def maintenance_off(home: str, as_json: bool) -> None:
+    """Back in rotation: /healthz answers by the node's checks again."""
+    data = _admin(home).request("POST", "/v1/maintenance", {"on": False})
+    if as_json:
+        _print_json(data)
+    else:
+        _print_maintenance(data)
+
+
+@maintenance.command("status")
+@home_option
+@json_option
+def maintenance_status(home: str, as_json: bool) -> None:
+    """Whether maintenance mode is on, since when and why."""
+    data = _admin(home).request("GET", "/v1/maintenance")
+    if as_json:
+        _print_json(data)
+    else:
+        _print_maintenance(data)
+
+
+@cli.command()
+@home_option
+@json_option
+def doctor(home: str, as_json: bool) -> None:
+    """Find what is wrong with this node and say how to fix it.
+
+    Asks the running node (certificate, database, clock skew and reachability per
+    peer and segment, roster versions, outboxes, maintenance mode) and checks the
+    home's files (config, key modes). If the node is not running, says so and checks
+    what it can offline (config, key modes, certificate expiry from the file).
+    Exit code 0 when every check is ok, 1 when any warns or is critical.
+    """
+    from .health import Check, Severity, offline_checks
+
+    target = resolve_home(home)
+    target.require_initialised()
+    checks: list[Check] = []
+    running = True
+    try:
+        checks = [Check.from_json(row) for row in _admin(home).request("GET", "/v1/doctor")]
+    except KakehashiError as exc:
+        if exc.code != "node_not_running":
+            raise
+        running = False
+        checks.append(
+            Check(
+                check="node",
+                status=Severity.CRITICAL,
+                detail=f"the node is not running (no answer on {target.admin_socket})",
+                fix=f"start it: `kakehashi run --home {target.root}` (or its service unit); "
+                "the checks below are of its files only",
+            )
+        )
+    checks[1:1] = offline_checks(target, datetime.now(UTC), running=running)
+    problems = [c for c in checks if c.status is not Severity.OK]
+    if as_json:
+        _print_json([c.to_json() for c in checks])
+    else:
+        colours = {Severity.OK: "green", Severity.WARN: "yellow", Severity.CRITICAL: "red"}
+        table = Table("status", "check", "detail", "fix", show_lines=bool(problems))
+        for check in checks:
+            colour = colours[check.status]
+            table.add_row(
+                f"[{colour}]{check.status.value}[/]",
+                check.check,
+                escape(check.detail),
+                escape(check.fix or ""),
+            )
+        out.print(table)
+        if problems:
+            critical = sum(c.status is Severity.CRITICAL for c in problems)
+            warnings = len(problems) - critical
+            out.print(
+                f"[red]{len(problems)} problem{'' if len(problems) == 1 else 's'}[/] "
+                f"({critical} critical, {warnings} warning{'' if warnings == 1 else 's'})"
+            )
+        else:
+            out.print("[green]no problem found[/]")
+    if problems:
+        sys.exit(1)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning Kakehashi errors into one clear line and exit code 1."""
     # Set-up and admin commands print for people; their logs only matter when something

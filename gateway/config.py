@@ -23,10 +23,24 @@ from federation.errors import ConfigError, ProtocolError
 from federation.identity import check_municipality_code, check_node_id, check_segment_name
 from federation.roster import Endpoint
 
-__all__ = ["DEFAULT_SEGMENT", "Home", "NodeConfig", "load_config", "resolve_home", "write_config"]
+__all__ = [
+    "DEFAULT_SEGMENT",
+    "Home",
+    "NodeConfig",
+    "load_config",
+    "parse_listen",
+    "resolve_home",
+    "write_config",
+]
 
 DEFAULT_SEGMENT = "default"
 CONFIG_NAME = "config.toml"
+MONITORING_EXAMPLE = """
+# Prometheus /metrics and /healthz over plain HTTP (no admin API), off while absent.
+# Bind it to a management address only.
+# [monitoring]
+# listen = "127.0.0.1:9464"
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +157,8 @@ class NodeConfig:
     renew_before_days: int = 30
     """Renew this node's TLS certificate (through the authority) this many days before
     it expires ([tls] renew_before_days)."""
+    monitoring_listen: tuple[str, int] | None = None
+    """(host, port) of the plain-HTTP monitoring listener (/metrics, /healthz); None: off."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections this version does not know, kept so a rewrite does not lose them."""
 
@@ -206,6 +222,23 @@ def parse_endpoints(pairs: dict[str, Any], source: str) -> tuple[Endpoint, ...]:
                 f"{source}: segment {segment!r}: {exc}", code="config_bad_field"
             ) from exc
     return tuple(endpoints)
+
+
+def parse_listen(value: str, field_name: str, path: Path) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT') as (host, port); `ConfigError` naming the field."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{path}: field '{field_name}' must be HOST:PORT with a port 1-65535, "
+            f'e.g. "127.0.0.1:9464", not {value!r}',
+            code="config_bad_field",
+        )
+    return host, int(port)
+
+
+def _listen_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_config(home: Home) -> NodeConfig:
@@ -292,7 +325,11 @@ def load_config(home: Home) -> NodeConfig:
         raise ConfigError(
             f"{path}: field 'tls.renew_before_days' must be 1-365", code="config_bad_field"
         )
-    known = {"node", "listen", "health", "log", "segments", "delivery", "tls"}
+    monitoring = raw.get("monitoring", {})
+    if not isinstance(monitoring, dict):
+        raise ConfigError(f"{path}: [monitoring] must be a table", code="config_bad_field")
+    monitoring_listen = _optional(monitoring, "monitoring", "listen", str, path, None)
+    known = {"node", "listen", "health", "log", "segments", "delivery", "tls", "monitoring"}
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -308,6 +345,9 @@ def load_config(home: Home) -> NodeConfig:
         catch_up_interval=float(catch_up),
         certificate_days=certificate_days,
         renew_before_days=renew_before,
+        monitoring_listen=None
+        if monitoring_listen is None
+        else parse_listen(monitoring_listen, "monitoring.listen", path),
         extra={key: value for key, value in raw.items() if key not in known},
     )
 
@@ -334,10 +374,13 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["node"]["certificate_days"] = config.certificate_days
     if config.renew_before_days != 30:
         document["tls"] = {"renew_before_days": config.renew_before_days}
+    if config.monitoring_listen is not None:
+        document["monitoring"] = {"listen": _listen_text(*config.monitoring_listen)}
     document.update(config.extra)
     header = "# Kakehashi node configuration. Restart the node after editing.\n"
+    footer = "" if config.monitoring_listen is not None else MONITORING_EXAMPLE
     tmp = home.config.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(header + tomli_w.dumps(document))
+        handle.write(header + tomli_w.dumps(document) + footer)
     os.replace(tmp, home.config)

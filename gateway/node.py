@@ -45,6 +45,8 @@ from .authority import Authority
 from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
 from .keys import KeyManager, KeySettings, recover_interrupted
+from .metrics import NodeMetrics
+from .monitoring import Maintenance, monitoring_app
 from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
@@ -66,6 +68,8 @@ class Node:
         self.clock = clock
         self.authority: Authority | None = None
         self.refusals: Counter[str] = Counter()
+        self.maintenance = Maintenance(self.store, clock)
+        self.metrics = NodeMetrics(self)
         self._signed: SignedRoster | None = None
         self._client: PeerClient | None = None
         self._monitor: PeerMonitor | None = None
@@ -74,6 +78,7 @@ class Node:
         self._catchup: CatchUp | None = None
         self._keys: KeyManager | None = None
         self._runners: list[web.BaseRunner] = []
+        self._monitoring: web.BaseRunner | None = None
         self._sync_lock = asyncio.Lock()
         self._started_at = 0.0
         self._stopped = asyncio.Event()
@@ -128,10 +133,17 @@ class Node:
     def federation_port(self) -> int:
         """The port actually bound (useful when the config asks for port 0)."""
         for runner in self._runners:
+            if runner is self._monitoring:
+                continue
             for address in runner.addresses:
                 if isinstance(address, tuple):
                     return int(address[1])
         return self.config.listen_port
+
+    @property
+    def started_at(self) -> float:
+        """Unix time (by the node's clock) at which the node finished starting."""
+        return self._started_at
 
     # lifecycle -----------------------------------------------------------
 
@@ -165,6 +177,7 @@ class Node:
                 code="certificate_not_in_roster",
             )
         self._signed = signed
+        await self.maintenance.load()
         if (await self.store.get_meta("role")) == b"authority":
             self.authority = Authority(
                 home=self.home,
@@ -264,6 +277,7 @@ class Node:
         self._keys.start()
         self._rooms.resume()
         self._started_at = self.clock()
+        await self._serve_monitoring()
         log.info(
             "node_started",
             node=self.node_id,
@@ -271,7 +285,29 @@ class Node:
             roster_version=self.roster.version,
             listen=f"{self.config.listen_host}:{self.federation_port}",
             authority=self.authority is not None,
+            monitoring=self.config.monitoring_listen,
+            maintenance=self.maintenance.on,
         )
+
+    async def _serve_monitoring(self) -> None:
+        """The optional plain-HTTP listener for Prometheus and load balancers (last, so it
+        answers only once the node is fully up)."""
+        if self.config.monitoring_listen is None:
+            return
+        host, port = self.config.monitoring_listen
+        runner = web.AppRunner(monitoring_app(self), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        self._runners.append(runner)
+        self._monitoring = runner
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for monitoring on {host}:{port}: {exc.strerror or exc}",
+                code="listen_failed",
+                hint=f"is another program using port {port}? change [monitoring] listen "
+                f"in {self.home.config}",
+            ) from exc
 
     async def stop(self) -> None:
         """Stop everything this node started, in reverse order. Safe to call twice."""
@@ -287,6 +323,7 @@ class Node:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        self._monitoring = None
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -44,6 +44,8 @@ class _Link:
 
     health: PeerHealth
     clock_offset_ms: int | None = None
+    roster_version: int | None = None
+    """The roster version the peer's last health answer carried."""
 
 
 class PeerMonitor:
@@ -104,6 +106,11 @@ class PeerMonitor:
         link = self._links.get(node_id)
         return link.clock_offset_ms if link else None
 
+    def roster_version(self, node_id: str) -> int | None:
+        """The roster version the peer served at its last successful health check."""
+        link = self._links.get(node_id)
+        return link.roster_version if link else None
+
     async def _run(self) -> None:
         while True:
             try:
@@ -149,7 +156,9 @@ class PeerMonitor:
             if failures == 1:
                 log.warning("peer_down", peer=peer.node_id, code=exc.code, error=str(exc))
             self._links[peer.node_id] = _Link(
-                health, previous.clock_offset_ms if previous else None
+                health,
+                previous.clock_offset_ms if previous else None,
+                previous.roster_version if previous else None,
             )
             await self._store.record_health(health)
             return
@@ -169,7 +178,7 @@ class PeerMonitor:
             failures=0,
             last_error=None,
         )
-        self._links[peer.node_id] = _Link(health, offset)
+        self._links[peer.node_id] = _Link(health, offset, response.roster_version)
         await self._store.record_health(health)
         if response.roster_version > self._roster().version:
             await self._on_roster_version(response.roster_version, peer)

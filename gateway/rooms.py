@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,7 @@ from .tasks import cancel_all
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["BATCH_LIMITS", "Refusal", "RoomService"]
+__all__ = ["BATCH_LIMITS", "EnvelopeCounts", "Refusal", "RoomService"]
 
 log = structlog.get_logger("kakehashi.rooms")
 
@@ -71,6 +72,16 @@ class Refusal:
     envelope_id: bytes
     code: str
     message: str
+
+
+@dataclass(slots=True)
+class EnvelopeCounts:
+    """What this node took in from peers since it started (for metrics)."""
+
+    accepted: Counter[str] = field(default_factory=Counter)
+    """Envelopes accepted into a timeline, by the peer that sent them."""
+    refused: Counter[str] = field(default_factory=Counter)
+    """Envelopes refused (undecodable, bad signature, unknown room, room rules), by reason."""
 
 
 @dataclass(slots=True)
@@ -118,6 +129,7 @@ class RoomService:
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._unanswered: list[Envelope] = []
+        self.counts = EnvelopeCounts()
 
     @property
     def store(self) -> RoomStore:
@@ -509,6 +521,7 @@ class RoomService:
         async with self._lock:
             self._take_in(decoded, step)
             await self._commit(step)
+        self._count(peer, step)
         await self._after(step)
         return len(step.accepted), step.duplicates, step.refused
 
@@ -534,8 +547,15 @@ class RoomService:
             self._take_in(mine, step)
             step.outbox.extend((destination, envelope.id) for envelope in decoded)
             await self._commit(step)
+        self._count(peer, step)
         await self._after(step)
         return len(decoded), step.refused
+
+    def _count(self, peer: str, step: _Step) -> None:
+        """After commit: what `peer`'s batch brought, for metrics."""
+        if step.accepted:
+            self.counts.accepted[peer] += len(step.accepted)
+        self.counts.refused.update(refusal.code for refusal in step.refused)
 
     def _take_in(self, decoded: Sequence[Envelope], step: _Step) -> None:
         """Advance the clock past, note the rooms of, and process envelopes from a peer."""

@@ -283,6 +283,30 @@ class Store:
             (key, value),
         )
 
+    async def delete_meta(self, key: str) -> None:
+        await self._write("DELETE FROM meta WHERE key = ?", (key,))
+
+    async def probe(self, now_ms: int) -> None:
+        """Write a value and read it back in one transaction: `StorageError` unless the
+        database takes writes. Not fsynced (a health check must stay cheap); the write
+        still reaches the WAL file, so a full disk or a read-only file shows."""
+        value = str(now_ms).encode()
+        try:
+            async with self.transaction(durable=False) as db:
+                await db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('health_probe', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (value,),
+                )
+                async with db.execute(
+                    "SELECT value FROM meta WHERE key = 'health_probe'"
+                ) as cursor:
+                    row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+        if row is None or bytes(row[0]) != value:
+            raise StorageError("the probe value did not read back", code="database_error")
+
     # roster -------------------------------------------------------------
 
     async def latest_roster(self) -> bytes | None:

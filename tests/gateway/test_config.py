@@ -91,6 +91,46 @@ async def test_write_config_preserves_unknown_extra_sections(home: Home) -> None
     assert load_config(home) == config
 
 
+async def test_written_config_shows_the_monitoring_listener_as_a_commented_example(
+    home: Home,
+) -> None:
+    text = home.config.read_text(encoding="utf-8")
+    assert '# [monitoring]\n# listen = "127.0.0.1:9464"' in text
+    assert "monitoring" not in tomllib.loads(text)  # off until the operator uncomments it
+    assert load_config(home).monitoring_listen is None
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:9100", ("::1", 9100))],
+)
+async def test_monitoring_listen_is_read_and_written_back(
+    home: Home, listen: str, expected: tuple[str, int]
+) -> None:
+    _edit(home, lambda doc: doc.update({"monitoring": {"listen": listen}}))
+    config = load_config(home)
+    assert config.monitoring_listen == expected
+    assert config.extra == {}
+    write_config(home, config)
+    assert tomllib.loads(home.config.read_text(encoding="utf-8"))["monitoring"] == {
+        "listen": listen
+    }
+    assert "# [monitoring]" not in home.config.read_text(encoding="utf-8")
+    assert load_config(home) == config
+
+
+@pytest.mark.parametrize("listen", ["9464", "localhost", ":9464", "127.0.0.1:0", "h:70000"])
+async def test_bad_monitoring_listen_names_the_field_and_the_expected_form(
+    home: Home, listen: str
+) -> None:
+    _edit(home, lambda doc: doc.update({"monitoring": {"listen": listen}}))
+    error = _load_error(home)
+    assert "'monitoring.listen'" in str(error)
+    assert "HOST:PORT" in str(error)
+    assert str(home.config) in str(error)
+    assert error.code == "config_bad_field"
+
+
 # --------------------------------------------------------------------------- load errors
 
 

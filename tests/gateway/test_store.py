@@ -60,6 +60,7 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "outbox",
             "peer_health",
             "relayed",
+            "relayed_to",
             "room",
             "roster",
         ]
