@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from federation.errors import KakehashiError, TransportError, TrustError
 from federation.roster import Roster
 from federation.routing import Route
 
-from .roomstore import RoomStore
+from .roomstore import OutboxBatch, RoomStore
 from .tasks import cancel_all
 from .transport import PeerClient
 
@@ -55,6 +56,8 @@ class DeliverySettings:
     """Envelopes per request at most."""
     max_batch_bytes: int = 4 * 1024 * 1024
     """Bytes of envelopes per request at most."""
+    window: int = 2
+    """Batches posted to one peer before the first is acknowledged."""
     backoff: Backoff = field(default_factory=Backoff)
     """Retry timing after a failed delivery."""
 
@@ -70,6 +73,16 @@ class PeerDelivery:
     last_delivery_ms: int | None = None
     route: str | None = None
     """How the last batch went: "direct" or "via RELAY[,RELAY...]"."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A batch posted and not yet answered."""
+
+    batch: OutboxBatch
+    route: Route | None
+    task: asyncio.Task[dict[str, Any]]
+    started: float
 
 
 class _Sender:
@@ -95,70 +108,100 @@ class _Sender:
             log.error("sender_failed", peer=self.peer, error=repr(task.exception()))
 
     async def _run(self) -> None:
+        in_flight: deque[_InFlight] = deque()
+        try:
+            await self._loop(in_flight)
+        finally:
+            await cancel_all(flight.task for flight in in_flight)
+
+    async def _loop(self, in_flight: deque[_InFlight]) -> None:
         settings = self.outbox.settings
+        after = 0  # position of the last row posted and not yet acknowledged or failed
         while True:
             self.new_data.clear()
-            batch = await self.outbox.store.outbox_batch(
-                self.peer, settings.max_batch_count, settings.max_batch_bytes
-            )
-            if batch is None:
+            # Keep up to `window` batches on the way: the receiver verifies the next one
+            # while it commits this one. Each is acknowledged by its own position range.
+            while len(in_flight) < settings.window:
+                batch = await self.outbox.store.outbox_batch(
+                    self.peer, settings.max_batch_count, settings.max_batch_bytes, after=after
+                )
+                if batch is None:
+                    break
+                route = self.outbox.router(self.peer)
+                task = asyncio.create_task(self._post(route, batch.wires), name="post-batch")
+                in_flight.append(_InFlight(batch, route, task, time.perf_counter()))
+                after = batch.last_pos
+            if not in_flight:
                 # Nothing queued: sleep until woken. A wake between the read and the
                 # wait is not lost, because the flag was cleared before the read.
                 await self.new_data.wait()
                 continue
-            route = self.outbox.router(self.peer)
-            started = time.perf_counter()
+            flight = in_flight.popleft()
             try:
-                answer = await self._post(route, batch.wires)
+                answer = await flight.task
             except KakehashiError as exc:
-                if route is not None and not route.direct:
-                    self.outbox.note_down(route.next_hop)
-                    detour = self.outbox.router(self.peer)
-                    if detour is not None and not detour.degraded and detour != route:
-                        log.info(
-                            "route_changed",
-                            peer=self.peer,
-                            failed=route.next_hop,
-                            via=list(detour.relays) or "direct",
-                        )
-                        continue
-                self.attempt += 1
-                self.stats.failures += 1
-                self.stats.last_error = f"{exc.code}: {exc}"
-                delay = settings.backoff.delay(self.attempt, random.random())  # noqa: S311 - jitter
-                if self.attempt == 1 or self.attempt % 10 == 0:
-                    log.warning(
-                        "delivery_failed",
-                        peer=self.peer,
-                        code=exc.code,
-                        error=str(exc),
-                        attempt=self.attempt,
-                        retry_in_s=round(delay, 2),
-                    )
-                self.retry.clear()
-                # Not wait_for: on 3.11 it swallows a cancel that races a wake-up.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self.retry.wait()
+                # Everything after it goes again from the oldest row not acknowledged
+                # (a later batch that did arrive is dropped there as duplicates).
+                await cancel_all(other.task for other in in_flight)
+                in_flight.clear()
+                after = 0
+                await self._failed(flight.route, exc)
                 continue
-            await self.outbox.store.outbox_ack(self.peer, batch.last_pos)
-            if route is not None and not route.direct:
-                self.outbox.note_up(route.next_hop)
-            self.stats.route = _describe(route)
-            self.attempt = 0
-            self.stats.delivered += len(batch.wires)
-            self.stats.batches += 1
-            self.stats.last_error = None
-            self.stats.last_delivery_ms = int(time.time() * 1000)
-            refused = answer.get("refused") or []
-            if refused:
-                log.warning("envelopes_refused_by_peer", peer=self.peer, count=len(refused))
-            log.debug(
-                "batch_delivered",
+            await self._delivered(flight, answer)
+
+    async def _failed(self, route: Route | None, exc: KakehashiError) -> None:
+        """After a failed post: take a detour at once if one exists, else back off."""
+        settings = self.outbox.settings
+        if route is not None and not route.direct:
+            self.outbox.note_down(route.next_hop)
+            detour = self.outbox.router(self.peer)
+            if detour is not None and not detour.degraded and detour != route:
+                log.info(
+                    "route_changed",
+                    peer=self.peer,
+                    failed=route.next_hop,
+                    via=list(detour.relays) or "direct",
+                )
+                return
+        self.attempt += 1
+        self.stats.failures += 1
+        self.stats.last_error = f"{exc.code}: {exc}"
+        delay = settings.backoff.delay(self.attempt, random.random())  # noqa: S311 - jitter
+        if self.attempt == 1 or self.attempt % 10 == 0:
+            log.warning(
+                "delivery_failed",
                 peer=self.peer,
-                count=len(batch.wires),
-                ms=round((time.perf_counter() - started) * 1000, 2),
+                code=exc.code,
+                error=str(exc),
+                attempt=self.attempt,
+                retry_in_s=round(delay, 2),
             )
+        self.retry.clear()
+        # Not wait_for: on 3.11 it swallows a cancel that races a wake-up.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self.retry.wait()
+
+    async def _delivered(self, flight: _InFlight, answer: dict[str, Any]) -> None:
+        batch, route = flight.batch, flight.route
+        await self.outbox.store.outbox_ack(self.peer, batch.first_pos, batch.last_pos)
+        if route is not None and not route.direct:
+            self.outbox.note_up(route.next_hop)
+        self.stats.route = _describe(route)
+        self.attempt = 0
+        self.stats.delivered += len(batch.wires)
+        self.stats.batches += 1
+        self.stats.last_error = None
+        self.stats.last_delivery_ms = int(time.time() * 1000)
+        refused = answer.get("refused") or []
+        if refused:
+            log.warning("envelopes_refused_by_peer", peer=self.peer, count=len(refused))
+        log.debug(
+            "batch_delivered",
+            peer=self.peer,
+            count=len(batch.wires),
+            ms=round((time.perf_counter() - flight.started) * 1000, 2),
+        )
 
     async def _post(self, route: Route | None, wires: list[bytes]) -> dict[str, Any]:
         """Post one batch along `route`; the peer's answer."""

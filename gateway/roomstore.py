@@ -57,8 +57,10 @@ class EnvelopeRow:
 class OutboxBatch:
     """The oldest queued envelopes for one peer."""
 
+    first_pos: int
+    """Position of the first row read."""
     last_pos: int
-    """Position of the last row read; acknowledging deletes up to it."""
+    """Position of the last row read; acknowledging deletes first_pos..last_pos."""
     wires: list[bytes]
     """Wire bytes of the envelopes, oldest first."""
 
@@ -189,18 +191,22 @@ class RoomStore:
 
     # outbox --------------------------------------------------------------------
 
-    async def outbox_batch(self, peer: str, max_count: int, max_bytes: int) -> OutboxBatch | None:
-        """The oldest queued envelopes for `peer`, bounded by count and total bytes."""
+    async def outbox_batch(
+        self, peer: str, max_count: int, max_bytes: int, *, after: int = 0
+    ) -> OutboxBatch | None:
+        """The oldest envelopes queued for `peer` after position `after` (those before are
+        on their way), bounded by count and total bytes."""
         wires: list[bytes] = []
-        total, last = 0, 0
+        total, first, last = 0, 0, 0
         async with self._db.execute(
             "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
             "LEFT JOIN envelope e ON e.id = o.envelope_id "
             "LEFT JOIN relayed r ON r.id = o.envelope_id "
-            "WHERE o.peer = ? ORDER BY o.pos LIMIT ?",
-            (peer, max_count),
+            "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
+            (peer, after, max_count),
         ) as cursor:
             async for pos, wire in cursor:
+                first = first or pos
                 if wire is None:
                     last = pos  # its envelope is gone (not while envelopes are never deleted)
                     continue
@@ -209,13 +215,17 @@ class RoomStore:
                 last = pos
                 wires.append(bytes(wire))
                 total += len(wire)
-        return OutboxBatch(last_pos=last, wires=wires) if last else None
+        return OutboxBatch(first_pos=first, last_pos=last, wires=wires) if last else None
 
-    async def outbox_ack(self, peer: str, last_pos: int) -> None:
+    async def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
+        """The peer committed the batch of rows first_pos..last_pos: forget them."""
         # Not fsynced: losing this delete on a power cut only re-sends a batch the peer
         # drops as duplicates (see Store.transaction).
         async with self._store.transaction(durable=False) as db:
-            await db.execute("DELETE FROM outbox WHERE peer = ? AND pos <= ?", (peer, last_pos))
+            await db.execute(
+                "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?",
+                (peer, first_pos, last_pos),
+            )
 
     async def outbox_peers(self) -> list[str]:
         async with self._db.execute("SELECT DISTINCT peer FROM outbox") as cursor:

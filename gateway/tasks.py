@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["cancel_all"]
 
 
-async def cancel_all(tasks: Iterable[asyncio.Task[None] | None]) -> None:
+async def cancel_all(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
     """Cancel every task, then wait for each to end, whatever it ends with."""
     owned = [task for task in tasks if task is not None]
     for task in owned:
