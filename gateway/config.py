@@ -134,6 +134,9 @@ class NodeConfig:
     """Longest wait, in seconds, between delivery retries to an unreachable peer."""
     catch_up_interval: float = 30.0
     """Seconds between routine catch-up passes with every peer."""
+    restore_timeout: float = 60.0
+    """After a restore from backup: longest wait, in seconds, for peers to answer the first
+    catch-up pass before local sends are allowed anyway (see `kakehashi restore`)."""
     log_format: str = "auto"
     """'auto' (readable on a terminal, JSON otherwise), 'json' or 'console'."""
     log_level: str = "info"
@@ -275,10 +278,13 @@ def load_config(home: Home) -> NodeConfig:
     catch_up = _optional(
         delivery, "delivery", "catch_up_interval_seconds", (int, float), path, 30.0
     )
-    if retry_cap < 0.2 or catch_up <= 0:
+    restore_timeout = _optional(
+        delivery, "delivery", "restore_catch_up_timeout_seconds", (int, float), path, 60.0
+    )
+    if retry_cap < 0.2 or catch_up <= 0 or restore_timeout < 0:
         raise ConfigError(
-            f"{path}: [delivery] retry_cap_seconds must be >= 0.2 and "
-            "catch_up_interval_seconds positive",
+            f"{path}: [delivery] retry_cap_seconds must be >= 0.2, "
+            "catch_up_interval_seconds positive and restore_catch_up_timeout_seconds >= 0",
             code="config_bad_field",
         )
     known = {"node", "listen", "health", "log", "segments", "delivery"}
@@ -295,6 +301,7 @@ def load_config(home: Home) -> NodeConfig:
         log_level=log_level,
         retry_cap=float(retry_cap),
         catch_up_interval=float(catch_up),
+        restore_timeout=float(restore_timeout),
         certificate_days=certificate_days,
         extra={key: value for key, value in raw.items() if key not in known},
     )
@@ -320,6 +327,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["node"]["code"] = config.code
     if config.certificate_days != 365:
         document["node"]["certificate_days"] = config.certificate_days
+    if config.restore_timeout != 60.0:
+        document["delivery"]["restore_catch_up_timeout_seconds"] = config.restore_timeout
     document.update(config.extra)
     header = "# Kakehashi node configuration. Restart the node after editing.\n"
     tmp = home.config.with_suffix(".tmp")

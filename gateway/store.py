@@ -276,6 +276,9 @@ class Store:
             (key, value),
         )
 
+    async def delete_meta(self, key: str) -> None:
+        await self._write("DELETE FROM meta WHERE key = ?", (key,))
+
     # roster -------------------------------------------------------------
 
     async def latest_roster(self) -> bytes | None:
