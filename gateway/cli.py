@@ -634,6 +634,8 @@ def status(home: str, as_json: bool) -> None:
         ("peers_down", "peers down"),
     ):
         table.add_row(label, str(data[key]))
+    if data.get("catching_up"):
+        table.add_row("catching up", "[yellow]yes: restored from a backup; local sends wait[/]")
     out.print(table)
 
 

@@ -313,6 +313,7 @@ class Node:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.restore_timeout
         reached: set[str] = set()
+        told: set[str] = set()  # peers already logged as unreachable (retried every second)
         pulled = 0
         log.info("restore_catch_up_started", restored_at=restored_at.decode(errors="replace"))
         try:
@@ -326,7 +327,9 @@ class Node:
                         reached.add(peer)
                         pulled += result
                     elif isinstance(result, KakehashiError):
-                        log.info("restore_peer_unreachable", peer=peer, code=result.code)
+                        if peer not in told:
+                            told.add(peer)
+                            log.info("restore_peer_unreachable", peer=peer, code=result.code)
                     else:
                         log.error("restore_peer_failed", peer=peer, error=repr(result))
                 unreached = sorted(self.direct_peers() - reached)

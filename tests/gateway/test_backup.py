@@ -6,6 +6,7 @@ backup, in transactions that keep an invariant, so a copy mixing two states woul
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import stat
@@ -16,7 +17,7 @@ import pytest
 from federation.errors import ConfigError, KakehashiError
 from gateway import backup as backup_module
 from gateway.backup import RESTORED_AT, backup_home, restore_home
-from gateway.config import Home
+from gateway.config import Home, load_config, write_config
 from gateway.membership import create_federation, init_home
 from gateway.sealed import KdfParams
 
@@ -209,3 +210,29 @@ def test_backup_refuses_a_short_passphrase_and_a_home_that_is_not_one(
         backup_home(Home(tmp_path / "nothing"), tmp_path / "b.kkb", PASSPHRASE, kdf=FAST)
     assert missing.value.code == "not_initialised"
     assert not (tmp_path / "b.kkb").exists()
+
+
+async def test_restore_catch_up_timeout_defaults_to_a_minute_and_is_read_from_delivery(
+    tmp_path: Path,
+) -> None:
+    home = Home(tmp_path / "tsu")
+    config = await init_home(
+        home,
+        node_id="tsu",
+        name="津市",
+        code=None,
+        listen_host="127.0.0.1",
+        listen_port=18443,
+        segments={},
+    )
+    assert config.restore_timeout == 60.0
+    assert "restore_catch_up_timeout_seconds" not in home.config.read_text()
+    write_config(home, dataclasses.replace(config, restore_timeout=5.0))
+    assert load_config(home).restore_timeout == 5.0
+    text = home.config.read_text().replace(
+        "restore_catch_up_timeout_seconds = 5.0", "restore_catch_up_timeout_seconds = -1"
+    )
+    home.config.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(home)
+    assert "restore_catch_up_timeout_seconds" in str(refused.value)

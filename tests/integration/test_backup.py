@@ -235,6 +235,8 @@ async def test_restored_node_holds_local_sends_until_a_peer_has_answered(
     assert code == 1 and "catching_up" in err and "Traceback" not in err
     code, out, _ = await cli("status", "--home", home.root, "--json")
     assert code == 0 and json.loads(out)["catching_up"] is True
+    code, out, _ = await cli("status", "--home", home.root)
+    assert code == 0 and "catching up" in out
     await asyncio.sleep(2)  # peers unreachable: still held (the timeout is 10 minutes)
     assert tsu.rooms.catching_up
     assert await tsu.store.get_meta(RESTORED_AT) is not None
