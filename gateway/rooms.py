@@ -124,6 +124,7 @@ class RoomService:
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._unanswered: list[Envelope] = []
+        self._answered: set[bytes] = set()
         self._expected: set[str] = set()
         # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
         self._local_open = asyncio.Event()
@@ -157,6 +158,7 @@ class RoomService:
             for envelope in map(Envelope.from_bytes, await self._rooms.state_requests(self.node_id))
             if envelope.id not in answered
         ]
+        self._answered = answered
         pending = [Envelope.from_bytes(wire) for wire in await self._rooms.pending()]
         for envelope in pending:
             # Stored pending envelopes wait again; none can be ready, or it would
@@ -620,6 +622,8 @@ class RoomService:
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)
+        if content.kind is Kind.STATE:
+            self._answered.update(content.body.get("answers", []))
         if new_state is not None:
             if history is None:
                 history = self._histories[content.room] = RoomHistory()
@@ -681,6 +685,8 @@ class RoomService:
     async def _answer_request(self, request: Envelope) -> None:
         """At the home node: grant a member's state request by issuing the state change."""
         await self._local_open.wait()  # an answer is a local send too (see `hold_local`)
+        if request.id in self._answered:
+            return  # after a restore: answered before the disk died, the answer came back
         state = self.state(request.content.room)
         if state is None:
             return

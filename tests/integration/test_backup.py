@@ -209,6 +209,44 @@ async def _same(node: Node, room: str, reference: list[Envelope]) -> bool:
     return [e.id for e in await timeline(node, room)] == [e.id for e in reference]
 
 
+async def test_restored_home_node_does_not_grant_a_state_request_a_second_time(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The backup holds a request to tsu's room but not tsu's answer, made later. On start
+    the restored tsu finds the request unanswered; the answer comes back in the catch-up,
+    so it must not grant it again (a second grant could undo later changes)."""
+    mie, tsu, _ = await pair_with_a_room(cluster)
+    home = tsu.home
+    room = await tsu.rooms.create("津市 広報", nodes=["mie-pref"])
+    await eventually(lambda: mie.rooms.state(room) is not None, timeout=30)
+    tsu.rooms.hold_local()  # tsu takes the request in but cannot answer it yet
+    assert await mie.rooms.change(room, {"name": "津市 広報課"}) == "requested"
+    await eventually(holds(tsu, room, 2), timeout=30)
+    file = tmp_path / "tsu.kkb"
+    code, _, err = await cli("backup", file, "--home", home.root, passphrase=PASSPHRASE)
+    assert code == 0, err
+    tsu.rooms.release_local()
+    await eventually(
+        lambda: getattr(mie.rooms.state(room), "name", "") == "津市 広報課", timeout=30
+    )
+    await cluster.stop("tsu")
+    shutil.rmtree(home.root)
+    code, _, err = await cli("restore", file, "--home", home.root, passphrase=PASSPHRASE)
+    assert code == 0, err
+
+    tsu = await cluster.start("tsu")
+    await send_when_caught_up(tsu, room, "after the restore")
+    # Had tsu answered again, that answer (queued when sends reopened) would come first.
+    await eventually(lambda: _has_text(mie, room, "after the restore"), timeout=30)
+    answers = [e for e in await timeline(mie, room) if e.content.body.get("answers")]
+    assert len(answers) == 1
+    assert [e.id for e in await timeline(tsu, room)] == [e.id for e in await timeline(mie, room)]
+
+
+async def _has_text(node: Node, room: str, text: str) -> bool:
+    return text in texts(await timeline(node, room))
+
+
 async def test_restored_node_holds_local_sends_until_a_peer_has_answered(
     cluster: Cluster, tmp_path: Path
 ) -> None:
