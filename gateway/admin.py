@@ -31,7 +31,7 @@ from .monitoring import diagnosis, monitoring_routes
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["admin_app", "claim_admin_socket", "serve_admin"]
+__all__ = ["admin_app", "claim_admin_socket", "node_answers", "serve_admin"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,6 +61,7 @@ def admin_app(node: Node) -> web.Application:
                 code="not_authority",
                 hint=f"run this on the authority node ({node.roster.authority})",
             )
+        node.rooms.require_caught_up()  # after a restore: no roster version issued twice
         return node.authority
 
     async def body(request: web.Request) -> dict[str, Any]:
@@ -254,7 +255,8 @@ def admin_app(node: Node) -> web.Application:
     return app
 
 
-def _socket_answers(path: Path) -> bool:
+def node_answers(path: Path) -> bool:
+    """True if a running node answers on the admin socket `path` (a stale socket does not)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -269,7 +271,7 @@ def _socket_answers(path: Path) -> bool:
 def claim_admin_socket(path: Path) -> None:
     """Refuse if a node already answers on `path`; remove a stale socket left by a crash."""
     if path.exists():
-        if _socket_answers(path):
+        if node_answers(path):
             raise ConfigError(
                 f"a node is already running on this home ({path})",
                 code="already_running",

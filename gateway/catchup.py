@@ -12,6 +12,10 @@ periodically, and at once for a peer when that peer comes back up or when a
 batch left envelopes waiting for dependencies. A pass asks the peer, room by
 room, for everything beyond our vectors, page by page, and feeds each page to
 the same processing as pushed batches.
+
+`recover` is the pass a node restored from a backup runs first with each peer:
+it also asks which rooms the peer counts it a member of (`discover`), since the
+backup may predate joining some of them, and it reports unreachable peers.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from collections.abc import Callable
 import structlog
 
 from federation import codec
+from federation.envelope import check_room_id
 from federation.errors import KakehashiError
-from federation.roster import Roster
+from federation.roster import Roster, RosterEntry
 
 from .rooms import BATCH_LIMITS, RoomService
 from .tasks import cancel_all
@@ -127,31 +132,87 @@ class CatchUp:
             rooms = self._rooms.shares_room_with(peer)
             if entry.relay:
                 # A relay also serves the rooms it only forwards for us (what was sent us).
-                rooms = sorted(set(rooms) | set(self._rooms.member_rooms()))
+                rooms = sorted(set(rooms) | set(self._rooms.own_rooms()))
             if not rooms:
                 return 0
-            total = 0
-            while True:
-                vectors = {room: self._rooms.vector(room) for room in rooms}
-                body = codec.encode({"rooms": vectors, "limit": PAGE_COUNT})
-                try:
-                    response = await self._client.request(entry, "POST", "/sync", body)
-                    answer = codec.decode_map(response.body, BATCH_LIMITS, canonical=False)
-                except KakehashiError as exc:
-                    log.debug("catch_up_unavailable", peer=peer, code=exc.code)
-                    return total
-                wires = answer.get("envelopes") or []
-                if wires:
-                    _, _, refused = await self._rooms.receive(peer, wires)
-                    total += len(wires)
-                    self.pulled += len(wires)
-                    if refused:
-                        log.warning("catch_up_refusals", peer=peer, count=len(refused))
-                after = {room: self._rooms.vector(room) for room in rooms}
-                # Pages come in causal order, so each one advances our vectors; if one did
-                # not, asking again would return the same page: stop and retry next pass.
-                if not answer.get("more") or not wires or after == vectors:
-                    break
-            if total:
-                log.info("caught_up", peer=peer, envelopes=total)
-            return total
+            return await self._pull(peer, entry, rooms, discover=False)
+
+    async def recover(self, peer: str) -> int:
+        """After a restore from backup: pull everything `peer` holds for this node.
+
+        Unlike `sync_with`, it asks `peer` which rooms this node is a member of, so rooms
+        joined after the backup are learnt again (nothing else would bring them back: their
+        outbox rows were acknowledged before the crash), and it pulls this node's own
+        envelopes made after the backup with the rest. It waits for a pass already running
+        with `peer` instead of skipping, and raises `KakehashiError` if `peer` cannot be
+        reached, so the caller knows which peers it has heard from.
+        """
+        async with self._running.setdefault(peer, asyncio.Lock()):
+            entry = self._roster().member(peer)
+            if entry is None or not entry.active:
+                return 0
+            rooms = self._rooms.shares_room_with(peer)
+            return await self._pull(peer, entry, rooms, discover=True)
+
+    async def _pull(
+        self, peer: str, entry: RosterEntry, rooms: list[str], *, discover: bool
+    ) -> int:
+        """Page through `peer`'s envelopes beyond our vectors; lock for `peer` held.
+
+        With `discover`, the first request also asks for the rooms `peer` counts this node
+        a member of, and those this node does not know are pulled from their start; and a
+        failed request raises instead of ending the pass quietly.
+        """
+        total = 0
+        rooms = list(rooms)
+        asking = discover
+        while True:
+            vectors = {room: self._rooms.vector(room) for room in rooms}
+            request: dict[str, object] = {"rooms": vectors, "limit": PAGE_COUNT}
+            if asking:
+                request["discover"] = True
+            try:
+                response = await self._client.request(entry, "POST", "/sync", codec.encode(request))
+                answer = codec.decode_map(response.body, BATCH_LIMITS, canonical=False)
+            except KakehashiError as exc:
+                if discover:
+                    raise
+                log.debug("catch_up_unavailable", peer=peer, code=exc.code)
+                return total
+            wires = answer.get("envelopes") or []
+            if wires:
+                _, _, refused = await self._rooms.receive(peer, wires)
+                total += len(wires)
+                self.pulled += len(wires)
+                if refused:
+                    log.warning("catch_up_refusals", peer=peer, count=len(refused))
+            learnt: list[str] = []
+            if asking:
+                asking = False
+                learnt = [room for room in _room_ids(answer.get("member_of")) if room not in rooms]
+                if learnt:
+                    self._rooms.expect(learnt)
+                    rooms.extend(learnt)
+                    log.info("rooms_rediscovered", peer=peer, rooms=learnt)
+            after = {room: self._rooms.vector(room) for room in vectors}
+            # Pages come in causal order, so each one advances our vectors; if one did
+            # not, asking again would return the same page: stop and retry next pass.
+            if not learnt and (not answer.get("more") or not wires or after == vectors):
+                break
+        if total:
+            log.info("caught_up", peer=peer, envelopes=total)
+        return total
+
+
+def _room_ids(value: object) -> list[str]:
+    """The room ids of a `member_of` answer; anything malformed is ignored (it is optional)."""
+    if not isinstance(value, list):
+        return []
+    rooms = []
+    for room in value:
+        try:
+            check_room_id(room)
+        except KakehashiError:
+            continue
+        rooms.append(room)
+    return rooms

@@ -14,19 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
 from rich.console import Console
+from rich.filesize import decimal
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from federation.errors import KakehashiError
+from federation.errors import ConfigError, KakehashiError
 
 from . import logging as node_logging
 from .admin_client import AdminClient
@@ -667,6 +671,8 @@ def status(home: str, as_json: bool) -> None:
         ("peers_down", "peers down"),
     ):
         table.add_row(label, str(data[key]))
+    if data.get("catching_up"):
+        table.add_row("catching up", "[yellow]yes: restored from a backup; local sends wait[/]")
     out.print(table)
 
 
@@ -719,6 +725,76 @@ def maintenance_status(home: str, as_json: bool) -> None:
         _print_json(data)
     else:
         _print_maintenance(data)
+
+
+PASSPHRASE_ENV = "KAKEHASHI_BACKUP_PASSPHRASE"  # noqa: S105 - a variable name, no secret
+
+
+def _passphrase(path: Path | None, *, confirm: bool) -> str:
+    """From --passphrase-file (its first line), else the environment, else asked (hidden)."""
+    if path is not None:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read the passphrase file {path}: {exc}", code="passphrase_unreadable"
+            ) from exc
+        return lines[0] if lines else ""
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    if not sys.stdin.isatty():
+        raise ConfigError(
+            "no passphrase given for the backup",
+            code="no_passphrase",
+            hint=f"pass --passphrase-file PATH or set {PASSPHRASE_ENV} (or run in a terminal)",
+        )
+    text: str = click.prompt(
+        "backup passphrase", hide_input=True, confirmation_prompt=confirm, err=True
+    )
+    return text
+
+
+_PHASES = {"database": "database snapshot", "archive": "encrypting", "restore": "decrypting"}
+
+
+def _amount(phase: str, done: int, total: int) -> str:
+    if phase == "database":
+        return f"{done}/{total} pages"
+    return f"{decimal(done)}/{decimal(total)}"
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar per phase on a terminal; otherwise a plain line per quarter (none if
+    `quiet`). Both on standard error, so standard output stays for --json."""
+    if err.is_terminal:
+        columns = (
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            TextColumn("{task.fields[amount]}"),
+        )
+        with Progress(*columns, console=err) as bar:
+            tasks: dict[str, Any] = {}
+
+            def report_bar(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(_PHASES[phase], total=total, amount="")
+                bar.update(
+                    tasks[phase], completed=done, total=total, amount=_amount(phase, done, total)
+                )
+
+            yield report_bar
+        return
+    printed: dict[str, int] = {}
+
+    def report_lines(phase: str, done: int, total: int) -> None:
+        quarter = 4 if total <= 0 else min(4, done * 4 // total)
+        if quiet or printed.get(phase, -1) >= quarter:
+            return
+        printed[phase] = quarter
+        err.print(f"{_PHASES[phase]}: {_amount(phase, done, total)}")
+
+    yield report_lines
 
 
 @cli.command()
@@ -781,6 +857,80 @@ def doctor(home: str, as_json: bool) -> None:
             out.print("[green]no problem found[/]")
     if problems:
         sys.exit(1)
+
+
+@cli.command()
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Read the passphrase from the first line of this file (or set {PASSPHRASE_ENV}; "
+    "otherwise it is asked twice).",
+)
+@json_option
+def backup(home: str, file: Path, passphrase_file: Path | None, as_json: bool) -> None:
+    """Write an encrypted backup of this node's home (database, config, keys) to FILE.
+
+    Works while the node runs: the database is copied online, consistently.
+    """
+    from .backup import backup_home
+
+    target = resolve_home(home)
+    passphrase = _passphrase(passphrase_file, confirm=True)
+    with _progress(as_json) as report:
+        summary = backup_home(target, file, passphrase, progress=report)
+    if as_json:
+        _print_json(summary.to_json())
+        return
+    out.print(
+        f"backup of node [bold]{summary.node_id}[/] written to {escape(summary.file)} "
+        f"({decimal(summary.bytes)}, {summary.database_pages} database pages, {summary.created})"
+    )
+    out.print("keep the passphrase safe: without it the backup cannot be restored")
+
+
+@cli.command()
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"Read the passphrase from the first line of this file (or set {PASSPHRASE_ENV}).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace a non-empty home: it is moved aside to HOME.before-restore-TIME first.",
+)
+@json_option
+def restore(
+    home: str, file: Path, passphrase_file: Path | None, force: bool, as_json: bool
+) -> None:
+    """Restore the backup FILE into the home (which must be missing or empty, or --force).
+
+    The node must not be running. On its next start it catches up with its peers
+    before it sends anything new.
+    """
+    from .backup import restore_home
+
+    target = resolve_home(home)
+    passphrase = _passphrase(passphrase_file, confirm=False)
+    with _progress(as_json) as report:
+        summary = restore_home(file, target, passphrase, force=force, progress=report)
+    if as_json:
+        _print_json(summary.to_json())
+        return
+    out.print(
+        f"restored node [bold]{summary.node_id}[/] (backup of {summary.created}) "
+        f"into {escape(summary.home)}"
+    )
+    if summary.moved_aside:
+        out.print(f"the previous home was moved to {escape(summary.moved_aside)}")
+    out.print(
+        f"next: `kakehashi run --home {escape(summary.home)}`; it first catches up with its "
+        "peers (local sends wait until then)"
+    )
 
 
 def main() -> None:

@@ -148,6 +148,9 @@ class NodeConfig:
     """Longest wait, in seconds, between delivery retries to an unreachable peer."""
     catch_up_interval: float = 30.0
     """Seconds between routine catch-up passes with every peer."""
+    restore_timeout: float = 60.0
+    """After a restore from backup: longest wait, in seconds, for peers to answer the first
+    catch-up pass before local sends are allowed anyway (see `kakehashi restore`)."""
     log_format: str = "auto"
     """'auto' (readable on a terminal, JSON otherwise), 'json' or 'console'."""
     log_level: str = "info"
@@ -311,10 +314,13 @@ def load_config(home: Home) -> NodeConfig:
     catch_up = _optional(
         delivery, "delivery", "catch_up_interval_seconds", (int, float), path, 30.0
     )
-    if retry_cap < 0.2 or catch_up <= 0:
+    restore_timeout = _optional(
+        delivery, "delivery", "restore_catch_up_timeout_seconds", (int, float), path, 60.0
+    )
+    if retry_cap < 0.2 or catch_up <= 0 or restore_timeout < 0:
         raise ConfigError(
-            f"{path}: [delivery] retry_cap_seconds must be >= 0.2 and "
-            "catch_up_interval_seconds positive",
+            f"{path}: [delivery] retry_cap_seconds must be >= 0.2, "
+            "catch_up_interval_seconds positive and restore_catch_up_timeout_seconds >= 0",
             code="config_bad_field",
         )
     tls_table = raw.get("tls", {})
@@ -343,6 +349,7 @@ def load_config(home: Home) -> NodeConfig:
         log_level=log_level,
         retry_cap=float(retry_cap),
         catch_up_interval=float(catch_up),
+        restore_timeout=float(restore_timeout),
         certificate_days=certificate_days,
         renew_before_days=renew_before,
         monitoring_listen=None
@@ -376,6 +383,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["tls"] = {"renew_before_days": config.renew_before_days}
     if config.monitoring_listen is not None:
         document["monitoring"] = {"listen": _listen_text(*config.monitoring_listen)}
+    if config.restore_timeout != 60.0:
+        document["delivery"]["restore_catch_up_timeout_seconds"] = config.restore_timeout
     document.update(config.extra)
     header = "# Kakehashi node configuration. Restart the node after editing.\n"
     footer = "" if config.monitoring_listen is not None else MONITORING_EXAMPLE

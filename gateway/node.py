@@ -7,6 +7,11 @@ atomically (one reference) after the update was verified and persisted.
 
 Roster sync is single-flight: however many requests reveal that a newer roster
 exists, one fetch runs at a time, and callers that arrive meanwhile wait for it.
+
+A node restored from a backup (`kakehashi restore` leaves the `restored_at` meta
+flag) starts with local sends held, pulls from every peer it reaches directly the
+roster and everything those peers hold for it, its own later envelopes included,
+then clears the flag and allows sends (see `_recover`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from federation.signing import SigningKey
 from . import tls
 from .admin import admin_app, claim_admin_socket, serve_admin
 from .authority import Authority
+from .backup import RESTORED_AT
 from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
 from .keys import KeyManager, KeySettings, recover_interrupted
@@ -51,6 +57,7 @@ from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
 from .store import Store
+from .tasks import cancel_all
 from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
 
 __all__ = ["Node"]
@@ -79,6 +86,7 @@ class Node:
         self._keys: KeyManager | None = None
         self._runners: list[web.BaseRunner] = []
         self._monitoring: web.BaseRunner | None = None
+        self._recovery: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._started_at = 0.0
         self._stopped = asyncio.Event()
@@ -229,6 +237,9 @@ class Node:
             ),
         )
         await self._rooms.load()
+        restored_at = await self.store.get_meta(RESTORED_AT)
+        if restored_at is not None:
+            self._rooms.hold_local()  # before the admin socket serves a single send
         self._catchup = CatchUp(
             node_id=self.node_id,
             rooms=self._rooms,
@@ -276,6 +287,9 @@ class Node:
         self._catchup.start()
         self._keys.start()
         self._rooms.resume()
+        if restored_at is not None:
+            self._recovery = asyncio.create_task(self._recover(restored_at), name="restore")
+            self._recovery.add_done_callback(_log_failure)
         self._started_at = self.clock()
         await self._serve_monitoring()
         log.info(
@@ -313,6 +327,7 @@ class Node:
         """Stop everything this node started, in reverse order. Safe to call twice."""
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
+        await cancel_all([self._recovery])
         for part in (self._keys, self._catchup, self._outbox, self._monitor, self._rooms):
             if part is not None:
                 try:
@@ -335,6 +350,70 @@ class Node:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # after a restore ----------------------------------------------------------
+
+    async def _recover(self, restored_at: bytes) -> None:
+        """Catch up with every peer reached directly before allowing local sends.
+
+        The backup predates envelopes this node made before its disk died; peers hold
+        them. Sending before they are back would reuse their sequence numbers with other
+        content, which peers would drop as duplicates (equivocation). So each peer is
+        asked for the roster and for everything it holds for this node, in every room it
+        counts this node a member of; unreached peers are retried until all answered or
+        `restore_timeout` passed. Then sends are allowed even if some peer never answered:
+        an isolated node must keep working, at the risk that a peer reached later holds
+        envelopes of ours whose sequence numbers get used again (logged as a warning).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.restore_timeout
+        reached: set[str] = set()
+        told: set[str] = set()  # peers already logged as unreachable (retried every second)
+        pulled = 0
+        log.info("restore_catch_up_started", restored_at=restored_at.decode(errors="replace"))
+        try:
+            while True:
+                peers = sorted(self.direct_peers() - reached)
+                results = await asyncio.gather(
+                    *(self._recover_from(peer) for peer in peers), return_exceptions=True
+                )
+                for peer, result in zip(peers, results, strict=True):
+                    if isinstance(result, int):
+                        reached.add(peer)
+                        pulled += result
+                    elif isinstance(result, KakehashiError):
+                        if peer not in told:
+                            told.add(peer)
+                            log.info("restore_peer_unreachable", peer=peer, code=result.code)
+                    else:
+                        log.error("restore_peer_failed", peer=peer, error=repr(result))
+                unreached = sorted(self.direct_peers() - reached)
+                if not unreached:
+                    break
+                if loop.time() >= deadline:
+                    log.warning(
+                        "restore_catch_up_timed_out",
+                        reached=sorted(reached),
+                        unreached=unreached,
+                        risk="envelopes of this node held only by unreached peers may see "
+                        "their sequence numbers reused",
+                    )
+                    break
+                await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+            await self.store.delete_meta(RESTORED_AT)
+            log.info("restore_caught_up", peers=sorted(reached), envelopes=pulled)
+        finally:
+            self.rooms.release_local()
+
+    async def _recover_from(self, peer: str) -> int:
+        """The roster, then every envelope `peer` holds for this node; raises if unreachable."""
+        entry = self.roster.member(peer)
+        if entry is None:
+            return 0
+        # First the roster: a restored authority must not issue a version it issued before.
+        response = await self.client.request(entry, "GET", "/roster")
+        await self.adopt(SignedRoster.from_bytes(response.body))
+        return await self.catchup.recover(peer)
 
     # roster ----------------------------------------------------------------
 
@@ -499,6 +578,7 @@ class Node:
     async def _handle_join(self, request: web.Request) -> web.Response:
         if self.authority is None:
             raise TrustError("this node is not the federation authority", code="not_authority")
+        self.rooms.require_caught_up()  # admitting a node issues a roster version
         reply = await self.authority.join(await request.read())
         status = 200 if reply.status.value == "admitted" else 202
         return web.Response(status=status, body=reply.to_bytes(), content_type=MSGPACK)
@@ -606,7 +686,8 @@ class Node:
         return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
 
     async def _handle_sync(self, request: web.Request) -> web.Response:
-        """Catch-up: everything beyond the peer's vectors in rooms it is a member of."""
+        """Catch-up: everything beyond the peer's vectors in rooms it is a member of; with
+        `discover`, also the ids of those rooms (`member_of`)."""
         peer = request[PEER]
         body = codec.decode_map(await request.read())
         rooms, limit = body.get("rooms"), body.get("limit", 2000)
@@ -619,10 +700,16 @@ class Node:
             ):
                 raise ProtocolError("a vector maps origin to seq", code="bad_sync")
             vectors[room] = vector
+        discover = body.get("discover", False)
+        if not isinstance(discover, bool):
+            raise ProtocolError("discover must be true or false", code="bad_sync")
         wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
-        return web.Response(
-            body=codec.encode_frame({"envelopes": wires, "more": more}), content_type=MSGPACK
-        )
+        answer: dict[str, Any] = {"envelopes": wires, "more": more}
+        if discover:
+            # A peer restored from a backup asks which rooms it is in (it may not know them).
+            answer["member_of"] = self.rooms.member_rooms(peer.node_id)
+        frame = codec.encode_frame(dict(sorted(answer.items())))  # keys in canonical order
+        return web.Response(body=frame, content_type=MSGPACK)
 
     # views for the CLI --------------------------------------------------------
 
@@ -650,6 +737,7 @@ class Node:
             "refusals": dict(self.refusals),
             "rooms": len(self.rooms.room_ids()),
             "pending_envelopes": self.rooms.pending_count(),
+            "catching_up": self.rooms.catching_up,
         }
 
     async def room_views(self) -> list[dict[str, Any]]:
@@ -750,6 +838,11 @@ class Node:
                 }
             )
         return views
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("node_task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,6 +11,12 @@ never runs ahead of disk; the peer gets no acknowledgement and sends again.
 A peer's batch is acknowledged only after that transaction committed; duplicates
 are recognised by (room, origin, seq) in the version vector and dropped, which
 makes delivery exactly-once at every node.
+
+A node restored from a backup has forgotten the envelopes it made after the
+backup, but its peers have not: making new ones at once would reuse those
+sequence numbers with other content (equivocation; peers would drop them as
+duplicates). So the node holds local sends (`hold_local`) until a catch-up pass
+has brought its own envelopes back (`release_local`, see `Node`).
 """
 
 from __future__ import annotations
@@ -130,6 +136,11 @@ class RoomService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unanswered: list[Envelope] = []
         self.counts = EnvelopeCounts()
+        self._answered: set[bytes] = set()
+        self._expected: set[str] = set()
+        # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
+        self._local_open = asyncio.Event()
+        self._local_open.set()
 
     @property
     def store(self) -> RoomStore:
@@ -168,6 +179,7 @@ class RoomService:
             for envelope in map(Envelope.from_bytes, await self._rooms.state_requests(self.node_id))
             if envelope.id not in answered
         ]
+        self._answered = answered
         pending = [Envelope.from_bytes(wire) for wire in await self._rooms.pending()]
         for envelope in pending:
             # Stored pending envelopes wait again; none can be ready, or it would
@@ -185,6 +197,37 @@ class RoomService:
             task = asyncio.create_task(self._answer_request(request), name="state-request")
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def hold_local(self) -> None:
+        """Refuse local sends (`catching_up`) until `release_local`: this node was restored
+        from a backup and may not know the sequence numbers it used after it."""
+        self._local_open.clear()
+
+    def release_local(self) -> None:
+        """Allow local sends again; state-request answers held meanwhile go ahead."""
+        self._local_open.set()
+
+    @property
+    def catching_up(self) -> bool:
+        """True while local sends are held after a restore."""
+        return not self._local_open.is_set()
+
+    def require_caught_up(self) -> None:
+        """`ProtocolError` `catching_up` (HTTP 503) while local sends are held."""
+        if not self._local_open.is_set():
+            raise ProtocolError(
+                "this node was restored from a backup and is catching up with its peers "
+                "before it sends anything new",
+                code="catching_up",
+                status=503,
+                hint="retry in a few seconds; `kakehashi status` shows catching_up",
+            )
+
+    def expect(self, rooms: Iterable[str]) -> None:
+        """Admit envelopes of `rooms`, which a peer counts this node a member of although
+        this node does not know them (it was restored from a backup made before it joined).
+        Signatures and room rules still apply to every envelope."""
+        self._expected.update(rooms)
 
     def listen(self, callback: Callable[[list[Envelope]], None]) -> None:
         """Call `callback` with newly accepted envelopes after each committed step."""
@@ -205,13 +248,22 @@ class RoomService:
     def pending_count(self) -> int:
         return self._buffer.pending_count()
 
-    def member_rooms(self) -> list[str]:
+    def own_rooms(self) -> list[str]:
         """Rooms this node is a member node of."""
         return [
             room
             for room in self.room_ids()
             if (state := self.state(room)) is not None and self.node_id in state.nodes
         ]
+
+    def member_rooms(self, peer: str) -> list[str]:
+        """Rooms whose current state lists `peer` as a member node."""
+        rooms = []
+        for room in self.room_ids():
+            state = self.state(room)
+            if state is not None and peer in state.nodes:
+                rooms.append(room)
+        return rooms
 
     def shares_room_with(self, peer: str) -> list[str]:
         """Rooms in which `peer` is a member node (or whose home it is)."""
@@ -257,6 +309,7 @@ class RoomService:
         admins: Sequence[str] = (),
     ) -> str:
         """Create a room with this node as home; returns its id."""
+        self.require_caught_up()
         for node in nodes:
             check_node_id(node)
             if self._roster().member(node) is None:
@@ -279,6 +332,7 @@ class RoomService:
 
     async def send(self, room: str, texts: Sequence[str], *, sender: str = "") -> list[bytes]:
         """Send messages (one envelope each, sealed as one batch); returns their ids."""
+        self.require_caught_up()
         self._require_member(room)
         items: list[tuple[Kind, dict[str, Any], str]] = [
             (Kind.MESSAGE, {"text": text}, sender) for text in texts
@@ -289,6 +343,7 @@ class RoomService:
         """Send one envelope of any kind but state changes (edits, reactions, receipts, ...)."""
         if kind in (Kind.STATE, Kind.STATE_REQUEST):
             raise ProtocolError("state changes go through RoomService.change", code="bad_request")
+        self.require_caught_up()
         self._require_member(room)
         return (await self._originate(room, [(kind, body, sender)]))[0]
 
@@ -297,6 +352,7 @@ class RoomService:
 
         Returns "changed" or "requested".
         """
+        self.require_caught_up()
         self._require_member(room)
         kind = Kind.STATE if room_home(room) == self.node_id else Kind.STATE_REQUEST
         await self._originate(room, [(kind, body, sender)])
@@ -468,6 +524,8 @@ class RoomService:
         """A room we know, or the state envelope by which its home adds us to it."""
         if content.room in self._homes or self._buffer.vector(content.room):
             return True
+        if content.room in self._expected:
+            return True
         if self._buffer.pending_count(content.room):
             return True
         return (
@@ -603,6 +661,8 @@ class RoomService:
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)
+        if content.kind is Kind.STATE:
+            self._answered.update(content.body.get("answers", []))
         if new_state is not None:
             if history is None:
                 history = self._histories[content.room] = RoomHistory()
@@ -663,6 +723,9 @@ class RoomService:
 
     async def _answer_request(self, request: Envelope) -> None:
         """At the home node: grant a member's state request by issuing the state change."""
+        await self._local_open.wait()  # an answer is a local send too (see `hold_local`)
+        if request.id in self._answered:
+            return  # after a restore: answered before the disk died, the answer came back
         state = self.state(request.content.room)
         if state is None:
             return
