@@ -54,6 +54,8 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
         version, tables = await _schema(store)
         assert version == len(MIGRATIONS)
         assert tables == [
+            "audit",
+            "audit_head",
             "envelope",
             "invitation",
             "meta",
