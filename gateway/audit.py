@@ -168,6 +168,7 @@ class AuditLog:
         self._since_head = 0
         self._last_head = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.dropped = 0
         """Queued records dropped because the writer fell behind (counted in the next one)."""
 
@@ -181,9 +182,21 @@ class AuditLog:
         self._task = asyncio.create_task(self._run(), name="audit-log")
 
     async def stop(self) -> None:
-        """Stop the writer, write what is queued and sign the final head."""
-        await cancel_all([self._task])
-        self._task = None
+        """Stop the writer, write what is queued and sign the final head.
+
+        The writer is asked to finish its pass rather than cancelled in the middle of a
+        write, after which it could not tell whether its batch had committed; it is
+        cancelled only if it does not finish in time.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(10.0):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                await cancel_all([self._task])
+            self._task = None
         try:
             self._summarise(self._now_ms() + int(self.settings.refusal_window_seconds * 1000))
             await self._flush()
@@ -292,7 +305,7 @@ class AuditLog:
 
     async def _run(self) -> None:
         tick = min(self.settings.head_every_seconds, self.settings.refusal_window_seconds)
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(tick):
                     await self._wake.wait()
@@ -304,7 +317,8 @@ class AuditLog:
                     await self.sign_head()
             except Exception:  # the log must keep going; the queue is kept for the next try
                 log.exception("audit_write_failed")
-                await asyncio.sleep(1.0)
+                if not self._stopping:
+                    await asyncio.sleep(1.0)
 
 
 # --- reading (the CLI, read-only) ------------------------------------------------------------

@@ -255,6 +255,14 @@ class Store:
                     await db.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as exc:
                     raise _translate(exc) from exc
+                except BaseException:
+                    # Cancelled while waiting: the worker thread still runs the BEGIN, and a
+                    # transaction left open would make every later write on this connection
+                    # fail ("within a transaction") and hold the write lock. Queued after it,
+                    # the ROLLBACK undoes it (or finds nothing to undo if the BEGIN failed).
+                    with suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                    raise
                 try:
                     yield db
                 except BaseException as exc:
