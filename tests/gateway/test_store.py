@@ -120,6 +120,32 @@ async def test_transaction_that_raises_rolls_back_everything_it_wrote(store: Sto
     assert await store.latest_roster() == b"v2"
 
 
+async def test_transaction_cancelled_while_waiting_to_begin_leaves_no_transaction_open(
+    store: Store, tmp_path: Path
+) -> None:
+    # Another connection holds the write lock, so BEGIN IMMEDIATE waits in aiosqlite's thread;
+    # the waiting task is cancelled (a node stopping). Once the lock is free, that BEGIN still
+    # runs: it must not leave a transaction open on the node's one connection.
+    other = sqlite3.connect(tmp_path / "node.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def write() -> None:
+        async with store.transaction() as db:
+            await db.execute("INSERT INTO meta (key, value) VALUES ('lost', x'00')")
+
+    waiting = asyncio.create_task(write())
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(other.execute, "ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await store.set_meta("after", b"1")  # failed with "within a transaction" before
+    assert await store.get_meta("after") == b"1"
+    assert await store.get_meta("lost") is None
+
+
 async def test_sqlite_error_inside_a_transaction_surfaces_as_storage_error(
     store: Store,
 ) -> None:
