@@ -750,7 +750,8 @@ def audit_verify(home: str, as_json: bool) -> None:
                 "(the running node signs them within a minute, and at stop)"
             )
     else:
-        out.print(f"audit log NOT intact: {len(report.problems)} problems")
+        count = len(report.problems)
+        out.print(f"audit log NOT intact: {count} problem{'' if count == 1 else 's'}")
         for problem in report.problems:
             out.print(f"  {escape(problem.describe())}")
     if not report.intact:
