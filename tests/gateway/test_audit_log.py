@@ -192,6 +192,21 @@ async def test_an_event_field_named_like_a_secret_is_refused(store: Store) -> No
         await audit.append("invitation_issued", node="tsu", token="eyJ...")
 
 
+async def test_a_signing_key_rotation_is_recorded_by_key_ids_only(
+    store: Store, tmp_path: Path
+) -> None:
+    audit = AuditLog(store, signing_key=KEY, clock=FakeClock())
+    new_key = SigningKey.generate()
+    await audit.signing_key_rotated(
+        old_key_id=KEY.key_id, new_key_id=new_key.key_id, reason="yearly rotation"
+    )
+    (record,) = records_of(tmp_path / "node.db")
+    assert (record.event, record.field_map) == (
+        "signing_key_rotated",
+        {"old_key_id": KEY.key_id, "new_key_id": new_key.key_id, "reason": "yearly rotation"},
+    )
+
+
 async def test_the_audit_tables_refuse_updates_and_deletes_through_sql(
     store: Store, tmp_path: Path
 ) -> None:
