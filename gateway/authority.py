@@ -6,6 +6,12 @@ and is persisted in the same transaction as the invitation state that caused
 it, so a crash between "certificate issued" and "roster saved" cannot happen.
 The join lifecycle itself is the pure table in `federation.invites`; this module
 feeds it the stored state and the request, and carries out the effect.
+
+Each decision is written to the audit log in the transaction that carries it out
+(invitation issued, join admitted / pending / approved / denied, member status
+and member changes), so the log holds a decision exactly when it took effect.
+Invitation tokens are never audited: the record names the node, the approval
+mode, the relay flag and the expiry.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +59,7 @@ from federation.roster import (
 from federation.signing import SigningKey, public_key_id, verify_signature
 
 from . import tls
+from .audit import AuditLog
 from .config import Home, NodeConfig
 from .store import InvitationRow, Store
 
@@ -80,8 +88,10 @@ class Authority:
         current: Callable[[], SignedRoster],
         publish: Callable[[SignedRoster], Awaitable[None]],
         clock: Callable[[], float],
+        audit: AuditLog,
     ) -> None:
         self._config = config
+        self._audit = audit
         self._store = store
         self._current = current
         self._publish = publish
@@ -147,14 +157,24 @@ class Authority:
             relay=relay,
         )
         token = issue_invitation(invitation, self._federation_key)
-        await self._store.add_invitation(
-            nonce=invitation.nonce,
-            node_id=node_id,
-            expires_at=invitation.expires_at,
-            approval=approval,
-            relay=relay,
-            now=now,
-        )
+        async with self._store.transaction() as db:
+            await self._store.insert_invitation(
+                db,
+                nonce=invitation.nonce,
+                node_id=node_id,
+                expires_at=invitation.expires_at,
+                approval=approval,
+                relay=relay,
+                now=now,
+            )
+            await self._audit.append_in(
+                db,
+                "invitation_issued",
+                node=node_id,
+                approval=approval,
+                relay=relay,
+                expires_at=invitation.expires_at,
+            )
         log.info(
             "invitation_issued",
             node=node_id,
@@ -214,15 +234,26 @@ class Authority:
                     await self._store.update_invitation(
                         db, row.nonce, state=state, now=now, request=body, request_keys=keys
                     )
+                    if row.state is JoinState.ISSUED:  # not again for each poll of the joiner
+                        await self._audit.append_in(
+                            db, "join_pending", node=row.node_id, name=request.name
+                        )
                 return JoinReply(status=JoinStatus.PENDING)
             if effect is JoinEffect.DELIVER:
                 assert row.certificate is not None
                 return self._reply(row.certificate)
             assert effect is JoinEffect.ADMIT
-            return await self._admit(row, request, keys, body, now)
+            return await self._admit(row, request, keys, body, now, event="join_admitted")
 
     async def _admit(
-        self, row: InvitationRow, request: JoinRequest, keys: bytes, body: bytes, now: int
+        self,
+        row: InvitationRow,
+        request: JoinRequest,
+        keys: bytes,
+        body: bytes,
+        now: int,
+        *,
+        event: str,
     ) -> JoinReply:
         """Issue the certificate, add the member, persist both at once, publish. Lock held."""
         csr = tls.load_csr_pem(request.csr_pem)
@@ -255,6 +286,19 @@ class Authority:
                 certificate=cert_pem,
             )
             await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+            await self._audit.append_in(
+                db,
+                event,
+                node=row.node_id,
+                name=request.name,
+                code=request.code,
+                approval=row.approval,
+                relay=row.relay,
+                segments=[e.segment for e in entry.endpoints],
+                signing_key_id=entry.signing_keys[0].key_id,
+                tls_fingerprint=entry.tls_fingerprint,
+                roster_version=signed.version,
+            )
         await self._publish(signed)
         log.info("member_admitted", node=row.node_id, roster_version=signed.version)
         return self._reply(cert_pem)
@@ -285,7 +329,9 @@ class Authority:
             assert effect is JoinEffect.ADMIT and row.request is not None
             request = JoinRequest.from_bytes(row.request)
             assert row.request_keys is not None
-            await self._admit(row, request, row.request_keys, row.request, self._now())
+            await self._admit(
+                row, request, row.request_keys, row.request, self._now(), event="join_approved"
+            )
             return self.roster
 
     async def deny(self, node_id: str) -> None:
@@ -295,6 +341,7 @@ class Authority:
             _, state = join_transition(row.state, JoinInput.DENY)
             async with self._store.transaction() as db:
                 await self._store.update_invitation(db, row.nonce, state=state, now=self._now())
+                await self._audit.append_in(db, "join_denied", node=node_id)
             log.info("join_denied", node=node_id)
 
     async def pending(self) -> list[InvitationRow]:
@@ -315,7 +362,10 @@ class Authority:
                 return self.roster
             now = self._now()
             version = await self._issue(
-                replace(entry, status=status, status_reason=reason, status_since=now), now
+                replace(entry, status=status, status_reason=reason, status_since=now),
+                now,
+                "member_status_changed",
+                {"node": node_id, "status": status, "previous": entry.status, "reason": reason},
             )
             log.info(
                 "member_status_changed",
@@ -347,7 +397,18 @@ class Authority:
             )
             if changed == entry:
                 return self.roster
-            version = await self._issue(changed, self._now())
+            version = await self._issue(
+                changed,
+                self._now(),
+                "member_updated",
+                {
+                    "node": node_id,
+                    "relay": changed.relay,
+                    "previous_relay": entry.relay,
+                    "endpoints": [f"{e.segment}={e.url}" for e in changed.endpoints],
+                    "previous_endpoints": [f"{e.segment}={e.url}" for e in entry.endpoints],
+                },
+            )
             log.info(
                 "member_updated",
                 node=node_id,
@@ -375,7 +436,17 @@ class Authority:
                 days=self._config.certificate_days,
             )
             changed = with_certificate(entry, tls.fingerprint(cert), now=now, overlap=overlap)
-            version = await self._issue(changed, now)
+            version = await self._issue(
+                changed,
+                now,
+                "certificate_renewed",
+                {
+                    "node": node_id,
+                    "fingerprint": changed.tls_fingerprint.hex()[:16],
+                    "previous_fingerprint": entry.tls_fingerprint.hex()[:16],
+                    "expires": cert.not_valid_after_utc.isoformat(),
+                },
+            )
             log.info(
                 "certificate_renewed",
                 node=node_id,
@@ -406,7 +477,18 @@ class Authority:
                 ) from exc
             now = self._now()
             changed = with_signing_key(entry, public_key, now=now, overlap=overlap)
-            version = await self._issue(changed, now)
+            previous = [key.key_id for key in entry.signing_keys if key.not_after is None]
+            version = await self._issue(
+                changed,
+                now,
+                "signing_key_published",
+                {
+                    "node": node_id,
+                    "key_id": public_key_id(public_key),
+                    "closed": previous,
+                    "overlap_s": overlap,
+                },
+            )
             log.info(
                 "signing_key_rotated",
                 node=node_id,
@@ -434,6 +516,13 @@ class Authority:
             tls.write_secret_file(key_path, new_key.to_pem())
             async with self._store.transaction() as db:
                 await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+                await self._audit.append_in(
+                    db,
+                    "federation_key_rotated",
+                    roster_version=signed.version,
+                    key_id=new_key.key_id,
+                    previous_key_id=self._federation_key.key_id,
+                )
             self._federation_key = new_key
             await self._publish(signed)
             log.info(
@@ -444,10 +533,14 @@ class Authority:
             )
             return signed.version
 
-    async def _issue(self, changed: RosterEntry, now: int) -> int:
-        """Sign, store and publish the roster with `changed` in place of its member."""
+    async def _issue(
+        self, changed: RosterEntry, now: int, event: str, fields: dict[str, Any]
+    ) -> int:
+        """Sign, store (with its audit record) and publish the roster with `changed` in place
+        of its member."""
         signed = sign_roster(self.roster.with_member(changed, issued_at=now), self._federation_key)
         async with self._store.transaction() as db:
             await self._store.insert_roster(db, signed.version, signed.to_bytes(), now * 1000)
+            await self._audit.append_in(db, event, roster_version=signed.version, **fields)
         await self._publish(signed)
         return signed.version

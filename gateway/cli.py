@@ -1,8 +1,9 @@
 """The `kakehashi` command: set up a node, run it, and operate the federation.
 
 Commands that set a node up (`init`, `federation create`, `federation join`)
-work on the home directly and need the node stopped. Every other command talks
-to the running node through its admin socket.
+work on the home directly and need the node stopped. `audit show` and
+`audit verify` read the node's database read-only, running or not. Every other
+command talks to the running node through its admin socket.
 
 Output is for people by default (tables, colours on a terminal) and JSON with
 `--json`. Exit codes: 0 ok, 1 failure (one line saying what and one saying the
@@ -931,6 +932,134 @@ def restore(
         f"next: `kakehashi run --home {escape(summary.home)}`; it first catches up with its "
         "peers (local sends wait until then)"
     )
+
+
+@cli.group()
+def audit() -> None:
+    """The node's audit log: what happened to its trust relationships, and a tamper check.
+
+    Both commands read the node's database directly, read-only, whether the node runs or not.
+    """
+
+
+def _since_ms(text: str) -> int:
+    """--since as unix ms: a duration back from now (24h, 7d) or a date/time (local time
+    unless it names its zone)."""
+    from federation.errors import ProtocolError
+    from federation.invites import parse_duration
+
+    with contextlib.suppress(ProtocolError):
+        return int((datetime.now(UTC).timestamp() - parse_duration(text)) * 1000)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: use a duration (24h, 7d) or a date (2026-11-01, 2026-11-01T09:00)",
+            param_hint="--since",
+        ) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # the operator's local time
+    return int(when.timestamp() * 1000)
+
+
+def _audit_time(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _field_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(_field_text(item) for item in value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+@audit.command("show")
+@home_option
+@click.option("--since", default=None, help="From a duration ago (24h, 7d) or a date (2026-11-01).")
+@click.option("--event", default=None, metavar="NAME", help="Only this event, e.g. peer_refused.")
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="The newest N records.",
+)
+@json_option
+def audit_show(home: str, since: str | None, event: str | None, limit: int, as_json: bool) -> None:
+    """Audit records, oldest first: seq, time, event, fields."""
+    from federation.audit import AuditRecord
+
+    from .audit import read_records
+
+    since_ms = None if since is None else _since_ms(since)
+    rows = read_records(resolve_home(home).database, since_ms=since_ms, event=event, limit=limit)
+    if as_json:
+        _print_json(
+            [
+                {
+                    "seq": r.seq,
+                    "at_ms": r.at_ms,
+                    "time": _audit_time(r.at_ms),
+                    "event": r.event,
+                    "fields": r.field_map,
+                }
+                if isinstance(r, AuditRecord)
+                else {"seq": r.seq, "unreadable": r.reason}
+                for r in rows
+            ]
+        )
+        return
+    if not rows:
+        out.print("no audit records" + (" match" if since or event else " yet"))
+        return
+    table = Table("seq", "time", "event", "fields")
+    for r in rows:
+        if isinstance(r, AuditRecord):
+            text = " ".join(f"{name}={_field_text(value)}" for name, value in r.field_map.items())
+            table.add_row(str(r.seq), _audit_time(r.at_ms), r.event, escape(text))
+        else:
+            table.add_row(str(r.seq), "?", "[red]unreadable[/]", escape(r.reason))
+    out.print(table)
+
+
+@audit.command("verify")
+@home_option
+@json_option
+def audit_verify(home: str, as_json: bool) -> None:
+    """Check the audit log's hash chain and signed heads; exit 1 naming each damaged record."""
+    from federation.errors import StorageError
+
+    from .audit import verify_log
+
+    report = verify_log(resolve_home(home))
+    if as_json:
+        _print_json(report.to_json())
+    elif report.intact:
+        signed = (
+            f"last signed head at seq {report.last_signed_seq}"
+            if report.last_signed_seq is not None
+            else "no signed head yet"
+        )
+        out.print(f"audit log intact: {report.records} records, {signed}")
+        if report.unsigned:
+            out.print(
+                f"  {report.unsigned} newer records are not signed yet "
+                "(the running node signs them within a minute, and at stop)"
+            )
+    else:
+        count = len(report.problems)
+        out.print(f"audit log NOT intact: {count} problem{'' if count == 1 else 's'}")
+        for problem in report.problems:
+            out.print(f"  {escape(problem.describe())}")
+    if not report.intact:
+        raise StorageError(
+            "the audit log was changed outside the node",
+            code="audit_log_tampered",
+            hint="keep this database as evidence; compare it with a backup of node.db",
+        )
 
 
 def main() -> None:

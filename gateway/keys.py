@@ -187,6 +187,10 @@ class KeyManager:
             tls.write_secret_file(self._home.signing_key, new.to_pem())
             previous = node.rooms.signing_key.key_id
             await node.rooms.set_signing_key(new)
+            await node.audit.signing_key_rotated(
+                old_key_id=previous, new_key_id=new.key_id, reason="keys rotate --signing"
+            )
+            node.audit.use_signing_key(new)
             log.info("signing_key_switched", key_id=new.key_id, previous=previous)
             return {
                 "key_id": new.key_id,
@@ -226,7 +230,14 @@ class KeyManager:
                 return me is not None and me.tls_fingerprint == fingerprint
 
             await self._wait_for(published, "the new certificate")
+            previous = tls.fingerprint(tls.load_certificate_pem(self._home.tls_cert.read_bytes()))
             self._install(key, cert_pem)
+            await node.audit.append(
+                "certificate_switched",
+                fingerprint=fingerprint.hex()[:16],
+                previous_fingerprint=previous.hex()[:16],
+                expires=cert.not_valid_after_utc.isoformat(),
+            )
             log.info(
                 "certificate_switched",
                 fingerprint=fingerprint.hex()[:16],

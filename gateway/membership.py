@@ -47,6 +47,7 @@ from federation.roster import (
 from federation.signing import SigningKey
 
 from . import tls
+from .audit import write_record
 from .config import Home, NodeConfig, load_config, parse_endpoints, write_config
 from .store import Store
 from .transport import FEDERATION_PREFIX, MSGPACK, PinnedConnector, raise_for_error
@@ -109,11 +110,17 @@ async def init_home(
         endpoints=parse_endpoints(segments, "--segment"),
     )
     home.create_dirs()
-    tls.write_secret_file(home.signing_key, SigningKey.generate().to_pem())
+    signing = SigningKey.generate()
+    tls.write_secret_file(home.signing_key, signing.to_pem())
     tls.write_private_key(home.tls_key, tls.generate_tls_key())
     write_config(home, config)
-    async with Store(home.database):
-        pass  # opening creates the schema
+    async with Store(home.database) as store, store.transaction() as db:  # creates the schema
+        await write_record(
+            db,
+            at_ms=int(datetime.now(UTC).timestamp() * 1000),
+            event="node_initialised",
+            fields={"node": node_id, "name": name, "signing_key_id": signing.key_id},
+        )
     return config
 
 
@@ -173,7 +180,20 @@ async def create_federation(home: Home, *, name: str, now: datetime | None = Non
         tls.write_private_key(home.ca_key, ca_key)
         tls.write_public_file(home.ca_cert, tls.cert_to_pem(ca_cert))
         tls.write_public_file(home.tls_cert, tls.cert_to_pem(cert))
-        await store.save_roster(1, signed.to_bytes(), seconds * 1000)
+        async with store.transaction() as db:
+            await store.insert_roster(db, 1, signed.to_bytes(), seconds * 1000)
+            await write_record(
+                db,
+                at_ms=int(when.timestamp() * 1000),
+                event="federation_created",
+                fields={
+                    "federation": federation_id,
+                    "name": name,
+                    "federation_key_id": federation_key.key_id,
+                    "ca_fingerprint": roster.ca_fingerprint,
+                    "roster_version": 1,
+                },
+            )
         await store.set_meta("role", b"authority")
         await store.set_meta("federation_id", federation_id.encode())
     log.info("federation_created", federation=federation_id, authority=config.node_id)
@@ -269,7 +289,22 @@ async def join_federation(
     tls.write_public_file(home.tls_cert, reply.certificate_pem)
     await _confirm_authority(home, authority, config)
     async with Store(home.database) as store:
-        await store.save_roster(roster.version, signed.to_bytes(), int(now().timestamp() * 1000))
+        at_ms = int(now().timestamp() * 1000)
+        async with store.transaction() as db:
+            await store.insert_roster(db, roster.version, signed.to_bytes(), at_ms)
+            await write_record(
+                db,
+                at_ms=at_ms,
+                event="federation_joined",
+                fields={
+                    "federation": roster.federation_id,
+                    "authority": roster.authority,
+                    "federation_key_id": signed.key_id,
+                    "ca_fingerprint": roster.ca_fingerprint,
+                    "roster_version": roster.version,
+                    "tls_fingerprint": me.tls_fingerprint,
+                },
+            )
         await store.set_meta("role", b"member")
         await store.set_meta("federation_id", roster.federation_id.encode())
     log.info(

@@ -46,6 +46,7 @@ from federation.signing import SigningKey
 
 from . import tls
 from .admin import admin_app, claim_admin_socket, serve_admin
+from .audit import AuditLog
 from .authority import Authority
 from .backup import RESTORED_AT
 from .catchup import CatchUp
@@ -77,6 +78,8 @@ class Node:
         self.refusals: Counter[str] = Counter()
         self.maintenance = Maintenance(self.store, clock)
         self.metrics = NodeMetrics(self)
+        self._audit: AuditLog | None = None
+        self._audit_started = False
         self._signed: SignedRoster | None = None
         self._client: PeerClient | None = None
         self._monitor: PeerMonitor | None = None
@@ -106,6 +109,13 @@ class Node:
     @property
     def roster(self) -> Roster:
         return self.signed_roster.roster
+
+    @property
+    def audit(self) -> AuditLog:
+        """The node's audit log (created in `start`)."""
+        if self._audit is None:
+            raise ConfigError("node has not started", code="not_started")
+        return self._audit
 
     @property
     def monitor(self) -> PeerMonitor:
@@ -186,6 +196,14 @@ class Node:
             )
         self._signed = signed
         await self.maintenance.load()
+        try:
+            signing = SigningKey.from_pem(self.home.signing_key.read_bytes())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {self.home.signing_key}: {exc}", code="bad_key"
+            ) from exc
+        self._audit = AuditLog(self.store, signing_key=signing, clock=self.clock)
+        await self._audit.start()
         if (await self.store.get_meta("role")) == b"authority":
             self.authority = Authority(
                 home=self.home,
@@ -194,6 +212,7 @@ class Node:
                 current=lambda: self.signed_roster,
                 publish=self.publish,
                 clock=self.clock,
+                audit=self._audit,
             )
         client_ssl = tls.client_context(self.home.tls_cert, self.home.tls_key, self.home.ca_cert)
         server_ssl = tls.server_context(
@@ -213,12 +232,6 @@ class Node:
             segments=tuple(e.segment for e in self.config.endpoints),
             clock=self.clock,
         )
-        try:
-            signing = SigningKey.from_pem(self.home.signing_key.read_bytes())
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {self.home.signing_key}: {exc}", code="bad_key"
-            ) from exc
         self._rooms = RoomService(
             node_id=self.node_id,
             store=self.store,
@@ -292,6 +305,16 @@ class Node:
             self._recovery.add_done_callback(_log_failure)
         self._started_at = self.clock()
         await self._serve_monitoring()
+        await self._audit.append(
+            "node_started",
+            node=self.node_id,
+            federation=self.roster.federation_id,
+            roster_version=self.roster.version,
+            role="authority" if self.authority is not None else "member",
+            signing_key_id=signing.key_id,
+            listen=f"{self.config.listen_host}:{self.federation_port}",
+        )
+        self._audit_started = True
         log.info(
             "node_started",
             node=self.node_id,
@@ -342,6 +365,15 @@ class Node:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._audit is not None:
+            # Last: nothing else can add a record now, and the final head covers them all.
+            try:
+                if self._audit_started:
+                    await self._audit.append("node_stopped", node=self.node_id)
+            except Exception:
+                log.exception("stop_step_failed", part="AuditLog")
+            await self._audit.stop()
+            self._audit_started = False
         with contextlib.suppress(OSError):
             self.home.admin_socket.unlink()
         await self.store.close()
@@ -423,7 +455,31 @@ class Node:
         if signed.version <= current.version:
             return None
         change = check_update(current, signed)
-        await self.store.save_roster(signed.version, signed.to_bytes(), int(self.clock() * 1000))
+        changes = {
+            "joined": list(change.joined),
+            "status_changed": [
+                f"{node}={entry.status.value}"
+                for node in change.status_changed
+                if (entry := signed.roster.member(node)) is not None
+            ],
+            "rekeyed": list(change.rekeyed),
+            "relay_changed": [
+                f"{m.node_id}={'on' if m.relay else 'off'}"
+                for m in signed.roster.members
+                if (before := current.member(m.node_id)) is not None and before.relay != m.relay
+            ],
+        }
+        async with self.store.transaction() as db:
+            await self.store.insert_roster(
+                db, signed.version, signed.to_bytes(), int(self.clock() * 1000)
+            )
+            await self.audit.append_in(
+                db,
+                "roster_adopted",
+                version=change.version,
+                previous=change.previous_version,
+                **{name: nodes for name, nodes in changes.items() if nodes},
+            )
         self._signed = signed
         log.info(
             "roster_updated",
@@ -569,6 +625,8 @@ class Node:
     def record_refusal(self, reason: str, **fields: Any) -> None:
         self.refusals[reason] += 1
         log.warning("peer_refused", reason=reason, **fields)
+        if self._audit is not None:
+            self._audit.refused(reason, **fields)
 
     async def _handle_ca(self, request: web.Request) -> web.Response:
         return web.Response(

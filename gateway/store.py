@@ -1,4 +1,4 @@
-"""The node's durable state in SQLite (WAL): roster history, invitations, peer health.
+"""The node's durable state in SQLite (WAL): roster history, invitations, peer health, audit.
 
 One `Store` owns one aiosqlite connection. Writes that belong together happen in
 one transaction (`async with store.transaction()`), so a crash leaves either the
@@ -103,6 +103,36 @@ MIGRATIONS: tuple[str, ...] = (
         envelope_id BLOB NOT NULL,
         PRIMARY KEY (destination, envelope_id)
     ) WITHOUT ROWID;
+    """,
+    # The audit log (gateway/audit.py): append-only, hash-chained, with signed heads. The
+    # triggers refuse changes through SQL so no code path can rewrite the record by mistake;
+    # deliberate tampering (dropping them first) is what `kakehashi audit verify` detects.
+    """
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        fields BLOB NOT NULL,
+        prev BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    CREATE INDEX audit_time ON audit (at_ms);
+    CREATE INDEX audit_event ON audit (event, seq);
+    CREATE TABLE audit_head (
+        seq INTEGER PRIMARY KEY,
+        hash BLOB NOT NULL,
+        at_ms INTEGER NOT NULL,
+        signature BLOB NOT NULL,
+        key_id TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_head_no_update BEFORE UPDATE ON audit_head
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
 )
 
@@ -232,6 +262,14 @@ class Store:
                     await db.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as exc:
                     raise _translate(exc) from exc
+                except BaseException:
+                    # Cancelled while waiting: the worker thread still runs the BEGIN, and a
+                    # transaction left open would make every later write on this connection
+                    # fail ("within a transaction") and hold the write lock. Queued after it,
+                    # the ROLLBACK undoes it (or finds nothing to undo if the BEGIN failed).
+                    with suppress(sqlite3.Error):
+                        await db.execute("ROLLBACK")
+                    raise
                 try:
                     yield db
                 except BaseException as exc:
@@ -378,7 +416,33 @@ class Store:
         relay: bool,
         now: int,
     ) -> None:
-        await self._write(
+        try:
+            async with self.transaction() as db:
+                await self.insert_invitation(
+                    db,
+                    nonce=nonce,
+                    node_id=node_id,
+                    expires_at=expires_at,
+                    approval=approval,
+                    relay=relay,
+                    now=now,
+                )
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
+    @staticmethod
+    async def insert_invitation(
+        db: aiosqlite.Connection,
+        *,
+        nonce: str,
+        node_id: str,
+        expires_at: int,
+        approval: Approval,
+        relay: bool,
+        now: int,
+    ) -> None:
+        """Inside a caller's transaction: keep a newly issued invitation."""
+        await db.execute(
             "INSERT INTO invitation (nonce, node_id, expires_at, approval, relay, state, "
             "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (

@@ -33,6 +33,7 @@ PURE_MODULES = (
     "federation.rooms",
     "federation.backoff",
     "federation.routing",
+    "federation.audit",
 )
 
 CLOCK_CALLS = (

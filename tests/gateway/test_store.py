@@ -54,6 +54,8 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
         version, tables = await _schema(store)
         assert version == len(MIGRATIONS)
         assert tables == [
+            "audit",
+            "audit_head",
             "envelope",
             "invitation",
             "meta",
@@ -117,6 +119,32 @@ async def test_transaction_that_raises_rolls_back_everything_it_wrote(store: Sto
     # The lock was released and no transaction is left open: the next write works.
     await store.save_roster(2, b"v2", 2_000)
     assert await store.latest_roster() == b"v2"
+
+
+async def test_transaction_cancelled_while_waiting_to_begin_leaves_no_transaction_open(
+    store: Store, tmp_path: Path
+) -> None:
+    # Another connection holds the write lock, so BEGIN IMMEDIATE waits in aiosqlite's thread;
+    # the waiting task is cancelled (a node stopping). Once the lock is free, that BEGIN still
+    # runs: it must not leave a transaction open on the node's one connection.
+    other = sqlite3.connect(tmp_path / "node.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def write() -> None:
+        async with store.transaction() as db:
+            await db.execute("INSERT INTO meta (key, value) VALUES ('lost', x'00')")
+
+    waiting = asyncio.create_task(write())
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(other.execute, "ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await store.set_meta("after", b"1")  # failed with "within a transaction" before
+    assert await store.get_meta("after") == b"1"
+    assert await store.get_meta("lost") is None
 
 
 async def test_sqlite_error_inside_a_transaction_surfaces_as_storage_error(

@@ -204,6 +204,16 @@ async def test_keys_rotate_from_the_cli(cluster: Cluster) -> None:
     assert code == 0, out
     data = json.loads(out)
     assert data["key"] == "signing" and data["key_id"] == tsu.rooms.signing_key.key_id
+    code, out = await cli(
+        "audit", "show", "--event", "signing_key_rotated", "--home", home, "--json"
+    )
+    assert code == 0, out
+    (record,) = json.loads(out)
+    assert record["fields"]["new_key_id"] == data["key_id"]
+    await cluster.stop("tsu")  # the last head is signed at stop, with the new key
+    code, out = await cli("audit", "verify", "--home", home)
+    assert code == 0 and "intact" in out, out
+    await cluster.start("tsu")
     code, out = await cli("keys", "rotate", "--federation", "--home", home)
     assert code == 1 and "not_authority" in out
 
