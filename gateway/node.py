@@ -40,6 +40,7 @@ from federation.routing import Route, RouteExplanation, direct_peers, explain, p
 from federation.signing import SigningKey
 
 from . import tls
+from .accounts import Accounts
 from .admin import admin_app, claim_admin_socket, serve_admin
 from .authority import Authority
 from .catchup import CatchUp
@@ -69,6 +70,9 @@ class Node:
         self.authority: Authority | None = None
         self.refusals: Counter[str] = Counter()
         self.maintenance = Maintenance(self.store, clock)
+        self.accounts = Accounts(
+            store=self.store, node_id=self.node_id, token_key_path=home.token_key, clock=clock
+        )
         self.metrics = NodeMetrics(self)
         self._signed: SignedRoster | None = None
         self._client: PeerClient | None = None
