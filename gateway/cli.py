@@ -783,6 +783,12 @@ def doctor(home: str, as_json: bool) -> None:
         sys.exit(1)
 
 
+# `kakehashi user ...` lives in its own module, which uses this module's options and consoles.
+from .usercli import user  # noqa: E402
+
+cli.add_command(user)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning Kakehashi errors into one clear line and exit code 1."""
     # Set-up and admin commands print for people; their logs only matter when something
