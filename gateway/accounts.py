@@ -404,7 +404,9 @@ class Accounts:
         scopes = [] if name is None else [f"login:{name}"]
         if source:
             scopes.append(f"source:{source[:MAX_SOURCE_LENGTH]}")
-        user = None if name is None else self.user_id(name)
+        found = None if name is None else await self._rows.credentials(name)
+        # An unknown "login" may be a password typed into the wrong field: never logged.
+        user = self.user_id(name) if found is not None and name is not None else None
         refusal = await self._throttled(scopes, now)
         if refusal is not None:
             log.warning(
@@ -417,15 +419,13 @@ class Accounts:
                 retry_after=refusal.retry_after,
                 hint="wait, or ask the node's administrator to reset the password",
             )
-        found = None if name is None else await self._rows.credentials(name)
         stored = found.password_hash if found is not None else await self._unknown_user_hash()
         right = isinstance(password, str) and await self._verify(stored, password)
         if found is None or not right:
             await self._record_failure(scopes, now)
             log.info(
                 "login_failed",
-                # An unknown "login" may be a password typed into the wrong field: not logged.
-                user=user if found is not None else None,
+                user=user,
                 source=source,
                 reason="bad_password" if found is not None else "unknown_user",
             )
