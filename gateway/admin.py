@@ -11,6 +11,8 @@ SQLite, but would confuse everyone); a stale socket left by a crash is removed.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -27,11 +29,12 @@ from federation.roster import MemberStatus
 
 from .config import parse_endpoints
 from .monitoring import diagnosis, monitoring_routes
+from .staff import StaffRole
 
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["admin_app", "claim_admin_socket", "node_answers", "serve_admin"]
+__all__ = ["admin_app", "claim_admin_socket", "node_answers", "serve_admin", "user_routes"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -230,6 +233,7 @@ def admin_app(node: Node) -> web.Application:
 
     app = web.Application(middlewares=[errors], client_max_size=16 * 1024 * 1024)
     app.add_routes(monitoring_routes(node))
+    app.add_routes(user_routes(node))
     app.add_routes(
         [
             web.get("/v1/doctor", doctor),
@@ -253,6 +257,78 @@ def admin_app(node: Node) -> web.Application:
         ]
     )
     return app
+
+
+def user_routes(node: Node) -> list[web.RouteDef]:
+    """The admin-socket routes behind `kakehashi user ...`."""
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError as exc:
+            raise ProtocolError("request body is not JSON", code="bad_request") from exc
+        if not isinstance(data, dict):
+            raise ProtocolError("request body must be an object", code="bad_request")
+        return data
+
+    def text(data: dict[str, Any], key: str, default: str | None = None) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str):
+            raise ProtocolError(f"{key} must be a string", code="bad_request")
+        return value
+
+    def optional_password(data: dict[str, Any]) -> str | None:
+        value = data.get("password")
+        if value is not None and not isinstance(value, str):
+            raise ProtocolError("password must be a string", code="bad_request")
+        return value
+
+    async def list_users(request: web.Request) -> web.Response:
+        return web.json_response([user.to_json() for user in await node.accounts.users()])
+
+    async def add(request: web.Request) -> web.Response:
+        data = await body(request)
+        issued = await node.accounts.add_user(
+            text(data, "login"),
+            display_name=text(data, "display_name"),
+            department=text(data, "department", ""),
+            role=text(data, "role", StaffRole.STAFF.value),
+            password=optional_password(data),
+        )
+        return web.json_response(issued.to_json())
+
+    async def import_csv(request: web.Request) -> web.Response:
+        data = await body(request)
+        try:
+            raw = base64.b64decode(text(data, "csv"), validate=True)
+        except binascii.Error as exc:
+            raise ProtocolError("csv must be base64", code="bad_request") from exc
+        issued = await node.accounts.import_users(raw)
+        return web.json_response([item.to_json() for item in issued])
+
+    def switch(disabled: bool) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            data = await body(request)
+            user, revoked = await node.accounts.set_disabled(text(data, "login"), disabled)
+            return web.json_response({**user.to_json(), "sessions_revoked": revoked})
+
+        return handler
+
+    async def reset(request: web.Request) -> web.Response:
+        data = await body(request)
+        issued, revoked = await node.accounts.reset_password(
+            text(data, "login"), optional_password(data)
+        )
+        return web.json_response({**issued.to_json(), "sessions_revoked": revoked})
+
+    return [
+        web.get("/v1/users", list_users),
+        web.post("/v1/users", add),
+        web.post("/v1/users/import", import_csv),
+        web.post("/v1/users/disable", switch(True)),
+        web.post("/v1/users/enable", switch(False)),
+        web.post("/v1/users/reset-password", reset),
+    ]
 
 
 def node_answers(path: Path) -> bool:

@@ -1062,6 +1062,12 @@ def audit_verify(home: str, as_json: bool) -> None:
         )
 
 
+# `kakehashi user ...` lives in its own module, which uses this module's options and consoles.
+from .usercli import user  # noqa: E402
+
+cli.add_command(user)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning Kakehashi errors into one clear line and exit code 1."""
     # Set-up and admin commands print for people; their logs only matter when something

@@ -78,6 +78,11 @@ class Home:
         return self.keys / "tls.key"
 
     @property
+    def token_key(self) -> Path:
+        """The key that signs staff access tokens (made on first use; never leaves the node)."""
+        return self.keys / "token.key"
+
+    @property
     def federation_key(self) -> Path:
         """The federation root signing key (authority only)."""
         return self.keys / "federation.key"

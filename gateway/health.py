@@ -72,8 +72,9 @@ OUTBOX_WARN_DEPTH = 10_000
 OUTBOX_CRITICAL_DEPTH = 100_000
 """Envelopes queued for one peer above which its outbox is critical."""
 
-_KEY_FILES = ("signing.key", "tls.key", "federation.key", "ca.key")
-_MISSING_OK = frozenset({"federation.key", "ca.key"})  # the authority's only
+_KEY_FILES = ("signing.key", "tls.key", "federation.key", "ca.key", "token.key")
+# The authority's only, and the staff token key (made at the first login).
+_MISSING_OK = frozenset({"federation.key", "ca.key", "token.key"})
 
 
 class Severity(StrEnum):

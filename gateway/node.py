@@ -45,6 +45,7 @@ from federation.routing import Route, RouteExplanation, direct_peers, explain, p
 from federation.signing import SigningKey
 
 from . import tls
+from .accounts import Accounts
 from .admin import admin_app, claim_admin_socket, serve_admin
 from .audit import AuditLog
 from .authority import Authority
@@ -77,6 +78,9 @@ class Node:
         self.authority: Authority | None = None
         self.refusals: Counter[str] = Counter()
         self.maintenance = Maintenance(self.store, clock)
+        self.accounts = Accounts(
+            store=self.store, node_id=self.node_id, token_key_path=home.token_key, clock=clock
+        )
         self.metrics = NodeMetrics(self)
         self._audit: AuditLog | None = None
         self._audit_started = False

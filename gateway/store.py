@@ -134,6 +134,45 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER audit_head_no_delete BEFORE DELETE ON audit_head
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # Staff accounts (gateway/accounts.py). `user_account`, not `user`: USER is a
+    # reserved word in PostgreSQL, which a larger node's store may run on.
+    """
+    CREATE TABLE user_account (
+        login TEXT PRIMARY KEY,
+        display_name TEXT NOT NULL,
+        department TEXT NOT NULL,
+        role TEXT NOT NULL,
+        password_hash TEXT NOT NULL,
+        disabled INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        last_login_at INTEGER
+    );
+    CREATE TABLE session (
+        id TEXT PRIMARY KEY,
+        login TEXT NOT NULL REFERENCES user_account (login),
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        revoked_reason TEXT
+    );
+    CREATE INDEX session_login ON session (login);
+    CREATE INDEX session_expiry ON session (expires_at);
+    CREATE TABLE refresh_token (
+        hash BLOB PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES session (id),
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        rotated_at INTEGER
+    );
+    CREATE INDEX refresh_token_session ON refresh_token (session_id);
+    CREATE INDEX refresh_token_expiry ON refresh_token (expires_at);
+    CREATE TABLE login_failure (
+        scope TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX login_failure_scope ON login_failure (scope, at_ms);
+    """,
 )
 
 
@@ -300,6 +339,14 @@ class Store:
                 return list(await cursor.fetchall())
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+
+    async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of a query (None if none), errors translated to `StorageError`."""
+        return await self._fetchone(sql, params)
+
+    async def read_all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of a query, errors translated to `StorageError`."""
+        return list(await self._fetchall(sql, params))
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
         try:

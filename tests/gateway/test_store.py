@@ -58,13 +58,17 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "audit_head",
             "envelope",
             "invitation",
+            "login_failure",
             "meta",
             "outbox",
             "peer_health",
+            "refresh_token",
             "relayed",
             "relayed_to",
             "room",
             "roster",
+            "session",
+            "user_account",
         ]
         await store.set_meta("federation_id", b"mie-1234abcd")
         await store.save_roster(1, b"signed-v1", 1_000)
@@ -259,3 +263,19 @@ async def test_opening_a_database_in_a_missing_directory_raises_storage_error(
         async with Store(tmp_path / "no-such-dir" / "node.db"):
             pass
     assert isinstance(caught.value.code, str)
+
+
+async def test_a_database_of_an_earlier_version_gains_the_staff_tables_and_keeps_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "node.db"
+    monkeypatch.setattr("gateway.store.MIGRATIONS", MIGRATIONS[:3])
+    async with Store(path) as store:
+        await store.set_meta("federation_id", b"mie-1234abcd")
+        assert "user_account" not in (await _schema(store))[1]
+    monkeypatch.setattr("gateway.store.MIGRATIONS", MIGRATIONS)
+    async with Store(path) as store:
+        version, tables = await _schema(store)
+        assert version == len(MIGRATIONS)
+        assert {"user_account", "session", "refresh_token", "login_failure"} <= set(tables)
+        assert await store.get_meta("federation_id") == b"mie-1234abcd"
