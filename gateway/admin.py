@@ -177,6 +177,27 @@ def admin_app(node: Node) -> web.Application:
             raise ProtocolError("key must be signing, tls or federation", code="bad_request")
         return web.json_response({"key": which, **await rotations[which]()})
 
+    def catch_up_view() -> dict[str, Any]:
+        return {
+            "peers": {peer: p.to_json() for peer, p in sorted(node.catchup.progress.items())},
+            "pulled": node.catchup.pulled,
+            "passes": node.catchup.passes,
+            "pending": node.rooms.pending_count(),
+        }
+
+    async def catch_up_status(request: web.Request) -> web.Response:
+        return web.json_response(catch_up_view())
+
+    async def catch_up_start(request: web.Request) -> web.Response:
+        data = await body(request)
+        peer = data.get("peer")
+        peers = [str(peer)] if peer else sorted(node.direct_peers())
+        for name in peers:
+            if node.roster.member(name) is None:
+                raise TrustError(f"{name!r} is not a member of the federation", code="unknown_peer")
+            node.catchup.request(name)
+        return web.json_response({"requested": peers, **catch_up_view()})
+
     async def rooms(request: web.Request) -> web.Response:
         return web.json_response(await node.room_views())
 
@@ -240,6 +261,8 @@ def admin_app(node: Node) -> web.Application:
             web.get("/v1/maintenance", maintenance),
             web.post("/v1/maintenance", set_maintenance),
             web.get("/v1/status", status),
+            web.get("/v1/catchup", catch_up_status),
+            web.post("/v1/catchup", catch_up_start),
             web.get("/v1/peers", peers),
             web.get("/v1/route", route),
             web.post("/v1/peers/invite", invite),

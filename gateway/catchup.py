@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -41,6 +42,27 @@ log = structlog.get_logger("kakehashi.catchup")
 
 PAGE_COUNT = 2000
 PAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class CatchUpProgress:
+    """One pass with one peer, as far as it went."""
+
+    pulled: int = 0
+    """Envelopes received in this pass."""
+    remaining: int = 0
+    """What the peer said this node still lacked after the last page."""
+    running: bool = True
+    number: int = 0
+    """Passes are numbered in the order they start (to tell this one from older ones)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "pulled": self.pulled,
+            "remaining": self.remaining,
+            "running": self.running,
+            "number": self.number,
+        }
 
 
 class CatchUp:
@@ -68,6 +90,9 @@ class CatchUp:
         self._running: dict[str, asyncio.Lock] = {}
         self._pushed: dict[str, float] = {}
         self.pulled = 0
+        self.passes = 0
+        self.progress: dict[str, CatchUpProgress] = {}
+        """Per peer: the pass running or last run, for `kakehashi catchup --wait`."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="catch-up")
@@ -125,17 +150,25 @@ class CatchUp:
             return 0  # a pass with this peer is already running
         async with lock:
             entry = self._roster().member(peer)
-            if entry is None or not entry.active:
-                return 0
-            if self._direct is not None and peer not in self._direct():
-                return 0  # on another segment: we pull from peers we reach (any holder serves)
-            rooms = self._rooms.shares_room_with(peer)
-            if entry.relay:
-                # A relay also serves the rooms it only forwards for us (what was sent us).
-                rooms = sorted(set(rooms) | set(self._rooms.own_rooms()))
-            if not rooms:
+            rooms: list[str] = []
+            # A peer on another segment is not asked: we pull from the peers we reach
+            # (any holder serves).
+            reachable = self._direct is None or peer in self._direct()
+            if entry is not None and entry.active and reachable:
+                rooms = self._rooms.shares_room_with(peer)
+                if entry.relay:
+                    # A relay also serves the rooms it only forwards for us (what was sent
+                    # to us).
+                    rooms = sorted(set(rooms) | set(self._rooms.own_rooms()))
+            if entry is None or not rooms:
+                self._begin(peer).running = False  # nothing to ask: a pass that is over
                 return 0
             return await self._pull(peer, entry, rooms, discover=False)
+
+    def _begin(self, peer: str) -> CatchUpProgress:
+        self.passes += 1
+        progress = self.progress[peer] = CatchUpProgress(number=self.passes)
+        return progress
 
     async def recover(self, peer: str) -> int:
         """After a restore from backup: pull everything `peer` holds for this node.
@@ -163,8 +196,21 @@ class CatchUp:
         a member of, and those this node does not know are pulled from their start; and a
         failed request raises instead of ending the pass quietly.
         """
+        progress = self._begin(peer)
+        try:
+            return await self._pages(peer, entry, list(rooms), discover, progress)
+        finally:
+            progress.running = False
+
+    async def _pages(
+        self,
+        peer: str,
+        entry: RosterEntry,
+        rooms: list[str],
+        discover: bool,
+        progress: CatchUpProgress,
+    ) -> int:
         total = 0
-        rooms = list(rooms)
         asking = discover
         while True:
             vectors = {room: self._rooms.vector(room) for room in rooms}
@@ -180,10 +226,13 @@ class CatchUp:
                 log.debug("catch_up_unavailable", peer=peer, code=exc.code)
                 return total
             wires = answer.get("envelopes") or []
+            remaining = answer.get("remaining", 0)
+            progress.remaining = remaining if isinstance(remaining, int) else 0
             if wires:
                 _, _, refused = await self._rooms.receive(peer, wires)
                 total += len(wires)
                 self.pulled += len(wires)
+                progress.pulled = total
                 if refused:
                     log.warning("catch_up_refusals", peer=peer, count=len(refused))
             learnt: list[str] = []

@@ -467,6 +467,74 @@ def keys_rotate(home: str, which: str | None, as_json: bool) -> None:
         out.print(f"federation key {data['key_id']}; roster version {data['roster_version']}")
 
 
+@cli.command("catchup")
+@home_option
+@click.option("--peer", default=None, metavar="NODE_ID", help="Only this peer (default: all).")
+@click.option("--wait", is_flag=True, help="Follow until nothing is left, with a progress bar.")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to follow at most.")
+@json_option
+def catchup(home: str, peer: str | None, wait: bool, timeout: float, as_json: bool) -> None:
+    """Catch up now with the peers this node reaches (they send what it lacks).
+
+    Nodes do this by themselves on reconnect and periodically; this starts it at once,
+    and with --wait shows a big backlog being pulled."""
+    admin = _admin(home)
+    data = admin.request("POST", "/v1/catchup", {"peer": peer} if peer else {})
+    requested: list[str] = data["requested"]
+    if wait:
+        # A peer already in a pass is not asked twice: that pass counts as ours.
+        running = {p: v["number"] for p, v in data["peers"].items() if v["running"]}
+        data = _follow_catch_up(admin, requested, data["passes"], running, timeout, as_json)
+    if as_json:
+        _print_json(data)
+        return
+    for name, progress in data["peers"].items():
+        if name in requested:
+            state = "running" if progress["running"] else "done"
+            out.print(f"{name}: {progress['pulled']:,} pulled ({state})")
+    if data["pending"]:
+        out.print(f"[yellow]{data['pending']:,} envelopes still wait for their dependencies[/]")
+
+
+def _follow_catch_up(
+    admin: AdminClient,
+    peers: list[str],
+    after: int,
+    running: dict[str, int],
+    timeout: float,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Poll the node until, with every peer in `peers`, a pass numbered above `after` (or
+    the one `running` when asked) ended; a progress bar on a terminal."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    columns = (
+        TextColumn("catching up"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} envelopes"),
+    )
+    with Progress(*columns, console=err, disable=quiet or not err.is_terminal) as bar:
+        task = bar.add_task("catch-up", total=None)
+        while True:
+            data: dict[str, Any] = admin.request("GET", "/v1/catchup")
+            passes = {
+                p: v
+                for p, v in data["peers"].items()
+                if p in peers and (v["number"] > after or v["number"] == running.get(p))
+            }
+            pulled = sum(v["pulled"] for v in passes.values())
+            remaining = sum(v["remaining"] for v in passes.values() if v["running"])
+            bar.update(task, completed=pulled, total=pulled + remaining or None)
+            if len(passes) == len(peers) and not any(v["running"] for v in passes.values()):
+                return data
+            if time.monotonic() > deadline:
+                raise KakehashiError(
+                    f"catch-up still running after {timeout:.0f} s", code="catch_up_timeout"
+                )
+            time.sleep(0.2)
+
+
 @cli.command("route")
 @home_option
 @click.argument("node_id")

@@ -767,6 +767,10 @@ class Node:
             raise ProtocolError("discover must be true or false", code="bad_sync")
         wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
         answer: dict[str, Any] = {"envelopes": wires, "more": more}
+        if more:
+            # For the puller's progress bar: what it still lacks after this page.
+            backlog = await self.rooms.backlog_for(peer.node_id, vectors)
+            answer["remaining"] = max(0, backlog - len(wires))
         if discover:
             # A peer restored from a backup asks which rooms it is in (it may not know them).
             answer["member_of"] = self.rooms.member_rooms(peer.node_id)

@@ -743,6 +743,16 @@ class RoomService:
 
     # catch-up (serving side) ------------------------------------------------------
 
+    async def backlog_for(self, peer: str, vectors: dict[str, dict[str, int]]) -> int:
+        """How many envelopes of its rooms `peer` lacks against its `vectors` (an estimate
+        for progress: what this node holds beyond them)."""
+        total = 0
+        for room, vector in vectors.items():
+            state = self.state(room)
+            if state is not None and peer in state.nodes:
+                total += await self._rooms.count_after(room, vector)
+        return total
+
     async def missing_for(
         self, peer: str, vectors: dict[str, dict[str, int]], limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool]:

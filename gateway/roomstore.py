@@ -276,6 +276,16 @@ class RoomStore:
             total += len(wire)
         return wires, False
 
+    async def count_after(self, room: str, vector: dict[str, int]) -> int:
+        """How many processed envelopes of `room` lie beyond `vector` (for progress)."""
+        async with self._db.execute(
+            "SELECT origin, MAX(seq) FROM envelope WHERE room_id = ? AND status != 0 "
+            "GROUP BY origin",
+            (room,),
+        ) as cursor:
+            held = await cursor.fetchall()
+        return sum(max(0, top - vector.get(origin, 0)) for origin, top in held)
+
     async def relayed_after(
         self, room: str, destination: str, vector: dict[str, int], limit: int, max_bytes: int
     ) -> tuple[list[bytes], bool]:
