@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -229,6 +229,8 @@ class Accounts:
         self._hashing = asyncio.Semaphore(max(1, self.settings.hash_workers))
         self._dummy_hash: str | None = None
         self._last_prune = float("-inf")
+        self.audit: Callable[..., None] | None = None
+        """Where account events are recorded (the node's audit log, once it runs)."""
 
     # helpers -----------------------------------------------------------------
 
@@ -313,6 +315,7 @@ class Accounts:
             check_password(password, login=login, display_name=name)
         issued = await self._insert([row], password)
         log.info("user_added", user=self.user_id(login), role=row.role.value)
+        self._audit("user_added", user=self.user_id(login), role=row.role.value)
         return issued[0]
 
     async def import_users(self, data: bytes) -> list[IssuedPassword]:
@@ -325,6 +328,7 @@ class Accounts:
             )
         issued = await self._insert(rows, None)
         log.info("users_imported", count=len(issued))
+        self._audit("users_imported", count=len(issued))
         return issued
 
     async def _insert(self, rows: Sequence[StaffRow], password: str | None) -> list[IssuedPassword]:
@@ -367,6 +371,7 @@ class Accounts:
             user=self.user_id(login),
             sessions_revoked=revoked,
         )
+        self._audit("user_disabled" if disabled else "user_enabled", user=self.user_id(login))
         return await self.user(login), revoked
 
     async def reset_password(
@@ -387,9 +392,16 @@ class Accounts:
         if revoked is None:
             raise _unknown_user(user.user_id)
         log.info("password_reset", user=user.user_id, sessions_revoked=revoked)
+        self._audit("password_reset", user=user.user_id)
         return IssuedPassword(user=await self.user(user.login), initial_password=generated), revoked
 
     # authentication --------------------------------------------------------------
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit(
+                event, **{name: value for name, value in fields.items() if value is not None}
+            )
 
     async def login(self, login: str, password: str, *, source: str | None = None) -> Tokens:
         """Check a password and open a session.
@@ -412,6 +424,7 @@ class Accounts:
             log.warning(
                 "login_throttled", user=user, source=source, retry_after=refusal.retry_after
             )
+            self._audit("login_throttled", user=user, source=source)
             raise AuthError(
                 f"too many failed logins; try again in {refusal.retry_after} s",
                 code="too_many_attempts",
@@ -429,6 +442,7 @@ class Accounts:
                 source=source,
                 reason="bad_password" if found is not None else "unknown_user",
             )
+            self._audit("login_failed", user=user, source=source)
             raise AuthError("wrong login or password", code="bad_credentials")
         assert name is not None and user is not None
         if found.disabled:
@@ -442,6 +456,7 @@ class Accounts:
         )
         await self._prune(now)
         log.info("login_succeeded", user=user, source=source, session=session.session_id)
+        self._audit("login_succeeded", user=user, role=found.role.value, source=source)
         return self._tokens(session, now)
 
     async def refresh(self, refresh_token: str) -> Tokens:

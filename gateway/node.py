@@ -208,6 +208,7 @@ class Node:
             ) from exc
         self._audit = AuditLog(self.store, signing_key=signing, clock=self.clock)
         await self._audit.start()
+        self.accounts.audit = self._audit.note  # staff logins and account changes
         if (await self.store.get_meta("role")) == b"authority":
             self.authority = Authority(
                 home=self.home,

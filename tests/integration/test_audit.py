@@ -20,6 +20,7 @@ import pytest
 
 from federation import codec
 from federation.audit import AuditRecord, seal_record
+from federation.errors import KakehashiError
 from federation.roster import MemberStatus
 from gateway import tls
 from gateway.audit import read_records
@@ -404,3 +405,26 @@ async def test_a_flood_of_refused_requests_leaves_a_handful_of_records(cluster: 
     assert records[0]["path"] == f"{FEDERATION_PREFIX}/roster"
     code, _, err = await verify(home)
     assert code == 0, err
+
+
+async def test_staff_logins_and_account_changes_are_audited(cluster: Cluster) -> None:
+    node = await cluster.authority()
+    issued = await node.accounts.add_user("tanaka", display_name="田中太郎")
+    password = issued.initial_password
+    assert password is not None
+    with pytest.raises(KakehashiError):
+        await node.accounts.login("tanaka", "wrong password here", source="10.20.0.9")
+    await node.accounts.login("tanaka", password, source="10.20.0.9")
+    await node.accounts.set_disabled("tanaka", True)
+    await cluster.stop("mie-pref")  # queued records are written at stop
+    events = [(r["event"], r["fields"]) for r in await show(node.home)]
+    names = [event for event, _ in events]
+    assert (
+        names.index("user_added")
+        < names.index("login_failed")
+        < names.index("login_succeeded")
+        < names.index("user_disabled")
+    )
+    succeeded = next(fields for event, fields in events if event == "login_succeeded")
+    assert succeeded == {"user": "tanaka@mie-pref", "role": "staff", "source": "10.20.0.9"}
+    assert password not in json.dumps(events, ensure_ascii=False)
