@@ -256,6 +256,15 @@ async def test_peer_update_flags_a_relay_and_refuses_bad_requests(cluster: Clust
     assert code == 1 and "unknown_peer" in out
     code, out = await run("peer", "update", "ise", "--segment", "internet=ftp://x")
     assert code == 1 and "https" in out
+    # Ise's office joins LGWAN too: once the roster says so, tsu reaches it directly.
+    url = nodes["ise"].config.endpoints[0].url
+    assert nodes["tsu"].route("ise").relays == ("mie-pref",)  # type: ignore[union-attr]
+    code, out = await run(
+        "peer", "update", "ise", "--segment", f"internet={url}", "--segment", f"lgwan={url}"
+    )
+    assert code == 0, out
+    await eventually(lambda: nodes["tsu"].roster.version == nodes["mie-pref"].roster.version)
+    assert nodes["tsu"].route("ise").direct  # type: ignore[union-attr]
 
 
 async def test_a_relay_serves_catch_up_of_what_it_forwarded_only_to_its_addressees(
