@@ -40,6 +40,8 @@ __all__ = ["CatchUp"]
 
 log = structlog.get_logger("kakehashi.catchup")
 
+SYNC_ROOMS = 2000
+"""Rooms named in one catch-up request at most; more are asked in several passes."""
 PAGE_COUNT = 2000
 PAGE_BYTES = 4 * 1024 * 1024
 
@@ -163,7 +165,12 @@ class CatchUp:
             if entry is None or not rooms:
                 self._begin(peer).running = False  # nothing to ask: a pass that is over
                 return 0
-            return await self._pull(peer, entry, rooms, discover=False)
+            total = 0
+            for start in range(0, len(rooms), SYNC_ROOMS):
+                total += await self._pull(
+                    peer, entry, rooms[start : start + SYNC_ROOMS], discover=False
+                )
+            return total
 
     def _begin(self, peer: str) -> CatchUpProgress:
         self.passes += 1

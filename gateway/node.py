@@ -50,7 +50,7 @@ from .admin import admin_app, claim_admin_socket, serve_admin
 from .audit import AuditLog
 from .authority import Authority
 from .backup import RESTORED_AT
-from .catchup import CatchUp
+from .catchup import SYNC_ROOMS, CatchUp
 from .config import Home, NodeConfig, load_config
 from .keys import KeyManager, KeySettings, recover_interrupted
 from .metrics import NodeMetrics
@@ -65,6 +65,11 @@ from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_
 __all__ = ["Node"]
 
 log = structlog.get_logger("kakehashi.node")
+
+
+SYNC_LIMITS = codec.Limits(max_bytes=1024 * 1024, max_depth=4, max_map=5 * SYNC_ROOMS)
+"""A catch-up request names many rooms (a prefecture's node is in many; pullers send at
+most SYNC_ROOMS a request, more after a restore rediscovers rooms)."""
 
 
 class Node:
@@ -752,7 +757,7 @@ class Node:
         """Catch-up: everything beyond the peer's vectors in rooms it is a member of; with
         `discover`, also the ids of those rooms (`member_of`)."""
         peer = request[PEER]
-        body = codec.decode_map(await request.read())
+        body = codec.decode_map(await request.read(), SYNC_LIMITS)
         rooms, limit = body.get("rooms"), body.get("limit", 2000)
         if not isinstance(rooms, dict) or not isinstance(limit, int) or not 0 < limit <= 5000:
             raise ProtocolError("sync needs rooms (map) and limit (1-5000)", code="bad_sync")

@@ -74,3 +74,16 @@ async def test_catchup_wait_follows_a_backlog_to_its_end(cluster: Cluster) -> No
     data = json.loads(out)
     assert not data["peers"]["mie-pref"]["running"]
     assert tsu.rooms.vector(room) == {"mie-pref": 6001}
+
+
+async def test_a_node_in_hundreds_of_rooms_can_still_ask_for_them_all(cluster: Cluster) -> None:
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    rooms = {f"!room{i:04d}:mie-pref": {"mie-pref": 1} for i in range(600)}
+    entry = tsu.roster.member("mie-pref")
+    assert entry is not None
+    body = codec.encode({"limit": 10, "rooms": rooms})
+    response = await tsu.client.request(entry, "POST", "/sync", body)
+    answer = codec.decode_map(response.body, BATCH_LIMITS, canonical=False)
+    assert answer["envelopes"] == [] and not answer["more"]
+    assert mie.refusals == {}
