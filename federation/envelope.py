@@ -321,7 +321,7 @@ def check_room_id(room: object) -> str:
     if not isinstance(room, str) or not room.startswith("!") or ":" not in room or len(room) > 100:
         raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
     local, _, home = room[1:].partition(":")
-    if not local or not local.replace("-", "").replace("_", "").isalnum():
+    if not local or not local.isascii() or not local.replace("-", "").replace("_", "").isalnum():
         raise ProtocolError(f"invalid room id {room!r}", code="bad_room_id")
     check_node_id(home)
     if len(_VALID_ROOMS) < 65536:

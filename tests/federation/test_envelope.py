@@ -517,6 +517,8 @@ def test_valid_room_ids_are_accepted_and_name_their_home(room: str, home: str) -
         ("!---:tsu", "bad_room_id"),  # no letter or digit
         ("!a b:tsu", "bad_room_id"),
         ("!a.b:tsu", "bad_room_id"),
+        ("!部屋:tsu", "bad_room_id"),  # letters, but not ASCII (the schema allows ASCII only)
+        ("!ａｂｃ:tsu", "bad_room_id"),  # full-width
         ("!" + "a" * 96 + ":tsu", "bad_room_id"),  # 101 characters
         (5, "bad_room_id"),
         (None, "bad_room_id"),
