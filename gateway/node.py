@@ -96,6 +96,7 @@ class Node:
         self._outbox: Outbox | None = None
         self._catchup: CatchUp | None = None
         self._keys: KeyManager | None = None
+        self._refused_as: str | None = None
         self._runners: list[web.BaseRunner] = []
         self._monitoring: web.BaseRunner | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -281,6 +282,7 @@ class Node:
             clock=self.clock,
             on_peer_up=self._peer_up,
             direct=self.direct_peers,
+            on_refused=self._refused_by,
         )
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
@@ -628,6 +630,24 @@ class Node:
             self._outbox.retry_now(peer)
         if self._catchup is not None:
             self._catchup.request(peer)
+
+    async def _refused_by(self, peer: RosterEntry, code: str) -> None:
+        """`peer` refuses this node as suspended or revoked: read the roster from the
+        authority (a suspended node may) so this node knows, says so, and stops sending."""
+        me = self.roster.member(self.node_id)
+        if (me is not None and not me.active) or code == self._refused_as:
+            return  # already known (said once)
+        self._refused_as = code
+        log.warning(
+            "refused_by_peer",
+            peer=peer.node_id,
+            code=code,
+            hint="the federation authority suspended or revoked this node; ask the prefecture",
+        )
+        if code == "peer_suspended":
+            await self.roster_hint(
+                self.roster.version + 1, self.roster.member(self.roster.authority)
+            )
 
     def now(self) -> float:
         return self.clock()

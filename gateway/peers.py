@@ -63,6 +63,7 @@ class PeerMonitor:
         clock: Callable[[], float] = time.time,
         on_peer_up: Callable[[str], None] | None = None,
         direct: Callable[[], frozenset[str]] | None = None,
+        on_refused: Callable[[RosterEntry, str], Awaitable[None]] | None = None,
     ) -> None:
         self._node_id = node_id
         self._client = client
@@ -73,6 +74,7 @@ class PeerMonitor:
         self._clock = clock
         self._on_peer_up = on_peer_up
         self._direct = direct
+        self._on_refused = on_refused
         self._links: dict[str, _Link] = {}
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -144,6 +146,9 @@ class PeerMonitor:
             response = await self._client.request(peer, "POST", "/health", body)
             answer = codec.decode_map(response.body)
         except KakehashiError as exc:
+            if exc.code in ("peer_suspended", "peer_revoked") and self._on_refused is not None:
+                # The peer refuses *us*: our roster may not know yet.
+                await self._on_refused(peer, exc.code)
             failures = previous.health.failures + 1 if previous else 1
             health = PeerHealth(
                 node_id=peer.node_id,

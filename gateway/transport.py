@@ -60,6 +60,7 @@ MSGPACK = "application/msgpack"
 PEER = web.RequestKey("peer", RosterEntry)
 """The authenticated roster entry of the client, set on every request but the open ones."""
 OPEN_ROUTES = frozenset({f"{FEDERATION_PREFIX}/ca", f"{FEDERATION_PREFIX}/join"})
+ROSTER_ROUTE = f"{FEDERATION_PREFIX}/roster"
 MAX_REQUEST_BYTES = 1024 * 1024
 # Envelope batches may be larger (a sender bounds them at 4 MiB of envelopes).
 MAX_BATCH_REQUEST_BYTES = 8 * 1024 * 1024
@@ -216,8 +217,12 @@ async def _check_peer(request: web.Request, service: FederationService) -> web.R
     try:
         service.roster.active_member(entry.node_id)
     except TrustError as exc:
-        service.record_refusal(exc.code, remote=remote, peer=entry.node_id)
-        return _refusal(403, exc.code, str(exc))
+        # A suspended node may still read the roster: that is how it learns it is
+        # suspended (and, later, resumed). Nothing else it asks is served.
+        reads_roster = request.method == "GET" and request.path == ROSTER_ROUTE
+        if not (exc.code == "peer_suspended" and reads_roster):
+            service.record_refusal(exc.code, remote=remote, peer=entry.node_id)
+            return _refusal(403, exc.code, str(exc))
     request[PEER] = entry
     if version > service.roster.version:
         await service.roster_hint(version, entry)

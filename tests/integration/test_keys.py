@@ -186,6 +186,8 @@ async def test_suspended_node_gets_what_was_held_after_resume(cluster: Cluster) 
     await eventually(lambda: tsu.rooms.state(room) is not None)
     await mie.authority.set_status("tsu", MemberStatus.SUSPENDED, "点検")
     await eventually(lambda: ise.roster.member("tsu").status is MemberStatus.SUSPENDED)  # type: ignore[union-attr]
+    # The suspended node learns it (it may still read the roster), and sends nothing.
+    await eventually(lambda: tsu.roster.member("tsu").status is MemberStatus.SUSPENDED)  # type: ignore[union-attr]
     await ise.rooms.send(room, [f"停止中 {i}" for i in range(10)])
     await asyncio.sleep(1.5)
     assert await count(tsu, room) == 1  # only the room's creation
@@ -193,6 +195,7 @@ async def test_suspended_node_gets_what_was_held_after_resume(cluster: Cluster) 
     assert depths["tsu"][0] == 10  # kept for it
     await mie.authority.set_status("tsu", MemberStatus.ACTIVE, "点検完了")
     await holds(tsu, room, 11, timeout=10)
+    await eventually(lambda: tsu.roster.member("tsu").active)  # type: ignore[union-attr]
 
 
 async def test_keys_rotate_from_the_cli(cluster: Cluster) -> None:
