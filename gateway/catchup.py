@@ -40,6 +40,8 @@ __all__ = ["CatchUp"]
 
 log = structlog.get_logger("kakehashi.catchup")
 
+PENDING_GRACE = 1.0
+"""Seconds envelopes may wait for dependencies before they are pulled from the peer."""
 SYNC_ROOMS = 2000
 """Rooms named in one catch-up request at most; more are asked in several passes."""
 PAGE_COUNT = 2000
@@ -91,6 +93,7 @@ class CatchUp:
         self._task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Lock] = {}
         self._pushed: dict[str, float] = {}
+        self._grace: dict[str, asyncio.TimerHandle] = {}
         self.pulled = 0
         self.passes = 0
         self.progress: dict[str, CatchUpProgress] = {}
@@ -100,6 +103,9 @@ class CatchUp:
         self._task = asyncio.create_task(self._run(), name="catch-up")
 
     async def stop(self) -> None:
+        for handle in self._grace.values():
+            handle.cancel()
+        self._grace.clear()
         await cancel_all([self._task])
         self._task = None
 
@@ -111,6 +117,20 @@ class CatchUp:
         """Catch up with `peer` soon (it came back, or we hold envelopes waiting on it)."""
         self._wanted.add(peer)
         self._kick.set()
+
+    def request_if_still_waiting(self, peer: str, grace: float = PENDING_GRACE) -> None:
+        """Envelopes from `peer` wait for dependencies: catch up if they still wait after
+        `grace` seconds. A peer pushing several batches at once often has the missing
+        ones on the way already; pulling them at once would fetch everything twice."""
+        if peer in self._grace:
+            return
+        loop = asyncio.get_running_loop()
+        self._grace[peer] = loop.call_later(grace, self._grace_over, peer)
+
+    def _grace_over(self, peer: str) -> None:
+        self._grace.pop(peer, None)
+        if self._rooms.pending_count():
+            self.request(peer)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

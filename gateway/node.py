@@ -735,7 +735,8 @@ class Node:
         self.catchup.note_push(peer.node_id)
         accepted, duplicates, refused = await self.rooms.receive(peer.node_id, wires)
         if self.rooms.pending_count():
-            self.catchup.request(peer.node_id)  # fetch the dependencies we still lack
+            # Fetch the dependencies we still lack, unless the next batch brings them.
+            self.catchup.request_if_still_waiting(peer.node_id)
         answer = {
             "accepted": accepted,
             "duplicates": duplicates,
@@ -791,6 +792,7 @@ class Node:
         discover = body.get("discover", False)
         if not isinstance(discover, bool):
             raise ProtocolError("discover must be true or false", code="bad_sync")
+
         wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
         answer: dict[str, Any] = {"envelopes": wires, "more": more}
         if more:
