@@ -52,6 +52,8 @@ from .authority import Authority
 from .backup import RESTORED_AT
 from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
+from .filefetch import Fetcher
+from .files import FileSettings, FileStore
 from .keys import KeyManager, KeySettings, recover_interrupted
 from .metrics import NodeMetrics
 from .monitoring import Maintenance, monitoring_app
@@ -90,6 +92,7 @@ class Node:
         self._rooms: RoomService | None = None
         self._outbox: Outbox | None = None
         self._catchup: CatchUp | None = None
+        self._files: FileStore | None = None
         self._keys: KeyManager | None = None
         self._runners: list[web.BaseRunner] = []
         self._monitoring: web.BaseRunner | None = None
@@ -150,6 +153,13 @@ class Node:
     def keys(self) -> KeyManager:
         assert self._keys is not None
         return self._keys
+
+    @property
+    def files(self) -> FileStore:
+        """Files shared in rooms (created in `start`)."""
+        if self._files is None:
+            raise ConfigError("node has not started", code="not_started")
+        return self._files
 
     @property
     def federation_port(self) -> int:
@@ -253,6 +263,22 @@ class Node:
                 backoff=Backoff(base=0.2, cap=self.config.retry_cap, jitter=0.2)
             ),
         )
+        self._files = FileStore(
+            root=self.home.files,
+            store=self.store,
+            rooms=self._rooms,
+            node_id=self.node_id,
+            settings=FileSettings(max_upload_bytes=self.config.files_max_upload_mb * 1024 * 1024),
+            clock=self.clock,
+        )
+        Fetcher(
+            files=self._files,
+            rooms=self._rooms,
+            client=self._client,
+            roster=lambda: self.roster,
+            direct=self.direct_peers,
+        )
+        self._rooms.write_with(self._files.index)
         await self._rooms.load()
         restored_at = await self.store.get_meta(RESTORED_AT)
         if restored_at is not None:
@@ -276,6 +302,7 @@ class Node:
             on_peer_up=self._peer_up,
             direct=self.direct_peers,
         )
+        await self._files.start()
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
@@ -355,7 +382,8 @@ class Node:
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
         await cancel_all([self._recovery])
-        for part in (self._keys, self._catchup, self._outbox, self._monitor, self._rooms):
+        parts = (self._files, self._keys, self._catchup, self._outbox, self._monitor, self._rooms)
+        for part in parts:
             if part is not None:
                 try:
                     await part.stop()
@@ -614,6 +642,7 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
             web.post(f"{FEDERATION_PREFIX}/relay", self._handle_relay),
+            web.get(f"{FEDERATION_PREFIX}/files/{{sha256}}", self._handle_file),
         ]
 
     def _peer_up(self, peer: str) -> None:
@@ -746,6 +775,10 @@ class Node:
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
         return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        """A file's bytes (Range honoured), to a member node of a room that shares it."""
+        return await self.files.serve_peer(request, request[PEER].node_id)
 
     async def _handle_sync(self, request: web.Request) -> web.Response:
         """Catch-up: everything beyond the peer's vectors in rooms it is a member of; with
