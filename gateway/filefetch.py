@@ -12,7 +12,8 @@ Strategy, per file:
   then the other member nodes of those rooms, this node excepted; only active members
   reached directly (files are not relayed across segments).
 - From a holder: Range requests of `chunk_bytes` over the mutual-TLS federation API,
-  each appended to `partial/<sha256>` and hashed on a worker thread. A holder that is
+  `fetch_depth` of them in flight, each appended in order to `partial/<sha256>` and
+  hashed on a worker thread. A holder that is
   unreachable, refuses, does not hold the file (404) or answers a range badly is
   skipped; the bytes already received stay and the next holder continues after them.
 - When the length is reached the SHA-256 is checked: a match moves the bytes into
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -225,19 +227,29 @@ class Fetcher:
         sha256, size = stored.sha256, stored.size
         partial = self._files.partial / sha256.hex()
         chunk = self._files.settings.chunk_bytes
+        depth = max(1, self._files.settings.fetch_depth)
+        path = f"/files/{sha256.hex()}"
+
+        async def get(start: int, end: int) -> PeerResponse:
+            response = await self._client.request(
+                entry, "GET", path, headers={"Range": f"bytes={start}-{end}"}
+            )
+            _check_range(response, start, end, size)
+            return response
+
         writer = await BlobWriter.resume(partial, self._files.executor)
         resumed_at = writer.size
+        # Ranges are asked for ahead (up to `depth` in flight) but written strictly in
+        # order, so the partial file is always a prefix of the file: what a resume needs.
+        ahead: deque[asyncio.Task[PeerResponse]] = deque()
+        next_start = writer.size
         try:
             while writer.size < size:
-                start = writer.size
-                end = min(size, start + chunk) - 1
-                response = await self._client.request(
-                    entry,
-                    "GET",
-                    f"/files/{sha256.hex()}",
-                    headers={"Range": f"bytes={start}-{end}"},
-                )
-                _check_range(response, start, end, size)
+                while len(ahead) < depth and next_start < size:
+                    end = min(size, next_start + chunk) - 1
+                    ahead.append(asyncio.create_task(get(next_start, end)))
+                    next_start = end + 1
+                response = await ahead.popleft()
                 await writer.write(response.body)
                 self.fetched_requests += 1
                 self.fetched_bytes += len(response.body)
@@ -245,6 +257,8 @@ class Fetcher:
         except BaseException:
             writer.abandon()  # the bytes so far stay for the next holder or the next run
             raise
+        finally:
+            await cancel_all(list(ahead))
         if writer.digest != sha256 or writer.size != size:
             partial.unlink(missing_ok=True)
             log.warning(

@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -92,6 +93,8 @@ class FileSettings:
     """Largest upload ([files] max_upload_mb)."""
     chunk_bytes: int = 4 * MiB
     """Bytes asked of a peer per Range request when fetching."""
+    fetch_depth: int = 3
+    """Range requests in flight per fetch (the next ones travel while one is written)."""
     write_bytes: int = 1 * MiB
     """An upload is written to disk in pieces of about this size."""
 
@@ -283,6 +286,34 @@ class _Incoming:
     sha256: bytes
     size: int
     mime: str
+
+
+MAX_RANGE = 16 * MiB
+"""Largest range a peer may ask for in one request."""
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a `Range: bytes=first-[last]` header (last capped at the end of
+    the file); None without one. Other forms (several ranges, suffixes) are not served."""
+    if header is None:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if match is None:
+        raise ProtocolError(
+            "only a single Range bytes=first-last is served", code="bad_range", status=416
+        )
+    first = int(match[1])
+    last = size - 1 if not match[2] else min(int(match[2]), size - 1)
+    if last < first and first < size:
+        raise ProtocolError("the range ends before it starts", code="bad_range", status=416)
+    return first, last
+
+
+def _read_range(path: Path, start: int, count: int) -> bytes:
+    with path.open("rb") as stream:
+        stream.seek(start)
+        return stream.read(count)
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -637,8 +668,10 @@ class FileStore:
     # serving -------------------------------------------------------------------------
 
     async def serve_peer(self, request: web.Request, peer: str) -> web.StreamResponse:
-        """`GET /federation/v1/files/{sha256}` (Range honoured): the bytes, to a member node
-        of a room that shares the file; 403 to any other; 404 if the bytes are not here."""
+        """`GET /federation/v1/files/{sha256}`: the bytes, to a member node of a room that
+        shares the file (403 `file_not_shared` to any other; 404 `file_not_here` if the bytes
+        are not here). With `Range: bytes=first-last` (at most `MAX_RANGE` bytes) the range
+        (206), else the whole file, streamed."""
         sha256 = parse_sha256(request.match_info["sha256"])
         if not await self.shared_with_node(sha256, peer):
             raise TrustError(
@@ -653,15 +686,32 @@ class FileStore:
                 body=error_body("file_not_here", "this node does not hold that file"),
                 content_type=MSGPACK,
             )
-        try:
-            wanted = request.http_range
-        except ValueError:
-            wanted = slice(None)
-        start = wanted.start or 0
-        stop = stored.size if wanted.stop is None else min(wanted.stop, stored.size)
+        wanted = _single_range(request.headers.get("Range"), stored.size)
         self.served_requests += 1
-        self.served_bytes += max(0, stop - start)
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        if wanted is None:  # the whole file, streamed
+            self.served_bytes += stored.size
+            return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+        start, end = wanted
+        if start >= stored.size or end - start + 1 > MAX_RANGE:
+            return web.Response(
+                status=416,
+                body=error_body(
+                    "bad_range", f"ranges are single, inside the file, up to {MAX_RANGE} bytes"
+                ),
+                content_type=MSGPACK,
+                headers={"Content-Range": f"bytes */{stored.size}"},
+            )
+        # One read on a worker thread and one write: a range is at most a few MiB, and
+        # streaming it in small pieces costs the event loop more than the memory saves.
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self._executor, _read_range, path, start, end + 1 - start)
+        self.served_bytes += len(data)
+        return web.Response(
+            status=206,
+            body=data,
+            content_type="application/octet-stream",
+            headers={"Content-Range": f"bytes {start}-{start + len(data) - 1}/{stored.size}"},
+        )
 
     def with_settings(self, **changes: Any) -> None:
         """Change settings (tests and benchmarks)."""

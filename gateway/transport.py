@@ -84,7 +84,7 @@ def raise_for_error(status: int, body: bytes) -> None:
     hint = hint if isinstance(hint, str) else None
     if status in (401, 403):
         raise TrustError(message, code=code, hint=hint)
-    if status in (400, 404, 409, 413, 422):
+    if status in (400, 404, 409, 413, 416, 422):
         raise ProtocolError(message, code=code, hint=hint, status=status)
     raise TransportError(f"peer answered HTTP {status}: {message}", code=code, hint=hint)
 

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from federation.errors import TrustError
+from federation.errors import ProtocolError, TrustError
 from gateway.api_files import file_routes
 from gateway.files import FileState
 from gateway.local import free_port
@@ -429,12 +429,14 @@ async def test_an_interrupted_fetch_resumes_after_a_restart_where_it_stopped(
     tsu.files.serve_peer = gated  # type: ignore[method-assign]
     assert ise.files.fetcher is not None
     fetch = asyncio.create_task(ise.files.fetcher.ensure(sha256))
-    await eventually(lambda: calls == 5, timeout=30)
+    partial = ise.home.files / "partial" / sha256_hex
+    # Ranges are asked for ahead, but written in order: four reach the disk, no more.
+    await eventually(lambda: calls >= 5, timeout=30)
+    await eventually(lambda: partial.is_file() and partial.stat().st_size == 4 * 256 * 1024)
     await cluster.stop("ise")
     with pytest.raises(asyncio.CancelledError):
         await fetch
     gate.set()
-    partial = ise.home.files / "partial" / sha256_hex
     assert partial.stat().st_size == 4 * 256 * 1024
 
     tsu.files.serve_peer = original  # type: ignore[method-assign]
@@ -493,3 +495,30 @@ async def test_a_file_lost_from_the_origins_disk_is_fetched_back_from_a_node_wit
     assert (status, got) == (200, sha256_hex)
     stored = await tsu.files.file(bytes.fromhex(sha256_hex))
     assert stored is not None and stored.state is FileState.COMPLETE
+
+
+async def test_the_federation_route_serves_single_ranges_up_to_16_mib_and_whole_files(
+    cluster: Cluster, serve: Serve, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    _, tsu, ise, room = await towns(cluster)
+    at_tsu = await serve(tsu, "tanaka")
+    tsu.files.with_settings(max_upload_bytes=64 * MiB)
+    source = tmp_path / "big.bin"
+    size = 17 * MiB + 5
+    random_file(source, size)
+    status, shared = await upload(http, at_tsu, room, source, name="big.bin")
+    assert status == 201
+    await eventually(knows(ise, shared["sha256"]))
+    entry = ise.roster.member("tsu")
+    assert entry is not None
+    path = f"/files/{shared['sha256']}"
+
+    whole = await ise.client.request(entry, "GET", path)
+    assert whole.status == 200 and hashlib.sha256(whole.body).hexdigest() == shared["sha256"]
+    tail = await ise.client.request(entry, "GET", path, headers={"Range": f"bytes={size - 5}-"})
+    assert tail.status == 206 and tail.body == whole.body[-5:]
+    assert tail.headers["Content-Range"] == f"bytes {size - 5}-{size - 1}/{size}"
+    for wanted in ("bytes=0-99,200-299", "bytes=-100", f"bytes={size}-", f"bytes=0-{16 * MiB}"):
+        with pytest.raises(ProtocolError) as refused:
+            await ise.client.request(entry, "GET", path, headers={"Range": wanted})
+        assert refused.value.status == 416, wanted
