@@ -105,11 +105,13 @@ class Fetcher:
 
     async def start(self) -> None:
         """Resume, in the background, the fetches a previous run left partial bytes of."""
-        partial = {path.name for path in self._files.partial.iterdir()}
+        partial = {path.name: path for path in self._files.partial.iterdir()}
         for stored in await self._files.pending():
-            if stored.sha256.hex() in partial:
+            if partial.pop(stored.sha256.hex(), None) is not None:
                 log.info("file_fetch_resumed", sha256=stored.sha256.hex())
                 self._spawn(stored.sha256)
+        for leftover in partial.values():  # of files no longer pending: nothing to resume
+            leftover.unlink(missing_ok=True)
 
     async def stop(self) -> None:
         await cancel_all(list(self._tasks.values()))

@@ -237,6 +237,22 @@ async def test_an_upload_over_the_limit_is_refused_before_anything_is_stored(
     assert (status, answer["error"]) == (413, "file_too_large")
     assert "max_upload_mb" in answer["hint"]
 
+    # The same by hand: 10 GB announced, no byte of it sent; the first answer is the 413
+    # (not "100 Continue").
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(at_tsu.url.rsplit(":", 1)[1]))
+    writer.write(
+        (
+            f"POST /api/v1/rooms/{quote(room)}/files HTTP/1.1\r\nHost: tsu\r\n"
+            f"Authorization: Bearer {at_tsu.token}\r\n"
+            f"Content-Disposition: {disposition('huge.bin')}\r\n"
+            f"Content-Length: {10 * 1024**3}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readline(), timeout=30)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 413"), first
+
     # Declared length over the limit, body sent at once: refused from the header.
     status, answer = await upload(http, at_tsu, room, source)
     assert (status, answer["error"]) == (413, "file_too_large")
