@@ -234,7 +234,11 @@ class Fetcher:
 
         async def get(start: int, end: int) -> PeerResponse:
             response = await self._client.request(
-                entry, "GET", path, headers={"Range": f"bytes={start}-{end}"}
+                entry,
+                "GET",
+                path,
+                headers={"Range": f"bytes={start}-{end}"},
+                time_limit=self._files.settings.range_timeout,
             )
             _check_range(response, start, end, size)
             return response

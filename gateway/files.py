@@ -95,6 +95,8 @@ class FileSettings:
     """Bytes asked of a peer per Range request when fetching."""
     fetch_depth: int = 3
     """Range requests in flight per fetch (the next ones travel while one is written)."""
+    range_timeout: float = 120.0
+    """Seconds a peer may take to send one range (4 MiB take 17 s at 2 Mbit/s)."""
     write_bytes: int = 1 * MiB
     """An upload is written to disk in pieces of about this size."""
 

@@ -286,9 +286,10 @@ class PeerClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
         self._session = aiohttp.ClientSession(
             connector=PinnedConnector(context, limit_per_host=8, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+            timeout=self._timeout,
         )
         self._node_id = node_id
         self._roster_version = roster_version
@@ -321,11 +322,13 @@ class PeerClient:
         body: bytes | None = None,
         *,
         headers: Mapping[str, str] | None = None,
+        time_limit: float | None = None,
     ) -> PeerResponse:
         """Send one request; `TrustError` if the server is not `peer`, typed errors for refusals.
 
         `headers` adds request headers (e.g. Range); the answer is read whole, so a caller
-        asking for large content asks for it in ranges."""
+        asking for large content asks for it in ranges. `time_limit` (seconds) replaces the
+        client's for this request (a file range on a slow link takes longer than a batch)."""
         url = f"{self.endpoint_for(peer)}{FEDERATION_PREFIX}{path}"
         sent = {
             **(headers or {}),
@@ -342,6 +345,9 @@ class PeerClient:
                 data=body,
                 headers=sent,
                 ssl=self._pin(peer.certificates(int(self._clock()))),
+                timeout=self._timeout
+                if time_limit is None
+                else aiohttp.ClientTimeout(total=time_limit, connect=self._timeout.connect),
             ) as response:
                 payload = await response.read()
                 status = response.status
