@@ -43,7 +43,8 @@ from federation.errors import KakehashiError, ProtocolError, TransportError
 from federation.files import SNIFF_BYTES, sniff
 from federation.roster import Roster
 
-from .files import BlobWriter, FileStore, StoredFile, hash_file
+from .blobs import BlobWriter, hash_file
+from .files import FileStore, StoredFile
 from .tasks import cancel_all
 
 if TYPE_CHECKING:

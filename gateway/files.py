@@ -24,7 +24,8 @@ Invariants:
 - A peer is served a file only if it is a member node (now) of a room in which an
   accepted message references it; anyone else gets 403 `file_not_shared`.
 
-Fetching remote files and verifying them is `gateway.filefetch`.
+Fetching remote files and verifying them is `gateway.filefetch`; writing and reading
+bytes off the event loop is `gateway.blobs`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import os
 import re
 import secrets
@@ -51,6 +51,7 @@ from federation.errors import ProtocolError, StorageError, TrustError
 from federation.files import SNIFF_BYTES, FileRef, check_file_refs, sniff
 from federation.rooms import Role, RoomKind
 
+from .blobs import BlobWriter, MiB, fsync_directory, read_range
 from .transport import MSGPACK, error_body
 
 if TYPE_CHECKING:
@@ -64,14 +65,14 @@ __all__ = [
     "FileSettings",
     "FileState",
     "FileStore",
+    "Incoming",
     "SharedFile",
     "StoredFile",
+    "file_too_large",
     "parse_sha256",
 ]
 
 log = structlog.get_logger("kakehashi.files")
-
-MiB = 1024 * 1024
 
 
 class FileState(StrEnum):
@@ -169,119 +170,8 @@ def file_too_large(limit: int) -> ProtocolError:
     )
 
 
-# --- writing on a worker thread ---------------------------------------------------------
-
-
-class BlobWriter:
-    """A file written and hashed on a worker thread, one piece at a time.
-
-    The event loop never waits on the disk or on hashing. A cancelled caller cannot leave
-    a write racing the close of its descriptor: `abandon` closes only once the write in
-    flight, if any, has returned.
-    """
-
-    def __init__(
-        self,
-        fd: int,
-        executor: concurrent.futures.Executor,
-        *,
-        hasher: Any = None,
-        size: int = 0,
-    ) -> None:
-        self._fd = fd
-        self._executor = executor
-        self._hash = hasher if hasher is not None else hashlib.sha256()
-        self._inflight: concurrent.futures.Future[None] | None = None
-        self.size = size
-        """Bytes written so far (including those there before a resume)."""
-
-    @classmethod
-    def create(cls, path: Path, executor: concurrent.futures.Executor) -> BlobWriter:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        return cls(fd, executor)
-
-    @classmethod
-    async def resume(cls, path: Path, executor: concurrent.futures.Executor) -> BlobWriter:
-        """Append to `path` (created if missing), its existing bytes hashed first."""
-        loop = asyncio.get_running_loop()
-        hasher, size = await loop.run_in_executor(executor, hash_file, path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        return cls(fd, executor, hasher=hasher, size=size)
-
-    @property
-    def digest(self) -> bytes:
-        return bytes(self._hash.digest())
-
-    def _run(self, work: Callable[[], None]) -> asyncio.Future[None]:
-        self._inflight = self._executor.submit(work)
-        return asyncio.wrap_future(self._inflight)
-
-    async def write(self, data: bytes) -> None:
-        def work() -> None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-            self._hash.update(data)  # releases the GIL for large pieces
-
-        try:
-            await self._run(work)
-        except OSError as exc:
-            raise StorageError(f"cannot write a file: {exc}", code="file_write_failed") from exc
-        self.size += len(data)
-
-    async def finish(self) -> None:
-        """fsync and close."""
-        fd, self._fd = self._fd, -1
-
-        def work() -> None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        try:
-            await self._run(work)
-        except OSError as exc:
-            raise StorageError(f"cannot write a file: {exc}", code="file_write_failed") from exc
-
-    def abandon(self, path: Path | None = None) -> None:
-        """Close (and delete `path`, if given) once no write is in flight. Never raises."""
-
-        def close(_: object = None) -> None:
-            if self._fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._fd)
-                self._fd = -1
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-
-        if self._inflight is not None and not self._inflight.done():
-            self._inflight.add_done_callback(close)
-        else:
-            close()
-
-
-def hash_file(path: Path) -> tuple[Any, int]:
-    hasher = hashlib.sha256()
-    size = 0
-    with contextlib.suppress(FileNotFoundError), path.open("rb") as stream:
-        while piece := stream.read(MiB):
-            hasher.update(piece)
-            size += len(piece)
-    return hasher, size
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True, slots=True)
-class _Incoming:
+class Incoming:
     """An upload received whole into `incoming/`, not yet in place."""
 
     path: Path
@@ -310,12 +200,6 @@ def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
     if last < first and first < size:
         raise ProtocolError("the range ends before it starts", code="bad_range", status=416)
     return first, last
-
-
-def _read_range(path: Path, start: int, count: int) -> bytes:
-    with path.open("rb") as stream:
-        stream.seek(start)
-        return stream.read(count)
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -548,7 +432,7 @@ class FileStore:
 
     async def receive(
         self, body: AsyncIterable[bytes], *, declared_size: int | None, name: str = ""
-    ) -> _Incoming:
+    ) -> Incoming:
         """Stream an upload into `incoming/`, hashing as it is written; enforce the limit."""
         limit = self.settings.max_upload_bytes
         if declared_size is not None and declared_size > limit:
@@ -578,9 +462,9 @@ class FileStore:
         except BaseException:
             writer.abandon(path)
             raise
-        return _Incoming(path=path, sha256=writer.digest, size=total, mime=sniff(bytes(head), name))
+        return Incoming(path=path, sha256=writer.digest, size=total, mime=sniff(bytes(head), name))
 
-    async def _place(self, incoming: _Incoming) -> bool:
+    async def _place(self, incoming: Incoming) -> bool:
         """Move a received upload under its hash. True if the bytes were not here before."""
         final = self.path(incoming.sha256)
         loop = asyncio.get_running_loop()
@@ -706,7 +590,7 @@ class FileStore:
         # One read on a worker thread and one write: a range is at most a few MiB, and
         # streaming it in small pieces costs the event loop more than the memory saves.
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self._executor, _read_range, path, start, end + 1 - start)
+        data = await loop.run_in_executor(self._executor, read_range, path, start, end + 1 - start)
         self.served_bytes += len(data)
         return web.Response(
             status=206,

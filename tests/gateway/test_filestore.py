@@ -18,7 +18,8 @@ import pytest
 
 from federation.errors import ProtocolError
 from gateway.api_files import content_disposition, file_name_from
-from gateway.files import BlobWriter, FileSettings, FileStore, parse_sha256
+from gateway.blobs import BlobWriter
+from gateway.files import FileSettings, FileStore, parse_sha256
 from gateway.store import Store
 
 MiB = 1024 * 1024
