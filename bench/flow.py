@@ -70,6 +70,8 @@ class Sizes:
     catchup: int = 100_000
     outbox: int = 1_000_000
     relay: int = 30_000
+    file_mb: int = 200
+    """Size of the file of the transfer figures (bench/transfer.py), in MiB."""
 
 
 FULL = Sizes()
@@ -81,6 +83,7 @@ QUICK = Sizes(
     catchup=10_000,
     outbox=100_000,
     relay=5_000,
+    file_mb=20,
 )
 
 

@@ -12,6 +12,10 @@ commits, real mutual TLS; baseline = one core doing encode + Merkle + verify wit
 no I/O, bench/baseline.py): two_node_throughput_eps, one_hop_latency_p50_ms,
 one_hop_latency_p99_ms, fanout30_p99_ms, catchup_eps, outbox_1m_rss_mb.
 
+Files (bench/transfer.py; a 200 MB file uploaded to one node process, fetched by
+another over mutual TLS; baseline = one core reading, hashing, writing and fsyncing
+the same bytes): file_transfer_mbps, file_upload_mbps.
+
     python bench/run.py                      # everything (about 10 minutes)
     python bench/run.py --quick              # every size about a tenth: a smoke run
     python bench/run.py --only catchup_eps,fanout30_p99_ms
@@ -35,6 +39,7 @@ from typing import Any
 
 import flow
 import structlog
+import transfer
 import trust
 from common import progress, show
 
@@ -56,7 +61,7 @@ def _groups(
             lambda: asyncio.run(trust.bench_federation(requests)),
         ),
     ]
-    for group, (names, figure) in flow.FIGURES.items():
+    for group, (names, figure) in {**flow.FIGURES, **transfer.FIGURES}.items():
         groups.append((group, names, lambda figure=figure: figure(sizes, base, prof)))
     return groups
 
@@ -70,7 +75,7 @@ def main() -> int:
         default="",
         metavar="NAME[,NAME]",
         help="run only these figures (figure names as in results.json, or group names: "
-        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES])
+        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES, *transfer.FIGURES])
         + ")",
     )
     parser.add_argument(

@@ -70,6 +70,11 @@ class Home:
         return self.root / "certs"
 
     @property
+    def files(self) -> Path:
+        """Shared files, content-addressed by SHA-256 (see `gateway.files`)."""
+        return self.root / "files"
+
+    @property
     def signing_key(self) -> Path:
         return self.keys / "signing.key"
 
@@ -167,6 +172,8 @@ class NodeConfig:
     it expires ([tls] renew_before_days)."""
     monitoring_listen: tuple[str, int] | None = None
     """(host, port) of the plain-HTTP monitoring listener (/metrics, /healthz); None: off."""
+    files_max_upload_mb: int = 100
+    """Largest file staff may upload, in MiB ([files] max_upload_mb)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections this version does not know, kept so a rewrite does not lose them."""
 
@@ -340,7 +347,16 @@ def load_config(home: Home) -> NodeConfig:
     if not isinstance(monitoring, dict):
         raise ConfigError(f"{path}: [monitoring] must be a table", code="config_bad_field")
     monitoring_listen = _optional(monitoring, "monitoring", "listen", str, path, None)
+    files = raw.get("files", {})
+    if not isinstance(files, dict):
+        raise ConfigError(f"{path}: [files] must be a table", code="config_bad_field")
+    max_upload_mb = _optional(files, "files", "max_upload_mb", int, path, 100)
+    if not 1 <= max_upload_mb <= 1024 * 1024:
+        raise ConfigError(
+            f"{path}: field 'files.max_upload_mb' must be 1-1048576", code="config_bad_field"
+        )
     known = {"node", "listen", "health", "log", "segments", "delivery", "tls", "monitoring"}
+    known.add("files")
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -360,6 +376,7 @@ def load_config(home: Home) -> NodeConfig:
         monitoring_listen=None
         if monitoring_listen is None
         else parse_listen(monitoring_listen, "monitoring.listen", path),
+        files_max_upload_mb=max_upload_mb,
         extra={key: value for key, value in raw.items() if key not in known},
     )
 
@@ -388,6 +405,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["tls"] = {"renew_before_days": config.renew_before_days}
     if config.monitoring_listen is not None:
         document["monitoring"] = {"listen": _listen_text(*config.monitoring_listen)}
+    if config.files_max_upload_mb != 100:
+        document["files"] = {"max_upload_mb": config.files_max_upload_mb}
     if config.restore_timeout != 60.0:
         document["delivery"]["restore_catch_up_timeout_seconds"] = config.restore_timeout
     document.update(config.extra)

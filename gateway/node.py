@@ -52,6 +52,8 @@ from .authority import Authority
 from .backup import RESTORED_AT
 from .catchup import SYNC_ROOMS, CatchUp
 from .config import Home, NodeConfig, load_config
+from .filefetch import Fetcher
+from .files import FileSettings, FileStore
 from .keys import KeyManager, KeySettings, recover_interrupted
 from .metrics import NodeMetrics
 from .monitoring import Maintenance, monitoring_app
@@ -95,6 +97,7 @@ class Node:
         self._rooms: RoomService | None = None
         self._outbox: Outbox | None = None
         self._catchup: CatchUp | None = None
+        self._files: FileStore | None = None
         self._keys: KeyManager | None = None
         self._refused_as: str | None = None
         self._runners: list[web.BaseRunner] = []
@@ -156,6 +159,13 @@ class Node:
     def keys(self) -> KeyManager:
         assert self._keys is not None
         return self._keys
+
+    @property
+    def files(self) -> FileStore:
+        """Files shared in rooms (created in `start`)."""
+        if self._files is None:
+            raise ConfigError("node has not started", code="not_started")
+        return self._files
 
     @property
     def federation_port(self) -> int:
@@ -260,6 +270,22 @@ class Node:
                 backoff=Backoff(base=0.2, cap=self.config.retry_cap, jitter=0.2)
             ),
         )
+        self._files = FileStore(
+            root=self.home.files,
+            store=self.store,
+            rooms=self._rooms,
+            node_id=self.node_id,
+            settings=FileSettings(max_upload_bytes=self.config.files_max_upload_mb * 1024 * 1024),
+            clock=self.clock,
+        )
+        Fetcher(
+            files=self._files,
+            rooms=self._rooms,
+            client=self._client,
+            roster=lambda: self.roster,
+            direct=self.direct_peers,
+        )
+        self._rooms.write_with(self._files.index)
         await self._rooms.load()
         restored_at = await self.store.get_meta(RESTORED_AT)
         if restored_at is not None:
@@ -284,6 +310,7 @@ class Node:
             direct=self.direct_peers,
             on_refused=self._refused_by,
         )
+        await self._files.start()
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
@@ -363,7 +390,8 @@ class Node:
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
         await cancel_all([self._recovery])
-        for part in (self._keys, self._catchup, self._outbox, self._monitor, self._rooms):
+        parts = (self._files, self._keys, self._catchup, self._outbox, self._monitor, self._rooms)
+        for part in parts:
             if part is not None:
                 try:
                     await part.stop()
@@ -622,6 +650,7 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
             web.post(f"{FEDERATION_PREFIX}/relay", self._handle_relay),
+            web.get(f"{FEDERATION_PREFIX}/files/{{sha256}}", self._handle_file),
         ]
 
     def _peer_up(self, peer: str) -> None:
@@ -773,6 +802,10 @@ class Node:
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
         return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        """A file's bytes (Range honoured), to a member node of a room that shares it."""
+        return await self.files.serve_peer(request, request[PEER].node_id)
 
     async def _handle_sync(self, request: web.Request) -> web.Response:
         """Catch-up: everything beyond the peer's vectors in rooms it is a member of; with
