@@ -208,7 +208,10 @@ class Hub:
 
     def _push(self, connections: Sequence[Connection], text: str) -> None:
         for connection in connections:
-            if not connection.push(text) and connection.close_code == CLOSE_TOO_SLOW:
+            if connection.close_code is not None:
+                continue  # closing: its handler removes it
+            connection.push(text)
+            if connection.close_code == CLOSE_TOO_SLOW:
                 self.dropped += 1
                 log.warning("client_too_slow", user=connection.user, limit=self.queue_limit)
 
