@@ -106,6 +106,7 @@ class Connection:
         self._queue: deque[str] = deque()
         self._wake = asyncio.Event()
         self._sending = False
+        self._check = False
         self.close_code: int | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -134,18 +135,33 @@ class Connection:
         if self._sending and self.task is not None:
             self.task.cancel()  # stuck writing to a client that does not read
 
+    def _check_due(self) -> None:
+        self._check = True
+        self._wake.set()
+
     async def run(self, still_valid: Callable[[], Awaitable[bool]]) -> None:
-        """Send queued events until closed; check the token when due (`still_valid`)."""
+        """Send queued events until closed; check the token when due (`still_valid`).
+
+        One timer per connection for the token check, not one per wake-up: a fan-out
+        to thousands of connections wakes every sender, so waking must stay cheap.
+        """
+        loop = asyncio.get_running_loop()
+
+        def arm() -> asyncio.TimerHandle:
+            due = max(0.0, min(RECHECK, self.expires_at - self._clock()))
+            return loop.call_later(due, self._check_due)
+
+        timer = arm()
         try:
             while self.close_code is None:
-                due = max(0.0, min(RECHECK, self.expires_at - self._clock()))
-                try:
-                    await asyncio.wait_for(self._wake.wait(), due)
-                except TimeoutError:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._check:
+                    self._check = False
                     if not await still_valid():
                         self.close(CLOSE_UNAUTHORIZED)
-                    continue
-                self._wake.clear()
+                        break
+                    timer = arm()
                 while self._queue and self.close_code is None:
                     text = self._queue.popleft()
                     self._sending = True
@@ -158,6 +174,8 @@ class Connection:
                 raise  # cancelled from outside: the handler is finishing
         except (ConnectionError, RuntimeError):
             return  # the client went away
+        finally:
+            timer.cancel()
         await self._close()
 
     async def _close(self) -> None:
