@@ -12,6 +12,10 @@ commits, real mutual TLS; baseline = one core doing encode + Merkle + verify wit
 no I/O, bench/baseline.py): two_node_throughput_eps, one_hop_latency_p50_ms,
 one_hop_latency_p99_ms, fanout30_p99_ms, catchup_eps, outbox_1m_rss_mb.
 
+Client API (bench/clientapi.py; node processes serving the staff API over HTTPS and
+WebSocket): ws_delivery_p50_ms (baseline: the plain one-hop latency, same run),
+ws_fanout2000_p99_ms (baseline: the same with one WebSocket client).
+
     python bench/run.py                      # everything (about 10 minutes)
     python bench/run.py --quick              # every size about a tenth: a smoke run
     python bench/run.py --only catchup_eps,fanout30_p99_ms
@@ -33,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import clientapi
 import flow
 import structlog
 import trust
@@ -56,7 +61,7 @@ def _groups(
             lambda: asyncio.run(trust.bench_federation(requests)),
         ),
     ]
-    for group, (names, figure) in flow.FIGURES.items():
+    for group, (names, figure) in {**flow.FIGURES, **clientapi.FIGURES}.items():
         groups.append((group, names, lambda figure=figure: figure(sizes, base, prof)))
     return groups
 
@@ -70,7 +75,7 @@ def main() -> int:
         default="",
         metavar="NAME[,NAME]",
         help="run only these figures (figure names as in results.json, or group names: "
-        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES])
+        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES, *clientapi.FIGURES])
         + ")",
     )
     parser.add_argument(
