@@ -50,10 +50,19 @@ class Worker:
     """One node process and what it reported."""
 
     def __init__(
-        self, node_id: str, home: Home, log_dir: Path, *, ids: bool, trace: bool = False
+        self,
+        node_id: str,
+        home: Home,
+        log_dir: Path,
+        *,
+        ids: bool,
+        trace: bool = False,
+        api: bool = False,
     ) -> None:
         self.node_id = node_id
         self.home = home
+        self.api_port = free_port() if api else None
+        """With `api`: the port of the node's file routes (plain HTTP on 127.0.0.1)."""
         self.log_path = log_dir / f"{node_id}.log"
         self.trace_path = log_dir / f"{node_id}.trace.json" if trace else None
         self.ids = ids
@@ -98,6 +107,8 @@ class Worker:
             args.append("--ids")
         if self.trace_path is not None:
             args += ["--trace", str(self.trace_path)]
+        if self.api_port is not None:
+            args += ["--api-port", str(self.api_port)]
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child's lifetime
         self.spawned_at = time.monotonic()
         self.process = subprocess.Popen(
@@ -373,6 +384,9 @@ class Cluster:
         if self.api:
             config = self.home(node_id).config
             config.write_text(config.read_text() + f'\n[api]\nlisten = "127.0.0.1:{free_port()}"\n')
+        if self.api:  # the file figures upload more than the default 100 MiB
+            with self.home(node_id).config.open("a", encoding="utf-8") as config:
+                config.write("\n[files]\nmax_upload_mb = 4096\n")
 
     def form(
         self,
@@ -392,7 +406,7 @@ class Cluster:
         asyncio.run(create_federation(self.home(authority), name="bench federation"))
         self.authority_id = authority
         self.workers[authority] = Worker(
-            authority, self.home(authority), self.logs, ids=self.ids, trace=self.trace
+            authority, self.home(authority), self.logs, ids=self.ids, trace=self.trace, api=self.api
         )
         self.workers[authority].start()
         admin = self.workers[authority].admin
@@ -402,7 +416,7 @@ class Cluster:
             token = admin.request("POST", "/v1/peers/invite", invite)["token"]
             asyncio.run(join_federation(self.home(node_id), token))
             self.workers[node_id] = Worker(
-                node_id, self.home(node_id), self.logs, ids=self.ids, trace=self.trace
+                node_id, self.home(node_id), self.logs, ids=self.ids, trace=self.trace, api=self.api
             )
             if len(members) > 5 and (index + 1) % 10 == 0:
                 progress(f"{index + 1}/{len(members)} members joined")

@@ -76,6 +76,8 @@ class Sizes:
     ws_users: int = 100
     """Staff users the ws_clients connections log in as (several tabs each)."""
     ws_fanout_messages: int = 20
+    file_mb: int = 200
+    """Size of the file of the transfer figures (bench/transfer.py), in MiB."""
 
 
 FULL = Sizes()
@@ -91,6 +93,7 @@ QUICK = Sizes(
     ws_clients=200,
     ws_users=20,
     ws_fanout_messages=10,
+    file_mb=20,
 )
 
 

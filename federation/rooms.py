@@ -12,7 +12,8 @@ dependency on the home node (`deps[home]`): the latest state envelope the sender
 had seen. Its origin node must be a member then; its sender, if any, a member
 user of that node; a `state` envelope must come from the home node.
 
-Bodies are checked here against the same rules as `schemas/envelope-bodies/`.
+Bodies are checked here against the same rules as `schemas/envelope-bodies/`; a
+message's `files` are file references (`federation.files.FileRef`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from .envelope import Content, Kind, room_home
 from .errors import ProtocolError
+from .files import check_file_refs
 from .identity import check_node_id
 
 __all__ = [
@@ -189,9 +191,8 @@ def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -
         _text(body, "text", required=True)
         if body.get("format", "plain") not in ("plain", "markdown"):
             raise ProtocolError("format must be plain or markdown", code="bad_body")
-        files = body.get("files", [])
-        if not isinstance(files, list) or len(files) > 32:
-            raise ProtocolError("files must be a list of file references", code="bad_body")
+        if "files" in body:
+            check_file_refs(body["files"])
     elif kind is Kind.EDIT:
         _only(body, {"target", "text"})
         _target(body)

@@ -79,6 +79,11 @@ class Home:
         return self.root / "certs"
 
     @property
+    def files(self) -> Path:
+        """Shared files, content-addressed by SHA-256 (see `gateway.files`)."""
+        return self.root / "files"
+
+    @property
     def signing_key(self) -> Path:
         return self.keys / "signing.key"
 
@@ -182,6 +187,8 @@ class NodeConfig:
     """Certificate (PEM chain) the client API presents; None: the node's own certificate."""
     api_tls_key: Path | None = None
     """Private key of `api_tls_cert`; set together with it."""
+    files_max_upload_mb: int = 100
+    """Largest file staff may upload, in MiB ([files] max_upload_mb)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Sections this version does not know, kept so a rewrite does not lose them."""
 
@@ -357,6 +364,15 @@ def load_config(home: Home) -> NodeConfig:
     monitoring_listen = _optional(monitoring, "monitoring", "listen", str, path, None)
     api_listen, api_cert, api_key = _api_section(raw, home, path)
     known = {"node", "listen", "health", "log", "segments", "delivery", "tls", "monitoring", "api"}
+    known.add("files")
+    files = raw.get("files", {})
+    if not isinstance(files, dict):
+        raise ConfigError(f"{path}: [files] must be a table", code="config_bad_field")
+    max_upload_mb = _optional(files, "files", "max_upload_mb", int, path, 100)
+    if not 1 <= max_upload_mb <= 1024 * 1024:
+        raise ConfigError(
+            f"{path}: field 'files.max_upload_mb' must be 1-1048576", code="config_bad_field"
+        )
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -379,6 +395,7 @@ def load_config(home: Home) -> NodeConfig:
         api_listen=api_listen,
         api_tls_cert=api_cert,
         api_tls_key=api_key,
+        files_max_upload_mb=max_upload_mb,
         extra={key: value for key, value in raw.items() if key not in known},
     )
 
@@ -446,6 +463,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
         if config.api_tls_cert is not None and config.api_tls_key is not None:
             document["api"]["tls_cert"] = str(config.api_tls_cert)
             document["api"]["tls_key"] = str(config.api_tls_key)
+    if config.files_max_upload_mb != 100:
+        document["files"] = {"max_upload_mb": config.files_max_upload_mb}
     if config.restore_timeout != 60.0:
         document["delivery"]["restore_catch_up_timeout_seconds"] = config.restore_timeout
     document.update(config.extra)

@@ -48,11 +48,14 @@ from . import tls
 from .accounts import Accounts
 from .admin import admin_app, claim_admin_socket, serve_admin
 from .api import ClientApi, api_ssl_context
+from .api_files import file_routes
 from .audit import AuditLog
 from .authority import Authority
 from .backup import RESTORED_AT
 from .catchup import CatchUp
 from .config import Home, NodeConfig, load_config
+from .filefetch import Fetcher
+from .files import FileSettings, FileStore
 from .keys import KeyManager, KeySettings, recover_interrupted
 from .metrics import NodeMetrics
 from .monitoring import Maintenance, monitoring_app
@@ -63,6 +66,7 @@ from .store import Store
 from .tasks import cancel_all
 from .timeline import Timeline
 from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
+from .webclient import web_client_routes
 
 __all__ = ["Node"]
 
@@ -92,6 +96,7 @@ class Node:
         self._rooms: RoomService | None = None
         self._outbox: Outbox | None = None
         self._catchup: CatchUp | None = None
+        self._files: FileStore | None = None
         self._keys: KeyManager | None = None
         self._timeline: Timeline | None = None
         self._api: ClientApi | None = None
@@ -172,6 +177,13 @@ class Node:
     def keys(self) -> KeyManager:
         assert self._keys is not None
         return self._keys
+
+    @property
+    def files(self) -> FileStore:
+        """Files shared in rooms (created in `start`)."""
+        if self._files is None:
+            raise ConfigError("node has not started", code="not_started")
+        return self._files
 
     @property
     def federation_port(self) -> int:
@@ -283,6 +295,22 @@ class Node:
                 backoff=Backoff(base=0.2, cap=self.config.retry_cap, jitter=0.2)
             ),
         )
+        self._files = FileStore(
+            root=self.home.files,
+            store=self.store,
+            rooms=self._rooms,
+            node_id=self.node_id,
+            settings=FileSettings(max_upload_bytes=self.config.files_max_upload_mb * 1024 * 1024),
+            clock=self.clock,
+        )
+        Fetcher(
+            files=self._files,
+            rooms=self._rooms,
+            client=self._client,
+            roster=lambda: self.roster,
+            direct=self.direct_peers,
+        )
+        self._rooms.write_with(self._files.index)
         await self._rooms.load()
         self._timeline = Timeline(store=self.store, rooms=self._rooms)
         self._rooms.listen(self._timeline.on_accepted)  # before any envelope can arrive
@@ -309,6 +337,7 @@ class Node:
             on_peer_up=self._peer_up,
             direct=self.direct_peers,
         )
+        await self._files.start()
         federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
@@ -342,7 +371,8 @@ class Node:
             self._recovery.add_done_callback(_log_failure)
         self._started_at = self.clock()
         if self.config.api_listen is not None and api_ssl is not None:
-            self._api = ClientApi(self, timeline=self._timeline, extra_routes=self.api_routes)
+            routes = [*file_routes(self), *web_client_routes(), *self.api_routes]
+            self._api = ClientApi(self, timeline=self._timeline, extra_routes=routes)
             await self._api.start(*self.config.api_listen, api_ssl)
         await self._serve_monitoring()
         await self._audit.append(
@@ -399,6 +429,7 @@ class Node:
                 log.exception("stop_step_failed", part="ClientApi")
             self._api = None
         parts = (
+            self._files,
             self._keys,
             self._catchup,
             self._outbox,
@@ -665,6 +696,7 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
             web.post(f"{FEDERATION_PREFIX}/relay", self._handle_relay),
+            web.get(f"{FEDERATION_PREFIX}/files/{{sha256}}", self._handle_file),
         ]
 
     def _peer_up(self, peer: str) -> None:
@@ -797,6 +829,10 @@ class Node:
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
         return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        """A file's bytes (Range honoured), to a member node of a room that shares it."""
+        return await self.files.serve_peer(request, request[PEER].node_id)
 
     async def _handle_sync(self, request: web.Request) -> web.Response:
         """Catch-up: everything beyond the peer's vectors in rooms it is a member of; with

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +53,11 @@ from .roomstore import EnvelopeRow, RoomStore, Status
 from .tasks import cancel_all
 
 if TYPE_CHECKING:
+    import aiosqlite
+
     from .store import Store
 
-__all__ = ["BATCH_LIMITS", "EnvelopeCounts", "Refusal", "RoomService"]
+__all__ = ["BATCH_LIMITS", "CommitWriter", "EnvelopeCounts", "Refusal", "RoomService"]
 
 log = structlog.get_logger("kakehashi.rooms")
 
@@ -66,6 +68,9 @@ BATCH_LIMITS = codec.Limits(
     max_bytes=8 * 1024 * 1024, max_depth=3, max_array=5000, max_bin=8 * 1024 * 1024, max_map=8
 )
 
+
+CommitWriter = Callable[["aiosqlite.Connection", Sequence[Envelope]], Awaitable[None]]
+"""Writes rows derived from a step's accepted envelopes, in the step's transaction."""
 
 _LocalRequest = tuple[str, list[tuple[Kind, dict[str, Any], str]], "asyncio.Future[list[bytes]]"]
 """A waiting local send: room, (kind, body, sender) items, and the caller's future."""
@@ -131,6 +136,7 @@ class RoomService:
         self._homes: dict[str, str] = {}
         self._hlc = 0
         self._listeners: list[Callable[[list[Envelope]], None]] = []
+        self._writers: list[CommitWriter] = []
         self._local_queue: list[_LocalRequest] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -232,6 +238,12 @@ class RoomService:
     def listen(self, callback: Callable[[list[Envelope]], None]) -> None:
         """Call `callback` with newly accepted envelopes after each committed step."""
         self._listeners.append(callback)
+
+    def write_with(self, writer: CommitWriter) -> None:
+        """Have `writer` add its own rows for the envelopes each step accepts, inside that
+        step's transaction: what it derives is committed with the envelopes or not at all
+        (e.g. the file references of messages, see `gateway.files`)."""
+        self._writers.append(writer)
 
     # views ------------------------------------------------------------------------
 
@@ -695,6 +707,9 @@ class RoomService:
                     self._now_ms(),
                     step.relayed,
                 )
+                if step.accepted:
+                    for writer in self._writers:
+                        await writer(db, step.accepted)
         except KakehashiError:
             await self.load()  # memory must not run ahead of disk
             raise

@@ -218,6 +218,32 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX envelope_annotations ON envelope (id)
         WHERE status = 1 AND kind IN ('edit', 'reaction', 'redact', 'receipt');
     """,
+    # Shared files (gateway/files.py): one row per file this node knows of (its bytes here
+    # or not yet), one per reference an accepted message makes to one, written in the
+    # transaction that accepts the message.
+    """
+    CREATE TABLE file (
+        sha256 BLOB PRIMARY KEY,
+        size INTEGER NOT NULL,
+        mime TEXT NOT NULL,
+        state TEXT NOT NULL,
+        stored_at INTEGER
+    );
+    CREATE TABLE file_ref (
+        envelope_id BLOB NOT NULL,
+        position INTEGER NOT NULL,
+        sha256 BLOB NOT NULL REFERENCES file (sha256),
+        room_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        mime TEXT NOT NULL,
+        uploader TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        uploaded_at INTEGER NOT NULL,
+        PRIMARY KEY (envelope_id, position)
+    ) WITHOUT ROWID;
+    CREATE INDEX file_ref_file ON file_ref (sha256, room_id);
+    CREATE INDEX file_ref_room ON file_ref (room_id, uploaded_at);
+    """,
 )
 
 

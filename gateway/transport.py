@@ -24,13 +24,14 @@ import asyncio
 import hashlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from federation import codec
 from federation.errors import KakehashiError, ProtocolError, TransportError, TrustError
@@ -83,7 +84,7 @@ def raise_for_error(status: int, body: bytes) -> None:
     hint = hint if isinstance(hint, str) else None
     if status in (401, 403):
         raise TrustError(message, code=code, hint=hint)
-    if status in (400, 404, 409, 413, 422):
+    if status in (400, 404, 409, 413, 416, 422):
         raise ProtocolError(message, code=code, hint=hint, status=status)
     raise TransportError(f"peer answered HTTP {status}: {message}", code=code, hint=hint)
 
@@ -267,6 +268,8 @@ class PeerResponse:
     """The peer's roster version, from its response header."""
     rtt_ms: float
     """Time from sending the request to reading the whole answer."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """The response's headers (e.g. Content-Range of a file chunk)."""
 
 
 class PeerClient:
@@ -283,9 +286,10 @@ class PeerClient:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0))
         self._session = aiohttp.ClientSession(
             connector=PinnedConnector(context, limit_per_host=8, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+            timeout=self._timeout,
         )
         self._node_id = node_id
         self._roster_version = roster_version
@@ -311,25 +315,44 @@ class PeerClient:
         return peer.endpoints[0].url
 
     async def request(
-        self, peer: RosterEntry, method: str, path: str, body: bytes | None = None
+        self,
+        peer: RosterEntry,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        time_limit: float | None = None,
     ) -> PeerResponse:
-        """Send one request; `TrustError` if the server is not `peer`, typed errors for refusals."""
+        """Send one request; `TrustError` if the server is not `peer`, typed errors for refusals.
+
+        `headers` adds request headers (e.g. Range); the answer is read whole, so a caller
+        asking for large content asks for it in ranges. `time_limit` (seconds) replaces the
+        client's for this request (a file range on a slow link takes longer than a batch)."""
         url = f"{self.endpoint_for(peer)}{FEDERATION_PREFIX}{path}"
-        headers = {HEADER_NODE: self._node_id, HEADER_ROSTER: str(self._roster_version())}
+        sent = {
+            **(headers or {}),
+            HEADER_NODE: self._node_id,
+            HEADER_ROSTER: str(self._roster_version()),
+        }
         if body is not None:
-            headers["Content-Type"] = MSGPACK
+            sent["Content-Type"] = MSGPACK
         started = time.perf_counter()
         try:
             async with self._session.request(
                 method,
                 url,
                 data=body,
-                headers=headers,
+                headers=sent,
                 ssl=self._pin(peer.certificates(int(self._clock()))),
+                timeout=self._timeout
+                if time_limit is None
+                else aiohttp.ClientTimeout(total=time_limit, connect=self._timeout.connect),
             ) as response:
                 payload = await response.read()
                 status = response.status
                 version = response.headers.get(HEADER_ROSTER, "0")
+                answer_headers = CIMultiDict(response.headers)
         except aiohttp.ServerFingerprintMismatch as exc:
             raise TrustError(
                 f"the server at {url} is not {peer.node_id} (certificate fingerprint differs)",
@@ -358,7 +381,11 @@ class PeerClient:
         except ValueError:
             roster_version = 0
         return PeerResponse(
-            status=status, body=payload, roster_version=roster_version, rtt_ms=rtt_ms
+            status=status,
+            body=payload,
+            roster_version=roster_version,
+            rtt_ms=rtt_ms,
+            headers=answer_headers,
         )
 
     async def close(self) -> None:

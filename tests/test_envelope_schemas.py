@@ -40,6 +40,12 @@ TARGET = bytes(range(32))
 KEY = SigningKey(Ed25519PrivateKey.from_private_bytes(bytes([9]) * 32))
 HOME = "mie-pref"
 ROOM = "!kaigi2024:mie-pref"
+FILE = {
+    "sha256": bytes(range(32, 64)),
+    "size": 20 * 1024 * 1024,
+    "name": "浸水被害_写真.jpg",
+    "mime": "image/jpeg",
+}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -146,7 +152,23 @@ VALID: list[tuple[Kind, dict[str, Any], bool]] = [
     (Kind.STATE_REQUEST, {"topic": "変更", "add_nodes": ["nabari"]}, False),
     (Kind.MESSAGE, {"text": "こんにちは"}, False),
     (Kind.MESSAGE, {"text": "👍" * (32 * 1024), "format": "markdown"}, False),
-    (Kind.MESSAGE, {"text": "x", "format": "plain", "files": [{"id": TARGET}] * 32}, False),
+    (Kind.MESSAGE, {"text": "x", "format": "plain", "files": [FILE] * 32}, False),
+    (Kind.MESSAGE, {"text": "x", "files": []}, False),
+    (
+        Kind.MESSAGE,
+        {
+            "text": "x",
+            "files": [
+                {**FILE, "size": 0, "name": "n" * 255, "mime": "text/plain"},
+                {**FILE, "size": 2**53 - 1, "name": "令和6年度 予算.xlsx"},
+                {
+                    **FILE,
+                    "mime": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                },
+            ],
+        },
+        False,
+    ),
     (Kind.MESSAGE, {"text": "x", "announcement": True}, False),
     (Kind.EDIT, {"target": TARGET, "text": "訂正"}, False),
     (Kind.REDACT, {"target": TARGET}, False),
@@ -209,6 +231,24 @@ INVALID: list[tuple[Kind, dict[str, Any], bool]] = [
     (Kind.MESSAGE, {"text": "x", "format": None}, False),
     (Kind.MESSAGE, {"text": "x", "files": {}}, False),
     (Kind.MESSAGE, {"text": "x", "files": [{}] * 33}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [FILE] * 33}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{"id": TARGET}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "sha256": TARGET[:31]}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "sha256": None}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "size": -1}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "size": 2**53}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "size": True}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "size": "5"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "name": ""}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "name": "n" * 256}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "name": "../etc/passwd"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "name": "C:\\x.pdf"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "name": "a\x00b"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "mime": "Image/JPEG"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "mime": "jpeg"}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "mime": "a/" + "b" * 126}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [{**FILE, "extra": 1}]}, False),
+    (Kind.MESSAGE, {"text": "x", "files": [FILE, "not a map"]}, False),
     (Kind.MESSAGE, {"text": "x", "html": "<b>x</b>"}, False),
     # edit
     (Kind.EDIT, {"text": "x"}, False),
@@ -334,9 +374,35 @@ def _value(name: str) -> st.SearchStrategy[Any]:
     if name == "files":
         return st.one_of(
             st.builds(lambda n: [{}] * n, st.sampled_from([0, 1, 32, 33])),
+            st.builds(lambda n: [FILE] * n, st.sampled_from([1, 32, 33])),
+            st.lists(_file_refs(), max_size=3),
             _others,
         )
     return st.one_of(st.text(max_size=3), _others)  # announcement, extra: anything
+
+
+def _file_refs() -> st.SearchStrategy[dict[str, Any]]:
+    """File references near the rules: every field valid, wrong, missing or joined by another.
+    sha256 is always bytes or a non-text value, name and mime never bytes (the JSON blind spot).
+    """
+    fields: dict[str, st.SearchStrategy[Any]] = {
+        "sha256": st.one_of(st.binary(min_size=31, max_size=33), _others),
+        "size": st.one_of(st.sampled_from([0, 1, 2**53 - 1, 2**53, -1]), _others),
+        "name": st.one_of(
+            st.sampled_from(["a.pdf", "報告書.xlsx", "", "n" * 255, "n" * 256, "a/b", "a\\b"]),
+            st.sampled_from(["tab\there", "del\x7f", "写真 (1).jpg"]),
+            _others,
+        ),
+        "mime": st.one_of(
+            st.sampled_from(["image/png", "text/csv", "Image/png", "png", "a/" + "b" * 125]),
+            st.sampled_from(["a/" + "b" * 126, "application/vnd.ms-excel", "/x", "x/"]),
+            _others,
+        ),
+        "extra": st.just(1),
+    }
+    return st.sets(st.sampled_from(sorted(fields)), min_size=3, max_size=5).flatmap(
+        lambda names: st.fixed_dictionaries({name: fields[name] for name in sorted(names)})
+    )
 
 
 _VALUES = {name: _value(name) for name in _FIELDS}

@@ -34,6 +34,7 @@ PURE_MODULES = (
     "federation.backoff",
     "federation.routing",
     "federation.audit",
+    "federation.files",
 )
 
 CLOCK_CALLS = (

@@ -23,6 +23,12 @@ from federation.rooms import (
 HOME = "mie-pref"
 ROOM = "!kaigi2024:mie-pref"
 TARGET = bytes(range(32))
+FILE: dict[str, Any] = {
+    "sha256": bytes(range(1, 33)),
+    "size": 52_428_800,
+    "name": "浸水被害.jpg",
+    "mime": "image/jpeg",
+}
 
 CREATION_BODY: dict[str, Any] = {
     "name": "防災連絡室",
@@ -235,6 +241,10 @@ BAD_BODIES: list[tuple[Kind, dict[str, Any]]] = [
     (Kind.MESSAGE, {"text": "hi", "format": None}),
     (Kind.MESSAGE, {"text": "hi", "files": {}}),
     (Kind.MESSAGE, {"text": "hi", "files": [{}] * 33}),
+    (Kind.MESSAGE, {"text": "hi", "files": [{**FILE, "sha256": FILE["sha256"].hex()}]}),
+    (Kind.MESSAGE, {"text": "hi", "files": [{**FILE, "name": "../secret.pdf"}]}),
+    (Kind.MESSAGE, {"text": "hi", "files": [{**FILE, "size": -5}]}),
+    (Kind.MESSAGE, {"text": "hi", "files": [{k: v for k, v in FILE.items() if k != "mime"}]}),
     (Kind.MESSAGE, {"text": "hi", "html": "<b>hi</b>"}),
     (Kind.EDIT, {"text": "new"}),
     (Kind.EDIT, {"target": TARGET}),
@@ -272,6 +282,7 @@ GOOD_BODIES: list[tuple[Kind, dict[str, Any]]] = [
     (Kind.STATE_REQUEST, {"add_nodes": ["nabari"]}),
     (Kind.MESSAGE, {"text": "x" * (32 * 1024)}),
     (Kind.MESSAGE, {"text": "**至急**", "format": "markdown", "files": [], "announcement": True}),
+    (Kind.MESSAGE, {"text": "被害写真", "files": [FILE, {**FILE, "name": "避難所一覧.csv"}]}),
     (Kind.EDIT, {"target": TARGET, "text": "訂正"}),
     (Kind.REDACT, {"target": TARGET}),
     (Kind.REDACT, {"target": TARGET, "reason": "x" * 500}),

@@ -173,6 +173,27 @@ async def test_bad_client_api_section_names_the_field(
     assert error.code in ("config_bad_field", "config_missing_field")
 
 
+async def test_files_max_upload_defaults_to_100_mb_and_is_read_and_written_back(
+    home: Home,
+) -> None:
+    assert load_config(home).files_max_upload_mb == 100
+    assert "files" not in tomllib.loads(home.config.read_text(encoding="utf-8"))
+    _edit(home, lambda doc: doc.update({"files": {"max_upload_mb": 20}}))
+    config = load_config(home)
+    assert config.files_max_upload_mb == 20
+    assert config.extra == {}
+    write_config(home, config)
+    assert load_config(home) == config
+
+
+@pytest.mark.parametrize("value", [0, -1, "100", 1.5, True])
+async def test_bad_files_max_upload_names_the_field(home: Home, value: object) -> None:
+    _edit(home, lambda doc: doc.update({"files": {"max_upload_mb": value}}))
+    error = _load_error(home)
+    assert "'files.max_upload_mb'" in str(error)
+    assert error.code == "config_bad_field"
+
+
 # --------------------------------------------------------------------------- load errors
 
 

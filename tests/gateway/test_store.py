@@ -57,6 +57,8 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "audit",
             "audit_head",
             "envelope",
+            "file",
+            "file_ref",
             "invitation",
             "login_failure",
             "meta",
