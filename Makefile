@@ -23,9 +23,13 @@ demo: $(STAMP)
 
 # The system tests build network namespaces with `ip` (iproute2); as root on Debian,
 # install it when missing. Without it (or root) they skip with the reason, or fail on CI.
+# The browser tests (tests/browser) need Chromium at /usr/bin/chromium and Japanese
+# fonts: installed the same way.
 test: $(STAMP)
 	@command -v ip >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; } || true
+	@test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; } || true
 	$(BIN)/python -m pytest -q
 
 # A relay deployment across LGWAN and Internet network namespaces (needs root).

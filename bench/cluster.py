@@ -30,7 +30,7 @@ from typing import IO, Any
 from common import progress
 
 from gateway.admin_client import AdminClient
-from gateway.config import Home
+from gateway.config import Home, load_config
 from gateway.local import free_port
 from gateway.membership import create_federation, init_home, join_federation
 
@@ -80,6 +80,14 @@ class Worker:
         self.seen: dict[str, float] = {}  # message id prefix -> commit time (with ids)
         self.traced = 0
         self.spawned_at = 0.0
+
+    @property
+    def api_base(self) -> str:
+        """https://127.0.0.1:PORT/api/v1 of the node's client API (from its config)."""
+        listen = load_config(self.home).api_listen
+        if listen is None:
+            raise NodeFailed(f"{self.node_id} has no [api] listen")
+        return f"https://127.0.0.1:{listen[1]}/api/v1"
 
     @property
     def pid(self) -> int:
@@ -351,7 +359,7 @@ class Cluster:
         self.root = root
         self.ids = ids
         self.trace = trace
-        self.api = api
+        self.api = api  # give every node a client API listener ([api] listen) on 127.0.0.1
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, Worker] = {}
@@ -373,6 +381,9 @@ class Cluster:
                 segments={segment: f"https://127.0.0.1:{port}" for segment in segments},
             )
         )
+        if self.api:
+            config = self.home(node_id).config
+            config.write_text(config.read_text() + f'\n[api]\nlisten = "127.0.0.1:{free_port()}"\n')
         if self.api:  # the file figures upload more than the default 100 MiB
             with self.home(node_id).config.open("a", encoding="utf-8") as config:
                 config.write("\n[files]\nmax_upload_mb = 4096\n")

@@ -70,6 +70,12 @@ class Sizes:
     catchup: int = 100_000
     outbox: int = 1_000_000
     relay: int = 30_000
+    ws_messages: int = 200
+    """Messages timed for ws_delivery_p50_ms (and its one-hop baseline)."""
+    ws_clients: int = 2000
+    ws_users: int = 100
+    """Staff users the ws_clients connections log in as (several tabs each)."""
+    ws_fanout_messages: int = 20
     file_mb: int = 200
     """Size of the file of the transfer figures (bench/transfer.py), in MiB."""
 
@@ -83,6 +89,10 @@ QUICK = Sizes(
     catchup=10_000,
     outbox=100_000,
     relay=5_000,
+    ws_messages=50,
+    ws_clients=200,
+    ws_users=20,
+    ws_fanout_messages=10,
     file_mb=20,
 )
 

@@ -12,6 +12,9 @@ commits, real mutual TLS; baseline = one core doing encode + Merkle + verify wit
 no I/O, bench/baseline.py): two_node_throughput_eps, one_hop_latency_p50_ms,
 one_hop_latency_p99_ms, fanout30_p99_ms, catchup_eps, outbox_1m_rss_mb.
 
+Client API (bench/clientapi.py; node processes serving the staff API over HTTPS and
+WebSocket): ws_delivery_p50_ms (baseline: the plain one-hop latency, same run),
+ws_fanout2000_p99_ms (baseline: the same with one WebSocket client).
 Files (bench/transfer.py; a 200 MB file uploaded to one node process, fetched by
 another over mutual TLS; baseline = one core reading, hashing, writing and fsyncing
 the same bytes): file_transfer_mbps, file_upload_mbps.
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import clientapi
 import flow
 import structlog
 import transfer
@@ -61,7 +65,11 @@ def _groups(
             lambda: asyncio.run(trust.bench_federation(requests)),
         ),
     ]
-    for group, (names, figure) in {**flow.FIGURES, **transfer.FIGURES}.items():
+    for group, (names, figure) in {
+        **flow.FIGURES,
+        **clientapi.FIGURES,
+        **transfer.FIGURES,
+    }.items():
         groups.append((group, names, lambda figure=figure: figure(sizes, base, prof)))
     return groups
 
@@ -75,7 +83,15 @@ def main() -> int:
         default="",
         metavar="NAME[,NAME]",
         help="run only these figures (figure names as in results.json, or group names: "
-        + ", ".join(["roster_verify", "trust_federation", *flow.FIGURES, *transfer.FIGURES])
+        + ", ".join(
+            [
+                "roster_verify",
+                "trust_federation",
+                *flow.FIGURES,
+                *clientapi.FIGURES,
+                *transfer.FIGURES,
+            ]
+        )
         + ")",
     )
     parser.add_argument(

@@ -83,9 +83,9 @@ def _wrap_transaction() -> None:
     original = Store.transaction
 
     @asynccontextmanager
-    async def transaction(self: Store) -> AsyncIterator[Any]:
+    async def transaction(self: Store, *, durable: bool = True) -> AsyncIterator[Any]:
         started = time.perf_counter()
-        manager = original(self)
+        manager = original(self, durable=durable)
         db = await manager.__aenter__()
         entered = time.perf_counter()
         _record("Store.transaction enter (write lock + BEGIN)", entered - started)

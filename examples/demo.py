@@ -21,9 +21,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,8 @@ TOWNS = (
     ("yokkaichi", "四日市市", "242021"),
     ("ise", "伊勢市", "242039"),
 )
+STAFF = (("tanaka", "田中太郎", "room_admin"), ("suzuki", "鈴木花子", "staff"))
+"""Staff added on every node: (login, display name, role)."""
 
 
 def free_port() -> int:
@@ -62,6 +66,7 @@ class Demo:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.api_ports: dict[str, int] = {}
 
     def home(self, node_id: str) -> str:
         return str(self.base / node_id)
@@ -85,6 +90,43 @@ class Demo:
         config.write_text(
             config.read_text().replace("interval_seconds = 5.0", "interval_seconds = 1.0")
         )
+        # The staff client API and web client on a loopback port of its own.
+        self.api_ports[node_id] = free_port()
+        with config.open("a", encoding="utf-8") as out:
+            out.write(f'\n[api]\nlisten = "127.0.0.1:{self.api_ports[node_id]}"\n')
+
+    def staff(self) -> None:
+        """Two staff per node, added through the running node, and the web client URLs."""
+        for node_id, port in self.api_ports.items():
+            url = f"https://127.0.0.1:{port}/"
+            print(f"\n{node_id}: web client {url}")
+            loopback = ssl.create_default_context()
+            loopback.check_hostname, loopback.verify_mode = False, ssl.CERT_NONE
+            with urllib.request.urlopen(url, context=loopback, timeout=10) as answer:
+                page = answer.read().decode("utf-8")
+            if "ログイン" in page:
+                print("  serves the login page (ログイン)")
+            for login, name, role in STAFF:
+                password = f"{login}-{node_id}-demo-2026"
+                secret = self.base / f"{node_id}-{login}.password"
+                secret.write_text(password + "\n", encoding="utf-8")
+                secret.chmod(0o600)
+                kakehashi(
+                    "user",
+                    "add",
+                    login,
+                    "--home",
+                    self.home(node_id),
+                    "--name",
+                    name,
+                    "--role",
+                    role,
+                    "--password-file",
+                    str(secret),
+                    "--json",
+                    capture=True,
+                )
+                print(f"  login {login} / password {password}  ({name}, {role})")
 
     def run(self, node_id: str) -> None:
         log = open(self.base / f"{node_id}.log", "wb")  # noqa: SIM115 - owned by the child's lifetime
@@ -229,6 +271,8 @@ def main() -> None:
         step(f"kakehashi status --home .demo/{AUTHORITY[0]}")
         kakehashi("status", "--home", demo.home(AUTHORITY[0]))
         demo.shared_room()
+        step("web clients (the node certificate is from the federation CA: accept it)")
+        demo.staff()
         if args.once:
             return
         print(

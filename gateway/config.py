@@ -41,6 +41,15 @@ MONITORING_EXAMPLE = """
 # [monitoring]
 # listen = "127.0.0.1:9464"
 """
+API_EXAMPLE = """
+# The staff client API (JSON over HTTPS + WebSocket, /api/v1), off while absent.
+# Without tls_cert/tls_key it presents the node's own certificate (issued by the
+# federation CA); give a certificate staff browsers trust for a web client.
+# [api]
+# listen = "0.0.0.0:8444"
+# tls_cert = "/etc/kakehashi/api.crt"
+# tls_key = "/etc/kakehashi/api.key"
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +181,12 @@ class NodeConfig:
     it expires ([tls] renew_before_days)."""
     monitoring_listen: tuple[str, int] | None = None
     """(host, port) of the plain-HTTP monitoring listener (/metrics, /healthz); None: off."""
+    api_listen: tuple[str, int] | None = None
+    """(host, port) of the staff client API over HTTPS ([api] listen); None: off."""
+    api_tls_cert: Path | None = None
+    """Certificate (PEM chain) the client API presents; None: the node's own certificate."""
+    api_tls_key: Path | None = None
+    """Private key of `api_tls_cert`; set together with it."""
     files_max_upload_mb: int = 100
     """Largest file staff may upload, in MiB ([files] max_upload_mb)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -347,6 +362,9 @@ def load_config(home: Home) -> NodeConfig:
     if not isinstance(monitoring, dict):
         raise ConfigError(f"{path}: [monitoring] must be a table", code="config_bad_field")
     monitoring_listen = _optional(monitoring, "monitoring", "listen", str, path, None)
+    api_listen, api_cert, api_key = _api_section(raw, home, path)
+    known = {"node", "listen", "health", "log", "segments", "delivery", "tls", "monitoring", "api"}
+    known.add("files")
     files = raw.get("files", {})
     if not isinstance(files, dict):
         raise ConfigError(f"{path}: [files] must be a table", code="config_bad_field")
@@ -355,8 +373,6 @@ def load_config(home: Home) -> NodeConfig:
         raise ConfigError(
             f"{path}: field 'files.max_upload_mb' must be 1-1048576", code="config_bad_field"
         )
-    known = {"node", "listen", "health", "log", "segments", "delivery", "tls", "monitoring"}
-    known.add("files")
     return NodeConfig(
         node_id=node_id,
         name=_field(node, "node", "name", str, path),
@@ -376,9 +392,46 @@ def load_config(home: Home) -> NodeConfig:
         monitoring_listen=None
         if monitoring_listen is None
         else parse_listen(monitoring_listen, "monitoring.listen", path),
+        api_listen=api_listen,
+        api_tls_cert=api_cert,
+        api_tls_key=api_key,
         files_max_upload_mb=max_upload_mb,
         extra={key: value for key, value in raw.items() if key not in known},
     )
+
+
+def _api_section(
+    raw: dict[str, Any], home: Home, path: Path
+) -> tuple[tuple[str, int] | None, Path | None, Path | None]:
+    """[api]: (listen, tls_cert, tls_key); relative paths are relative to the home."""
+    api = raw.get("api", {})
+    if not isinstance(api, dict):
+        raise ConfigError(f"{path}: [api] must be a table", code="config_bad_field")
+    unknown = set(api) - {"listen", "tls_cert", "tls_key"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown field(s) {', '.join(sorted(unknown))} in [api]",
+            code="config_bad_field",
+            hint="[api] takes listen, tls_cert and tls_key",
+        )
+    if not api:
+        return None, None, None
+    listen = parse_listen(_field(api, "api", "listen", str, path), "api.listen", path)
+    cert = _optional(api, "api", "tls_cert", str, path, None)
+    key = _optional(api, "api", "tls_key", str, path, None)
+    if (cert is None) != (key is None):
+        raise ConfigError(
+            f"{path}: [api] tls_cert and tls_key go together",
+            code="config_bad_field",
+            hint="set both (a certificate and its key), or neither to use the node's own",
+        )
+    if cert is None or key is None:
+        return listen, None, None
+    if not cert or not key:
+        raise ConfigError(
+            f"{path}: [api] tls_cert and tls_key must be file paths", code="config_bad_field"
+        )
+    return listen, home.root / Path(cert).expanduser(), home.root / Path(key).expanduser()
 
 
 def write_config(home: Home, config: NodeConfig) -> None:
@@ -405,6 +458,11 @@ def write_config(home: Home, config: NodeConfig) -> None:
         document["tls"] = {"renew_before_days": config.renew_before_days}
     if config.monitoring_listen is not None:
         document["monitoring"] = {"listen": _listen_text(*config.monitoring_listen)}
+    if config.api_listen is not None:
+        document["api"] = {"listen": _listen_text(*config.api_listen)}
+        if config.api_tls_cert is not None and config.api_tls_key is not None:
+            document["api"]["tls_cert"] = str(config.api_tls_cert)
+            document["api"]["tls_key"] = str(config.api_tls_key)
     if config.files_max_upload_mb != 100:
         document["files"] = {"max_upload_mb": config.files_max_upload_mb}
     if config.restore_timeout != 60.0:
@@ -412,6 +470,7 @@ def write_config(home: Home, config: NodeConfig) -> None:
     document.update(config.extra)
     header = "# Kakehashi node configuration. Restart the node after editing.\n"
     footer = "" if config.monitoring_listen is not None else MONITORING_EXAMPLE
+    footer += "" if config.api_listen is not None else API_EXAMPLE
     tmp = home.config.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:

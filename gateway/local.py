@@ -42,9 +42,11 @@ class Clock:
 class LocalFederation:
     """Nodes of one federation, each in its own home under `root`."""
 
-    def __init__(self, root: Path, *, health_interval: float = 1.0) -> None:
+    def __init__(self, root: Path, *, health_interval: float = 1.0, api: bool = False) -> None:
         self.root = root
         self.health_interval = health_interval
+        self.api = api
+        """Give every node a client API listener on a free port of 127.0.0.1."""
         self.nodes: dict[str, Node] = {}
         self.clocks: dict[str, Clock] = {}
 
@@ -75,6 +77,8 @@ class LocalFederation:
         text = home.config.read_text().replace(
             "interval_seconds = 5.0", f"interval_seconds = {self.health_interval}"
         )
+        if self.api:
+            text += f'\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
         home.config.write_text(text)
         return home
 

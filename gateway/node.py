@@ -47,6 +47,8 @@ from federation.signing import SigningKey
 from . import tls
 from .accounts import Accounts
 from .admin import admin_app, claim_admin_socket, serve_admin
+from .api import ClientApi, api_ssl_context
+from .api_files import file_routes
 from .audit import AuditLog
 from .authority import Authority
 from .backup import RESTORED_AT
@@ -62,7 +64,9 @@ from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
 from .store import Store
 from .tasks import cancel_all
+from .timeline import Timeline
 from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
+from .webclient import web_client_routes
 
 __all__ = ["Node"]
 
@@ -100,6 +104,10 @@ class Node:
         self._files: FileStore | None = None
         self._keys: KeyManager | None = None
         self._refused_as: str | None = None
+        self._timeline: Timeline | None = None
+        self._api: ClientApi | None = None
+        self.api_routes: list[web.AbstractRouteDef] = []
+        """More client API routes (mounted under the same authentication), added before start."""
         self._runners: list[web.BaseRunner] = []
         self._monitoring: web.BaseRunner | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -154,6 +162,22 @@ class Node:
     def catchup(self) -> CatchUp:
         assert self._catchup is not None
         return self._catchup
+
+    @property
+    def timeline(self) -> Timeline:
+        """What staff see of each room (messages, edits, reactions, 既読)."""
+        assert self._timeline is not None
+        return self._timeline
+
+    @property
+    def api(self) -> ClientApi | None:
+        """The staff client API, when `[api] listen` is configured."""
+        return self._api
+
+    @property
+    def api_port(self) -> int | None:
+        """The client API's bound port (None when it is off)."""
+        return None if self._api is None else self._api.port
 
     @property
     def keys(self) -> KeyManager:
@@ -239,9 +263,17 @@ class Node:
         server_ssl = tls.server_context(
             self.home.tls_cert, self.home.tls_key, self.home.ca_cert, require_client_cert=False
         )
+        contexts = [client_ssl, server_ssl]
+        api_ssl = None
+        if self.config.api_listen is not None:
+            if self.config.api_tls_cert is not None and self.config.api_tls_key is not None:
+                api_ssl = api_ssl_context(self.config.api_tls_cert, self.config.api_tls_key)
+            else:
+                api_ssl = api_ssl_context(self.home.tls_cert, self.home.tls_key)
+                contexts.append(api_ssl)  # the node's own certificate: renewed with it
         self._keys = KeyManager(
             self,
-            contexts=(client_ssl, server_ssl),
+            contexts=tuple(contexts),
             settings=KeySettings(renew_before_days=self.config.renew_before_days),
             clock=self.clock,
         )
@@ -287,6 +319,9 @@ class Node:
         )
         self._rooms.write_with(self._files.index)
         await self._rooms.load()
+        self._timeline = Timeline(store=self.store, rooms=self._rooms)
+        self._rooms.listen(self._timeline.on_accepted)  # before any envelope can arrive
+        await self._timeline.start()
         restored_at = await self.store.get_meta(RESTORED_AT)
         if restored_at is not None:
             self._rooms.hold_local()  # before the admin socket serves a single send
@@ -343,6 +378,10 @@ class Node:
             self._recovery = asyncio.create_task(self._recover(restored_at), name="restore")
             self._recovery.add_done_callback(_log_failure)
         self._started_at = self.clock()
+        if self.config.api_listen is not None and api_ssl is not None:
+            routes = [*file_routes(self), *web_client_routes(), *self.api_routes]
+            self._api = ClientApi(self, timeline=self._timeline, extra_routes=routes)
+            await self._api.start(*self.config.api_listen, api_ssl)
         await self._serve_monitoring()
         await self._audit.append(
             "node_started",
@@ -362,6 +401,7 @@ class Node:
             listen=f"{self.config.listen_host}:{self.federation_port}",
             authority=self.authority is not None,
             monitoring=self.config.monitoring_listen,
+            api=self.config.api_listen and f"{self.config.api_listen[0]}:{self.api_port}",
             maintenance=self.maintenance.on,
         )
 
@@ -390,7 +430,21 @@ class Node:
         # Each step runs even if an earlier one failed: a node that stops halfway would
         # keep its port, its client session and its database open.
         await cancel_all([self._recovery])
-        parts = (self._files, self._keys, self._catchup, self._outbox, self._monitor, self._rooms)
+        if self._api is not None:
+            try:
+                await self._api.stop()  # first: its clients are told before anything stops
+            except Exception:
+                log.exception("stop_step_failed", part="ClientApi")
+            self._api = None
+        parts = (
+            self._files,
+            self._keys,
+            self._catchup,
+            self._outbox,
+            self._monitor,
+            self._rooms,
+            self._timeline,
+        )
         for part in parts:
             if part is not None:
                 try:

@@ -319,8 +319,10 @@ class RoomService:
         kind: RoomKind = RoomKind.STANDARD,
         topic: str = "",
         admins: Sequence[str] = (),
+        members: Sequence[str] = (),
     ) -> str:
-        """Create a room with this node as home; returns its id."""
+        """Create a room with this node as home; returns its id. `admins` and `members`
+        are its first users (`login@node`), with those roles."""
         self.require_caught_up()
         for node in nodes:
             check_node_id(node)
@@ -336,8 +338,9 @@ class RoomService:
             body["topic"] = topic
         if kind is not RoomKind.STANDARD:
             body["room_kind"] = kind.value
-        if admins:
-            body["set_users"] = {user: "admin" for user in admins}
+        users = {user: "member" for user in members} | {user: "admin" for user in admins}
+        if users:
+            body["set_users"] = dict(sorted(users.items()))
         await self._originate(room, [(Kind.STATE, body, "")])
         log.info("room_created", room=room, name=name, nodes=body["add_nodes"])
         return room

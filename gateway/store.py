@@ -173,6 +173,51 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX login_failure_scope ON login_failure (scope, at_ms);
     """,
+    # What staff see of a room (gateway/timeline.py): read receipts (既読) and the edits,
+    # reactions and redactions of messages, indexed from accepted envelopes (which stay
+    # the record: these tables can be rebuilt from them). Positions are the display
+    # order (hlc, origin, seq). The partial indexes serve history pages and unread counts
+    # (messages only) and the rebuild after a crash (annotations only).
+    """
+    CREATE TABLE receipt (
+        envelope_id BLOB PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        reader TEXT NOT NULL,
+        message_id BLOB NOT NULL,
+        message_hlc INTEGER,
+        message_origin TEXT,
+        message_seq INTEGER,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX receipt_position
+        ON receipt (room_id, message_hlc, message_origin, message_seq);
+    CREATE TABLE read_marker (
+        room_id TEXT NOT NULL,
+        reader TEXT NOT NULL,
+        message_id BLOB NOT NULL,
+        hlc INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (room_id, reader)
+    ) WITHOUT ROWID;
+    CREATE TABLE relation (
+        envelope_id BLOB PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        target BLOB NOT NULL,
+        kind TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        hlc INTEGER NOT NULL,
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        value TEXT NOT NULL
+    );
+    CREATE INDEX relation_target ON relation (target, kind);
+    CREATE INDEX envelope_messages ON envelope (room_id, hlc, origin, seq)
+        WHERE status = 1 AND kind = 'message';
+    CREATE INDEX envelope_annotations ON envelope (id)
+        WHERE status = 1 AND kind IN ('edit', 'reaction', 'redact', 'receipt');
+    """,
     # Shared files (gateway/files.py): one row per file this node knows of (its bytes here
     # or not yet), one per reference an accepted message makes to one, written in the
     # transaction that accepts the message.

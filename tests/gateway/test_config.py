@@ -131,6 +131,48 @@ async def test_bad_monitoring_listen_names_the_field_and_the_expected_form(
     assert error.code == "config_bad_field"
 
 
+async def test_written_config_shows_the_client_api_as_a_commented_example(home: Home) -> None:
+    text = home.config.read_text(encoding="utf-8")
+    assert '# [api]\n# listen = "0.0.0.0:8444"' in text
+    assert "api" not in tomllib.loads(text)  # off until the operator uncomments it
+    config = load_config(home)
+    assert (config.api_listen, config.api_tls_cert, config.api_tls_key) == (None, None, None)
+
+
+async def test_client_api_listen_and_certificate_are_read_and_written_back(home: Home) -> None:
+    api = {"listen": "0.0.0.0:8444", "tls_cert": "api/api.crt", "tls_key": "/etc/kakehashi/api.key"}
+    _edit(home, lambda doc: doc.update({"api": api}))
+    config = load_config(home)
+    assert config.api_listen == ("0.0.0.0", 8444)
+    assert config.api_tls_cert == home.root / "api" / "api.crt"  # relative to the home
+    assert config.api_tls_key == Path("/etc/kakehashi/api.key")
+    assert config.extra == {}
+    write_config(home, config)
+    text = home.config.read_text(encoding="utf-8")
+    assert "# [api]" not in text
+    assert tomllib.loads(text)["api"]["listen"] == "0.0.0.0:8444"
+    assert load_config(home) == config
+
+
+@pytest.mark.parametrize(
+    ("api", "field"),
+    [
+        ({"listen": "8444"}, "'api.listen'"),
+        ({"tls_cert": "a.crt", "tls_key": "a.key"}, "'api.listen'"),
+        ({"listen": "0.0.0.0:8444", "tls_cert": "a.crt"}, "go together"),
+        ({"listen": "0.0.0.0:8444", "port": 8444}, "port"),
+        ({"listen": 8444}, "'api.listen'"),
+    ],
+)
+async def test_bad_client_api_section_names_the_field(
+    home: Home, api: dict[str, Any], field: str
+) -> None:
+    _edit(home, lambda doc: doc.update({"api": api}))
+    error = _load_error(home)
+    assert field in str(error) and str(home.config) in str(error)
+    assert error.code in ("config_bad_field", "config_missing_field")
+
+
 async def test_files_max_upload_defaults_to_100_mb_and_is_read_and_written_back(
     home: Home,
 ) -> None:

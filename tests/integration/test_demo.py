@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -34,6 +35,10 @@ def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_p
     assert "the same 5 messages, in the same order, on all 4 nodes" in out
     assert out.count("四日市市: 沿岸部で約1,200戸が停電") == 4  # printed by every node's history
     assert "stopped cleanly" in out
+    urls = re.findall(r"^(\w[\w-]*): web client (https://127\.0\.0\.1:\d+/)$", out, re.M)
+    assert [node for node, _ in urls] == ["mie-pref", "tsu", "yokkaichi", "ise"], out
+    assert out.count("login tanaka / password ") == 4
+    assert out.count("serves the login page (ログイン)") == 4  # fetched while each node ran
     for node_id in ("mie-pref", "tsu", "yokkaichi", "ise"):
         home = tmp_path / node_id
         assert not (home / "admin.sock").exists(), "the node did not clean up its admin socket"
