@@ -9,7 +9,9 @@ API presents by default) and every answer is checked against schemas/openapi.jso
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,3 +473,20 @@ async def test_websocket_takes_the_token_as_its_first_message(towns: Towns) -> N
         assert (await events.wait_for(type="auth"))["expires_in"] > 0
         sent = await tanaka.post(f"/rooms/{room}/messages", {"text": "届きますか"}, expect=201)
         assert (await events.wait_for(type="message"))["id"] == sent["id"]
+
+
+async def test_the_api_presents_the_nodes_renewed_certificate_after_a_rotation(
+    towns: Towns,
+) -> None:
+    port = towns.ise.api_port
+    assert port is not None
+
+    def presented() -> str:
+        return ssl.get_server_certificate(("127.0.0.1", port))
+
+    before = await asyncio.to_thread(presented)
+    assert before.strip() == towns.ise.home.tls_cert.read_text().strip()
+    await towns.ise.keys.rotate_tls()
+    after = await asyncio.to_thread(presented)
+    assert after != before
+    assert after.strip() == towns.ise.home.tls_cert.read_text().strip()
