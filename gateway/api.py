@@ -488,15 +488,21 @@ class _Routes:
         current = await self.timeline.message(state.room, message_id)
         reacted = any(me.user_id in users for e, users in current.reactions if e == emoji)
         if remove and reacted:
-            # Taking a reaction back withdraws the user's reaction envelopes with that emoji.
-            for relation in await self.timeline.rows.relations([message_id]):
-                if (
-                    relation.kind == Kind.REACTION.value
-                    and relation.sender == me.user_id
-                    and relation.value == emoji
-                ):
-                    withdraw: dict[str, Any] = {"target": relation.envelope_id}
-                    await self._post(state.room, Kind.REDACT, withdraw, me.user_id)
+            # Taking a reaction back withdraws the user's reaction envelopes with that
+            # emoji (those not withdrawn already).
+            mine = {
+                relation.envelope_id
+                for relation in await self.timeline.rows.relations([message_id])
+                if relation.kind == Kind.REACTION.value
+                and relation.sender == me.user_id
+                and relation.value == emoji
+            }
+            for relation in await self.timeline.rows.relations(mine):
+                if relation.kind == Kind.REDACT.value and relation.sender == me.user_id:
+                    mine.discard(relation.target)
+            for reaction_id in sorted(mine):
+                withdraw: dict[str, Any] = {"target": reaction_id}
+                await self._post(state.room, Kind.REDACT, withdraw, me.user_id)
         elif not remove and not reacted:
             reaction: dict[str, Any] = {"target": message_id, "emoji": emoji}
             await self._post(state.room, Kind.REACTION, reaction, me.user_id)

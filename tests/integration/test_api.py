@@ -327,12 +327,25 @@ async def test_history_pages_with_edits_reactions_and_withdrawals(towns: Towns) 
         assert taken_back["reactions"] == [{"emoji": "👍", "count": 1, "users": ["tanaka@tsu"]}]
         removal = await events.wait_for(type="reaction", sender="sato@tsu", added=False)
         assert removal["emoji"] == "👍"
+        # Again and back again: only the new reaction is withdrawn the second time.
+        await sato.post(f"{first}/react", {"emoji": "👍"})
+        await sato.post(f"{first}/react", {"emoji": "👍", "remove": True})
+        reactions = await towns.tsu.timeline.rows.relations([bytes.fromhex(ids[0])])
+        by_sato = [r for r in reactions if r.sender == "sato@tsu" and r.kind == "reaction"]
+        withdrawals = await towns.tsu.timeline.rows.relations(r.envelope_id for r in by_sato)
+        assert len(by_sato) == 2 and len(withdrawals) == 2
+        assert {w.target for w in withdrawals} == {r.envelope_id for r in by_sato}
 
         answer = await sato.post(f"{first}/redact", {"reason": "不要"}, expect=403)
         assert answer["error"] == "not_allowed"
         withdrawn = await tanaka.post(f"{first}/redact", {"reason": "誤報"})
         assert withdrawn["redacted"] and withdrawn["text"] is None
         assert (await events.wait_for(type="redact", id=ids[0]))["sender"] == "tanaka@tsu"
+
+    # A message the node sent itself (an operator's `kakehashi room send`) has no sender.
+    [operator] = await towns.tsu.rooms.send(room, ["システム保守のお知らせ"])
+    notice = await sato.get(f"/rooms/{room}/messages/{operator.hex()}")
+    assert notice["sender"] is None and notice["sender_name"] == "津市"
 
     page = await sato.get(f"/rooms/{room}/messages", params={"limit": "1", "after": ids[0]})
     assert texts(page) == ["第2報"]
