@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from gateway.api import API_PREFIX, principal
-from gateway.events import CLOSE_UNAUTHORIZED
+from gateway.events import CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED
 from gateway.local import LocalFederation
 from gateway.node import Node
 
@@ -503,3 +503,22 @@ async def test_the_api_presents_the_nodes_renewed_certificate_after_a_rotation(
     after = await asyncio.to_thread(presented)
     assert after != before
     assert after.strip() == towns.ise.home.tls_cert.read_text().strip()
+
+
+async def test_one_user_may_hold_only_so_many_live_connections(towns: Towns) -> None:
+    api = towns.tsu.api
+    assert api is not None
+    api.hub.per_user = 2
+    sato = await towns.as_user("sato")
+    async with sato.events(), sato.events(first_message=True):
+        answer = await sato.get("/events", params={"access_token": sato.token}, expect=429)
+        assert answer["error"] == "too_many_connections"
+        url = f"{sato.base}{API_PREFIX}/events"
+        async with towns.session.ws_connect(url) as ws:
+            await ws.send_json({"type": "auth", "access_token": sato.token})
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == CLOSE_TOO_MANY
+    # Closed ones no longer count.
+    async with sato.events():
+        pass
