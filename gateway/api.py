@@ -165,6 +165,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         return _error(exc.status, code, message)
+    except Exception:
+        log.exception("api_request_failed", method=request.method, path=request.path)
+        return _error(500, "internal_error", "the node failed to answer; this is a bug")
 
 
 def _auth(node: Node) -> Middleware:
