@@ -30,6 +30,7 @@ member user of, which may span towns. The contract is `schemas/openapi.json`.
 from __future__ import annotations
 
 import asyncio.sslproto
+import json
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -120,8 +121,17 @@ def member_state(node: Node, user: str, room: str) -> RoomState:
     return state
 
 
+def _json(data: Any, status: int = 200) -> web.Response:
+    """A JSON answer, UTF-8 (Japanese text as it is, not as \\u escapes)."""
+    return web.json_response(data, status=status, dumps=_dumps)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
 def _error(status: int, code: str, message: str, hint: str | None = None) -> web.Response:
-    return web.json_response({"error": code, "message": message, "hint": hint}, status=status)
+    return _json({"error": code, "message": message, "hint": hint}, status=status)
 
 
 _TRUST_STATUS = {"bad_body": 400, "unknown_room": 404, "unknown_peer": 400}
@@ -155,6 +165,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         return _error(exc.status, code, message)
+    except Exception:
+        log.exception("api_request_failed", method=request.method, path=request.path)
+        return _error(500, "internal_error", "the node failed to answer; this is a bug")
 
 
 def _auth(node: Node) -> Middleware:
@@ -260,14 +273,14 @@ class _Routes:
         tokens = await self.node.accounts.login(
             _text(data, "login"), _text(data, "password"), source=request.remote
         )
-        return web.json_response(
+        return _json(
             await self._tokens(tokens.access_token, tokens.refresh_token, tokens.refresh_expires_at)
         )
 
     async def refresh(self, request: web.Request) -> web.Response:
         data = await _body(request)
         tokens = await self.node.accounts.refresh(_text(data, "refresh_token"))
-        return web.json_response(
+        return _json(
             await self._tokens(tokens.access_token, tokens.refresh_token, tokens.refresh_expires_at)
         )
 
@@ -278,7 +291,7 @@ class _Routes:
 
     async def me(self, request: web.Request) -> web.Response:
         await self.directory.refresh()
-        return web.json_response(user_json(principal(request), self.directory))
+        return _json(user_json(principal(request), self.directory))
 
     # rooms -----------------------------------------------------------------------------
 
@@ -301,11 +314,11 @@ class _Routes:
             unread = await self.timeline.unread(room, user)
             views.append(room_json(state, user, self.directory, unread=unread))
         views.sort(key=lambda view: (view["name"], view["id"]))
-        return web.json_response({"rooms": views})
+        return _json({"rooms": views})
 
     async def room(self, request: web.Request) -> web.Response:
         state = self._room(request)
-        return web.json_response(await self._room_view(state, principal(request).user_id))
+        return _json(await self._room_view(state, principal(request).user_id))
 
     async def create_room(self, request: web.Request) -> web.Response:
         me = principal(request)
@@ -341,7 +354,7 @@ class _Routes:
         state = self.node.rooms.state(room)
         assert state is not None
         log.info("api_room_created", room=room, user=me.user_id, users=len(state.users))
-        return web.json_response(await self._room_view(state, me.user_id), status=201)
+        return _json(await self._room_view(state, me.user_id), status=201)
 
     async def _check_users(self, users: Iterable[str]) -> set[str]:
         """The other nodes of `users`; 400 for a node outside the federation or a user of
@@ -389,7 +402,7 @@ class _Routes:
         check_body(Kind.STATE_REQUEST, body)
         result = await self.node.rooms.change(state.room, body, sender=me.user_id)
         await self.timeline.settled()
-        return web.json_response({"room": state.room, "result": result})
+        return _json({"room": state.room, "result": result})
 
     async def leave(self, request: web.Request) -> web.Response:
         me = principal(request)
@@ -399,9 +412,7 @@ class _Routes:
         result = await self.node.rooms.change(state.room, {"remove_users": [me.user_id]})
         await self.timeline.settled()
         log.info("api_room_left", room=state.room, user=me.user_id, result=result)
-        return web.json_response(
-            {"room": state.room, "result": "left" if result == "changed" else "requested"}
-        )
+        return _json({"room": state.room, "result": "left" if result == "changed" else "requested"})
 
     # messages --------------------------------------------------------------------------
 
@@ -412,7 +423,7 @@ class _Routes:
             state.room, limit=_limit(request), before=before, after=after
         )
         await self.directory.refresh()
-        return web.json_response(page_json(page, self.directory))
+        return _json(page_json(page, self.directory))
 
     async def _message_response(
         self, room: str, message_id: bytes, status: int = 200
@@ -420,7 +431,7 @@ class _Routes:
         await self.timeline.settled()
         await self.directory.refresh()
         view = await self.timeline.message(room, message_id)
-        return web.json_response(message_json(view, self.directory), status=status)
+        return _json(message_json(view, self.directory), status=status)
 
     async def _post(self, room: str, kind: Kind, body: dict[str, Any], sender: str) -> bytes:
         check_body(kind, body)  # a malformed body is the client's mistake: 400, not 403
@@ -480,15 +491,21 @@ class _Routes:
         current = await self.timeline.message(state.room, message_id)
         reacted = any(me.user_id in users for e, users in current.reactions if e == emoji)
         if remove and reacted:
-            # Taking a reaction back withdraws the user's reaction envelopes with that emoji.
-            for relation in await self.timeline.rows.relations([message_id]):
-                if (
-                    relation.kind == Kind.REACTION.value
-                    and relation.sender == me.user_id
-                    and relation.value == emoji
-                ):
-                    withdraw: dict[str, Any] = {"target": relation.envelope_id}
-                    await self._post(state.room, Kind.REDACT, withdraw, me.user_id)
+            # Taking a reaction back withdraws the user's reaction envelopes with that
+            # emoji (those not withdrawn already).
+            mine = {
+                relation.envelope_id
+                for relation in await self.timeline.rows.relations([message_id])
+                if relation.kind == Kind.REACTION.value
+                and relation.sender == me.user_id
+                and relation.value == emoji
+            }
+            for relation in await self.timeline.rows.relations(mine):
+                if relation.kind == Kind.REDACT.value and relation.sender == me.user_id:
+                    mine.discard(relation.target)
+            for reaction_id in sorted(mine):
+                withdraw: dict[str, Any] = {"target": reaction_id}
+                await self._post(state.room, Kind.REDACT, withdraw, me.user_id)
         elif not remove and not reacted:
             reaction: dict[str, Any] = {"target": message_id, "emoji": emoji}
             await self._post(state.room, Kind.REACTION, reaction, me.user_id)
@@ -508,7 +525,7 @@ class _Routes:
             await self._post(state.room, Kind.RECEIPT, {"up_to": message_id}, me.user_id)
             await self.timeline.settled()
         marker = await self.timeline.rows.marker(state.room, me.user_id)
-        return web.json_response(
+        return _json(
             {
                 "room": state.room,
                 "up_to": None if marker is None else marker[0].hex(),
@@ -521,7 +538,7 @@ class _Routes:
         message_id = _id(request.match_info["message"])
         readers = await self.timeline.readers(state.room, message_id)
         await self.directory.refresh()
-        return web.json_response(
+        return _json(
             {
                 "room": state.room,
                 "id": message_id.hex(),
@@ -540,7 +557,7 @@ class _Routes:
             state, limit=_limit(request), before=before, after=after
         )
         await self.directory.refresh()
-        return web.json_response(board_json(state.room, entries, page, self.directory))
+        return _json(board_json(state.room, entries, page, self.directory))
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         return await self.hub.serve(request, self.node.accounts)

@@ -20,7 +20,8 @@
   access token before the old one expires.
 
 Close codes: 4401 token refused or expired, 4408 too slow (events dropped),
-4400 bad first message, 1001 node stopping.
+4400 bad first message, 4429 too many connections of one user (`PER_USER`; with the
+token in the URL, refused before the upgrade with HTTP 429), 1001 node stopping.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 from aiohttp import WSMsgType, web
 
-from federation.errors import KakehashiError
+from federation.errors import KakehashiError, ProtocolError
 from federation.rooms import RoomState
 
 from .timeline import MessagePosted, RoomChanged
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSE_BAD_REQUEST",
     "CLOSE_GOING_AWAY",
+    "CLOSE_TOO_MANY",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
     "Connection",
@@ -60,7 +62,10 @@ log = structlog.get_logger("kakehashi.events")
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOO_SLOW = 4408
 CLOSE_BAD_REQUEST = 4400
+CLOSE_TOO_MANY = 4429
 CLOSE_GOING_AWAY = 1001
+PER_USER = 50
+"""Live connections one user may hold (tabs, devices, bots)."""
 QUEUE_LIMIT = 1000
 """Events a connection may fall behind before it is dropped."""
 HEARTBEAT = 30.0
@@ -200,8 +205,10 @@ class Hub:
         clock: Callable[[], float],
         queue_limit: int = QUEUE_LIMIT,
         heartbeat: float = HEARTBEAT,
+        per_user: int = PER_USER,
     ) -> None:
         self._state = state
+        self.per_user = per_user
         self._directory = directory
         self._clock = clock
         self.queue_limit = queue_limit
@@ -209,6 +216,9 @@ class Hub:
         self._by_user: dict[str, set[Connection]] = {}
         self.dropped = 0
         """Connections closed for being too slow, since the node started."""
+
+    def _full(self, user: str) -> bool:
+        return len(self._by_user.get(user, ())) >= self.per_user
 
     @property
     def connections(self) -> int:
@@ -275,6 +285,13 @@ class Hub:
         principal = None
         if token is not None:
             principal = await accounts.verify_access(token)  # refused before the upgrade: 401
+            if self._full(principal.user_id):
+                raise ProtocolError(
+                    f"{principal.user_id} has {self.per_user} live connections already",
+                    code="too_many_connections",
+                    status=429,
+                    hint="close other tabs or clients of this user",
+                )
         ws = web.WebSocketResponse(
             heartbeat=self.heartbeat, compress=False, max_msg_size=MAX_CLIENT_MESSAGE
         )
@@ -284,6 +301,9 @@ class Hub:
             if first is None:
                 return ws
             token, principal = first
+            if self._full(principal.user_id):
+                await ws.close(code=CLOSE_TOO_MANY, message=b"too many connections of this user")
+                return ws
         connection = Connection(
             ws,
             user=principal.user_id,

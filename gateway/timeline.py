@@ -301,12 +301,16 @@ class Timeline:
             if state is not None:
                 self._users[room] = frozenset(state.users)
         indexed = 0
+        seen: set[bytes] = set()
         while True:
-            wires = await self._rows.unindexed(_REINDEX_CHUNK)
-            if not wires:
-                break
-            await self._index([Envelope.from_bytes(wire) for wire in wires])
-            indexed += len(wires)
+            envelopes = [
+                Envelope.from_bytes(wire) for wire in await self._rows.unindexed(_REINDEX_CHUNK)
+            ]
+            if not envelopes or all(e.id in seen for e in envelopes):
+                break  # (each yields an index row; the check only guards against a loop)
+            seen.update(e.id for e in envelopes)
+            await self._index(envelopes)
+            indexed += len(envelopes)
         if indexed:
             log.info("timeline_reindexed", envelopes=indexed)
         self._worker = asyncio.create_task(self._run(), name="timeline")

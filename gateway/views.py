@@ -124,13 +124,16 @@ def user_json(principal: Principal, directory: Directory) -> dict[str, Any]:
 
 
 def message_json(view: MessageView, directory: Directory) -> dict[str, Any]:
-    node = view.sender.rpartition("@")[2]
+    """A message; one a node sent itself (`kakehashi room send`) has no sender user and
+    carries the node's municipality as its sender's name."""
+    node = view.sender.rpartition("@")[2] if view.sender else view.position[1]
+    municipality = directory.municipality(node)
     return {
         "id": view.id.hex(),
         "room": view.room,
-        "sender": view.sender,
-        "sender_name": directory.name(view.sender),
-        "sender_municipality": directory.municipality(node),
+        "sender": view.sender or None,
+        "sender_name": directory.name(view.sender) if view.sender else municipality,
+        "sender_municipality": municipality,
         "time": iso_time(view.time_ms),
         "text": view.text,
         "format": view.format,

@@ -9,7 +9,9 @@ API presents by default) and every answer is checked against schemas/openapi.jso
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from gateway.api import API_PREFIX, principal
-from gateway.events import CLOSE_UNAUTHORIZED
+from gateway.events import CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED
 from gateway.local import LocalFederation
 from gateway.node import Node
 from gateway.webclient import WEB_FILES
@@ -326,12 +328,25 @@ async def test_history_pages_with_edits_reactions_and_withdrawals(towns: Towns) 
         assert taken_back["reactions"] == [{"emoji": "👍", "count": 1, "users": ["tanaka@tsu"]}]
         removal = await events.wait_for(type="reaction", sender="sato@tsu", added=False)
         assert removal["emoji"] == "👍"
+        # Again and back again: only the new reaction is withdrawn the second time.
+        await sato.post(f"{first}/react", {"emoji": "👍"})
+        await sato.post(f"{first}/react", {"emoji": "👍", "remove": True})
+        reactions = await towns.tsu.timeline.rows.relations([bytes.fromhex(ids[0])])
+        by_sato = [r for r in reactions if r.sender == "sato@tsu" and r.kind == "reaction"]
+        withdrawals = await towns.tsu.timeline.rows.relations(r.envelope_id for r in by_sato)
+        assert len(by_sato) == 2 and len(withdrawals) == 2
+        assert {w.target for w in withdrawals} == {r.envelope_id for r in by_sato}
 
         answer = await sato.post(f"{first}/redact", {"reason": "不要"}, expect=403)
         assert answer["error"] == "not_allowed"
         withdrawn = await tanaka.post(f"{first}/redact", {"reason": "誤報"})
         assert withdrawn["redacted"] and withdrawn["text"] is None
         assert (await events.wait_for(type="redact", id=ids[0]))["sender"] == "tanaka@tsu"
+
+    # A message the node sent itself (an operator's `kakehashi room send`) has no sender.
+    [operator] = await towns.tsu.rooms.send(room, ["システム保守のお知らせ"])
+    notice = await sato.get(f"/rooms/{room}/messages/{operator.hex()}")
+    assert notice["sender"] is None and notice["sender_name"] == "津市"
 
     page = await sato.get(f"/rooms/{room}/messages", params={"limit": "1", "after": ids[0]})
     assert texts(page) == ["第2報"]
@@ -472,3 +487,39 @@ async def test_websocket_takes_the_token_as_its_first_message(towns: Towns) -> N
         assert (await events.wait_for(type="auth"))["expires_in"] > 0
         sent = await tanaka.post(f"/rooms/{room}/messages", {"text": "届きますか"}, expect=201)
         assert (await events.wait_for(type="message"))["id"] == sent["id"]
+
+
+async def test_the_api_presents_the_nodes_renewed_certificate_after_a_rotation(
+    towns: Towns,
+) -> None:
+    port = towns.ise.api_port
+    assert port is not None
+
+    def presented() -> str:
+        return ssl.get_server_certificate(("127.0.0.1", port))
+
+    before = await asyncio.to_thread(presented)
+    assert before.strip() == towns.ise.home.tls_cert.read_text().strip()
+    await towns.ise.keys.rotate_tls()
+    after = await asyncio.to_thread(presented)
+    assert after != before
+    assert after.strip() == towns.ise.home.tls_cert.read_text().strip()
+
+
+async def test_one_user_may_hold_only_so_many_live_connections(towns: Towns) -> None:
+    api = towns.tsu.api
+    assert api is not None
+    api.hub.per_user = 2
+    sato = await towns.as_user("sato")
+    async with sato.events(), sato.events(first_message=True):
+        answer = await sato.get("/events", params={"access_token": sato.token}, expect=429)
+        assert answer["error"] == "too_many_connections"
+        url = f"{sato.base}{API_PREFIX}/events"
+        async with towns.session.ws_connect(url) as ws:
+            await ws.send_json({"type": "auth", "access_token": sato.token})
+            closing = await ws.receive(timeout=10)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == CLOSE_TOO_MANY
+    # Closed ones no longer count.
+    async with sato.events():
+        pass
