@@ -338,9 +338,11 @@ class Timeline:
             envelopes = [envelope for batch in batches for envelope in batch]
             try:
                 events = await self._index(envelopes)
-            except KakehashiError as exc:
-                # Left for the next start to index; the envelopes themselves are safe.
-                log.error("timeline_index_failed", code=exc.code, error=str(exc))
+            except Exception as exc:
+                # Left for the next start to index; the envelopes themselves are safe. The
+                # task goes on: readers waiting in `settled` must not wait forever.
+                code = exc.code if isinstance(exc, KakehashiError) else type(exc).__name__
+                log.error("timeline_index_failed", code=code, error=str(exc))
                 events = []
             async with self._progress:
                 self._done += len(batches)

@@ -10,11 +10,14 @@ written by `Timeline` only (see its docstring for how they are kept complete).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiosqlite
+
+from federation.errors import StorageError
 
 from .store import Store
 
@@ -78,8 +81,11 @@ class TimelineStore:
         return self._store.db
 
     async def _all(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        async with self._db.execute(sql, params) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return [tuple(row) for row in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise StorageError(f"database error: {exc}", code="database_error") from exc
 
     # writing ----------------------------------------------------------------------
 

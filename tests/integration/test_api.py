@@ -256,7 +256,8 @@ async def test_refusals_bad_and_expired_tokens_non_members_and_throttled_logins(
     # The WebSocket refuses a bad token before the upgrade, and closes on a bad first message.
     answer = await anonymous.get("/events", params={"access_token": "bad"}, expect=401)
     assert answer["error"] == "bad_token"
-    async with towns.session.ws_connect(f"{anonymous.base}{API_PREFIX}/events") as ws:
+    url = f"{anonymous.base}{API_PREFIX}/events"
+    async with towns.session.ws_connect(url, server_hostname="tsu") as ws:
         await ws.send_json({"type": "auth", "access_token": "bad"})
         closing = await ws.receive(timeout=10)
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
@@ -461,15 +462,19 @@ async def test_more_routes_mount_under_the_same_authentication(tmp_path: Path) -
         await node.accounts.add_user("tanaka", display_name="田中太郎", password=STAFF["tanaka"][3])
         async with session_for(node) as session:
             base = f"https://127.0.0.1:{node.api_port}{API_PREFIX}"
-            async with session.get(f"{base}/whoami/{'0' * 64}") as response:
+            async with session.get(f"{base}/whoami/{'0' * 64}", server_hostname="tsu") as response:
                 assert response.status == 401
                 assert (await response.json())["error"] == "bad_token"
             async with session.post(
-                f"{base}/auth/login", json={"login": "tanaka", "password": STAFF["tanaka"][3]}
+                f"{base}/auth/login",
+                json={"login": "tanaka", "password": STAFF["tanaka"][3]},
+                server_hostname="tsu",
             ) as response:
                 token = (await response.json())["access_token"]
             headers = {"Authorization": f"Bearer {token}"}
-            async with session.get(f"{base}/whoami/{'0' * 64}", headers=headers) as response:
+            async with session.get(
+                f"{base}/whoami/{'0' * 64}", headers=headers, server_hostname="tsu"
+            ) as response:
                 assert response.status == 200
                 assert await response.json() == {"user": "tanaka@tsu"}
     finally:
@@ -515,7 +520,7 @@ async def test_one_user_may_hold_only_so_many_live_connections(towns: Towns) -> 
         answer = await sato.get("/events", params={"access_token": sato.token}, expect=429)
         assert answer["error"] == "too_many_connections"
         url = f"{sato.base}{API_PREFIX}/events"
-        async with towns.session.ws_connect(url) as ws:
+        async with towns.session.ws_connect(url, server_hostname="tsu") as ws:
             await ws.send_json({"type": "auth", "access_token": sato.token})
             closing = await ws.receive(timeout=10)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
