@@ -267,14 +267,7 @@ class RoomStore:
                 (room, origin, after, limit + 1),
             ) as cursor:
                 streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
-        wires: list[bytes] = []
-        total = 0
-        for _, _, _, wire in heapq.merge(*streams):
-            if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
-                return wires, True
-            wires.append(wire)
-            total += len(wire)
-        return wires, False
+        return _merged_page(streams, limit, max_bytes)
 
     async def count_after(self, room: str, vector: dict[str, int]) -> int:
         """How many processed envelopes of `room` lie beyond `vector` (for progress)."""
@@ -304,14 +297,7 @@ class RoomStore:
                 (destination, room, origin, vector.get(origin, 0), limit + 1),
             ) as cursor:
                 streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
-        wires: list[bytes] = []
-        total = 0
-        for _, _, _, wire in heapq.merge(*streams):
-            if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
-                return wires, True
-            wires.append(wire)
-            total += len(wire)
-        return wires, False
+        return _merged_page(streams, limit, max_bytes)
 
     async def history(
         self, room: str, limit: int, before_hlc: int | None = None
@@ -346,3 +332,18 @@ class RoomStore:
             ) as cursor:
                 found.update(bytes(row[0]) for row in await cursor.fetchall())
         return found
+
+
+def _merged_page(
+    streams: list[list[tuple[int, str, int, bytes]]], limit: int, max_bytes: int
+) -> tuple[list[bytes], bool]:
+    """Merge per-origin runs (each in seq order, hence hlc order) into the room's hlc
+    order, up to `limit` envelopes and `max_bytes`; returns (wires, more)."""
+    wires: list[bytes] = []
+    total = 0
+    for _, _, _, wire in heapq.merge(*streams):
+        if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
+            return wires, True
+        wires.append(wire)
+        total += len(wire)
+    return wires, False
