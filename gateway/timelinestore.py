@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
@@ -213,16 +213,7 @@ class TimelineStore:
 
     async def relations(self, targets: Iterable[bytes]) -> list[RelationRow]:
         """Relations pointing at any of `targets`, in display order."""
-        wanted = list(set(targets))
-        rows: list[RelationRow] = []
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            for row in await self._all(
-                "SELECT envelope_id, room_id, target, kind, sender, hlc, origin, seq, value "  # noqa: S608
-                f"FROM relation WHERE target IN ({_marks(len(chunk))})",
-                chunk,
-            ):
-                rows.append(_relation(row))
+        rows = await self._relations_in("target", targets)
         rows.sort(key=lambda r: r.position)
         return rows
 
@@ -256,13 +247,19 @@ class TimelineStore:
 
     async def reactions_by_id(self, ids: Iterable[bytes]) -> list[RelationRow]:
         """The reaction relations whose own envelope ids are among `ids`."""
+        return [r for r in await self._relations_in("envelope_id", ids) if r.kind == "reaction"]
+
+    async def _relations_in(
+        self, column: Literal["target", "envelope_id"], ids: Iterable[bytes]
+    ) -> list[RelationRow]:
+        """Relations whose `column` is among `ids` (asked 500 at a time)."""
         wanted = list(set(ids))
         rows: list[RelationRow] = []
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
             for row in await self._all(
                 "SELECT envelope_id, room_id, target, kind, sender, hlc, origin, seq, value "  # noqa: S608
-                f"FROM relation WHERE kind = 'reaction' AND envelope_id IN ({_marks(len(chunk))})",
+                f"FROM relation WHERE {column} IN ({_marks(len(chunk))})",
                 chunk,
             ):
                 rows.append(_relation(row))
