@@ -132,7 +132,7 @@ def install() -> None:
     _wrap_async(RoomService, "_commit")
     _wrap_async(RoomService, "missing_for")
     _wrap_async(RoomStore, "outbox_batch")
-    _wrap_async(RoomStore, "outbox_ack")
+    _wrap_async(RoomStore, "_write_acks")
     _wrap_async(RoomStore, "processed_after")
     _wrap_async(Node, "_handle_envelopes")
     _wrap_async(Node, "_handle_sync")

@@ -291,7 +291,7 @@ class Node:
             signing_key=signing,
             roster=lambda: self.roster,
             clock=self.clock,
-            on_enqueued=lambda peers: self.outbox.wake_many(peers),
+            on_enqueued=lambda queued: self.outbox.enqueued(queued),
         )
         self._outbox = Outbox(
             store=self._rooms.store,

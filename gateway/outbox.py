@@ -39,13 +39,16 @@ from federation.errors import KakehashiError, TransportError, TrustError
 from federation.roster import Roster
 from federation.routing import Route
 
-from .roomstore import OutboxBatch, RoomStore
+from .roomstore import OutboxBatch, Queued, RoomStore
 from .tasks import cancel_all
 from .transport import PeerClient
 
 __all__ = ["DeliverySettings", "Outbox"]
 
 log = structlog.get_logger("kakehashi.outbox")
+
+TAIL_BATCHES = 2
+"""Rows a sender keeps in memory at most, in full batches: beyond that it reads the outbox."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +99,73 @@ class _Sender:
         self.task: asyncio.Task[None] | None = None
         self.stats = PeerDelivery()
         self.attempt = 0
+        self.acked_through = 0
+        """Position of the last row the peer acknowledged: never read again, even while
+        its delete is still on the way to disk."""
+        self.tail: deque[tuple[int, bytes]] = deque()
+        """Rows queued since the last outbox read began (position, wire), when collecting."""
+        self.tail_bytes = 0
+        self.collecting = False
+        """The tail holds every row committed for this peer since the last read began."""
+        self.tailing = False
+        """The outbox holds nothing beyond what was posted but the tail: batches are taken
+        from memory, without reading back what was just written."""
+
+    def offer(self, rows: list[tuple[int, bytes]]) -> None:
+        """Rows just committed for this peer (in position order)."""
+        if not self.collecting:
+            return
+        limits = self.outbox.settings
+        for pos, wire in rows:
+            if (
+                (self.tail and pos <= self.tail[-1][0])
+                or len(self.tail) >= TAIL_BATCHES * limits.max_batch_count
+                or self.tail_bytes + len(wire) > TAIL_BATCHES * limits.max_batch_bytes
+            ):
+                # Too far behind to keep in memory (or out of order): read the outbox.
+                self._forget_tail()
+                return
+            self.tail.append((pos, wire))
+            self.tail_bytes += len(wire)
+
+    def _forget_tail(self) -> None:
+        self.collecting = self.tailing = False
+        self.tail.clear()
+        self.tail_bytes = 0
+
+    async def _next_batch(self, after: int) -> OutboxBatch | None:
+        """The next batch beyond position `after`: from memory while tailing, else read."""
+        settings = self.outbox.settings
+        if self.tailing:
+            return self._from_tail(settings.max_batch_count, settings.max_batch_bytes)
+        # Everything offered so far is committed, so the read below finds it; what is
+        # committed from now on is offered to the tail.
+        self._forget_tail()
+        self.collecting = True
+        batch = await self.outbox.store.outbox_batch(
+            self.peer, settings.max_batch_count, settings.max_batch_bytes, after=after
+        )
+        read_to = batch.last_pos if batch is not None else after
+        while self.tail and self.tail[0][0] <= read_to:
+            self.tail_bytes -= len(self.tail.popleft()[1])
+        self.tailing = self.collecting and (batch is None or batch.complete)
+        return batch
+
+    def _from_tail(self, max_count: int, max_bytes: int) -> OutboxBatch | None:
+        if not self.tail:
+            return None
+        wires: list[bytes] = []
+        total, first, last = 0, self.tail[0][0], 0
+        while self.tail and len(wires) < max_count:
+            pos, wire = self.tail[0]
+            if wires and total + len(wire) > max_bytes:
+                break
+            self.tail.popleft()
+            self.tail_bytes -= len(wire)
+            wires.append(wire)
+            total += len(wire)
+            last = pos
+        return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
 
     def wake(self) -> None:
         self.new_data.set()
@@ -109,6 +179,7 @@ class _Sender:
 
     async def _run(self) -> None:
         in_flight: deque[_InFlight] = deque()
+        self._forget_tail()  # a new loop starts from the outbox
         try:
             await self._loop(in_flight)
         finally:
@@ -116,15 +187,13 @@ class _Sender:
 
     async def _loop(self, in_flight: deque[_InFlight]) -> None:
         settings = self.outbox.settings
-        after = 0  # position of the last row posted and not yet acknowledged or failed
+        after = self.acked_through  # the last row posted (acknowledged or on its way)
         while True:
             self.new_data.clear()
             # Keep up to `window` batches on the way: the receiver verifies the next one
             # while it commits this one. Each is acknowledged by its own position range.
             while len(in_flight) < settings.window:
-                batch = await self.outbox.store.outbox_batch(
-                    self.peer, settings.max_batch_count, settings.max_batch_bytes, after=after
-                )
+                batch = await self._next_batch(after)
                 if batch is None:
                     break
                 route = self.outbox.router(self.peer)
@@ -144,10 +213,11 @@ class _Sender:
                 # (a later batch that did arrive is dropped there as duplicates).
                 await cancel_all(other.task for other in in_flight)
                 in_flight.clear()
-                after = 0
+                self._forget_tail()
+                after = self.acked_through
                 await self._failed(flight.route, exc)
                 continue
-            await self._delivered(flight, answer)
+            self._delivered(flight, answer)
 
     async def _failed(self, route: Route | None, exc: KakehashiError) -> None:
         """After a failed post: take a detour at once if one exists, else back off."""
@@ -182,9 +252,10 @@ class _Sender:
             async with asyncio.timeout(delay):
                 await self.retry.wait()
 
-    async def _delivered(self, flight: _InFlight, answer: dict[str, Any]) -> None:
+    def _delivered(self, flight: _InFlight, answer: dict[str, Any]) -> None:
         batch, route = flight.batch, flight.route
-        await self.outbox.store.outbox_ack(self.peer, batch.first_pos, batch.last_pos)
+        self.outbox.store.outbox_ack(self.peer, batch.first_pos, batch.last_pos)
+        self.acked_through = batch.last_pos
         if route is not None and not route.direct:
             self.outbox.note_up(route.next_hop)
         self.stats.route = _describe(route)
@@ -281,6 +352,17 @@ class Outbox:
         for peer in peers:
             self.wake(peer)
 
+    def enqueued(self, queued: Queued) -> None:
+        """A commit queued these rows: hand them to their senders and wake them."""
+        if self._stopped:
+            return
+        for peer, rows in queued.items():
+            sender = self._senders.get(peer)
+            if sender is None:
+                sender = self._senders[peer] = _Sender(self, peer)
+            sender.offer(rows)
+            sender.wake()
+
     def retry_now(self, peer: str) -> None:
         """A peer came back: skip the rest of the backoff of every sender waiting on a
         failure (its own, and those of destinations routed through it)."""
@@ -296,3 +378,4 @@ class Outbox:
     async def stop(self) -> None:
         self._stopped = True
         await cancel_all(sender.task for sender in self._senders.values())
+        await self.store.flush_acks()

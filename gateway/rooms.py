@@ -49,7 +49,7 @@ from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_r
 from federation.roster import MemberStatus, Roster
 from federation.signing import SigningKey
 
-from .roomstore import EnvelopeRow, RoomStore, Status
+from .roomstore import EnvelopeRow, Queued, RoomStore, Status
 from .tasks import cancel_all
 
 if TYPE_CHECKING:
@@ -100,7 +100,9 @@ class _Step:
     """What one processing step produced, to be written in one transaction."""
 
     rows: dict[bytes, EnvelopeRow] = field(default_factory=dict)
-    outbox: list[tuple[str, bytes]] = field(default_factory=list)
+    outbox: list[tuple[str, Envelope]] = field(default_factory=list)
+    queued: Queued = field(default_factory=dict)
+    """The outbox rows the commit wrote (positions and wires), for the senders."""
     new_rooms: dict[str, str] = field(default_factory=dict)
     requests: list[Envelope] = field(default_factory=list)
     relayed: list[tuple[Envelope, str]] = field(default_factory=list)
@@ -120,7 +122,7 @@ class RoomService:
         signing_key: SigningKey,
         roster: Callable[[], Roster],
         clock: Callable[[], float],
-        on_enqueued: Callable[[Iterable[str]], None],
+        on_enqueued: Callable[[Queued], None],
     ) -> None:
         self.node_id = node_id
         self._store = store
@@ -618,7 +620,7 @@ class RoomService:
                 else:
                     step.relayed.append((envelope, destination))
             self._take_in(mine, step)
-            step.outbox.extend((destination, envelope.id) for envelope in decoded)
+            step.outbox.extend((destination, envelope) for envelope in decoded)
             await self._commit(step)
         self._count(peer, step)
         await self._after(step)
@@ -672,7 +674,7 @@ class RoomService:
                 # Our own refused envelope still fills its seq: every member must see it
                 # (and refuse it alike), or they would wait for that seq forever.
                 for peer in sorted(previous.nodes - {self.node_id}):
-                    step.outbox.append((peer, envelope.id))
+                    step.outbox.append((peer, envelope))
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)
@@ -690,7 +692,7 @@ class RoomService:
             if new_state is not None and previous is not None:
                 members |= previous.nodes
             for peer in sorted(members - {self.node_id}):
-                step.outbox.append((peer, envelope.id))
+                step.outbox.append((peer, envelope))
         if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
             step.requests.append(envelope)
 
@@ -699,7 +701,7 @@ class RoomService:
             return
         try:
             async with self._store.transaction() as db:
-                await RoomStore.write(
+                step.queued = await self._rooms.write(
                     db,
                     step.rows.values(),
                     step.outbox,
@@ -716,9 +718,8 @@ class RoomService:
         self._homes.update(step.new_rooms)
 
     async def _after(self, step: _Step) -> None:
-        peers = {peer for peer, _ in step.outbox}
-        if peers:
-            self._on_enqueued(peers)
+        if step.queued:
+            self._on_enqueued(step.queued)
         if step.accepted:
             for callback in self._listeners:
                 callback(step.accepted)

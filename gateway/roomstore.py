@@ -22,18 +22,26 @@ happen in one transaction: a crash leaves the step wholly done or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
 import aiosqlite
+import structlog
 
 from federation.envelope import Envelope
+from federation.errors import KakehashiError
 
 from .store import Store
 
-__all__ = ["EnvelopeRow", "OutboxBatch", "RoomStore", "Status"]
+__all__ = ["EnvelopeRow", "OutboxBatch", "Queued", "RoomStore", "Status"]
+
+log = structlog.get_logger("kakehashi.store")
+
+OUTBOX_CHUNK = 256
+"""Outbox rows read per round trip to the database thread."""
 
 
 class Status(IntEnum):
@@ -63,6 +71,12 @@ class OutboxBatch:
     """Position of the last row read; acknowledging deletes first_pos..last_pos."""
     wires: list[bytes]
     """Wire bytes of the envelopes, oldest first."""
+    complete: bool = False
+    """Nothing else was queued for the peer beyond `last_pos` when it was read."""
+
+
+Queued = dict[str, list[tuple[int, bytes]]]
+"""What one commit put in the outboxes: peer -> [(position, wire)], in position order."""
 
 
 class RoomStore:
@@ -70,6 +84,11 @@ class RoomStore:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._acks: list[tuple[str, int, int]] = []
+        """Acknowledged outbox ranges (peer, first, last) not deleted yet."""
+        self._ack_task: asyncio.Task[None] | None = None
+        self._last_pos: int | None = None
+        """The highest outbox position used (read at the first write)."""
 
     @property
     def _db(self) -> aiosqlite.Connection:
@@ -125,69 +144,99 @@ class RoomStore:
 
     # writing -----------------------------------------------------------------
 
-    @staticmethod
     async def write(
+        self,
         db: aiosqlite.Connection,
         rows: Iterable[EnvelopeRow],
-        outbox: Iterable[tuple[str, bytes]],
+        outbox: Iterable[tuple[str, Envelope]],
         new_rooms: Iterable[tuple[str, str]],
         now_ms: int,
         relayed: Iterable[tuple[Envelope, str]] = (),
-    ) -> None:
+    ) -> Queued:
         """Inside a caller's transaction: envelope rows (insert or status update), copies
-        kept only to forward (`relayed`: envelope and destination), outbox rows, rooms."""
+        kept only to forward (`relayed`: envelope and destination), outbox rows (peer and
+        envelope), rooms. Returns the outbox rows written, for the senders.
+
+        Outbox positions are given here, in order, above any used before (the table's
+        AUTOINCREMENT sequence included), so they grow in commit order. A statement with
+        nothing to write is not issued: each one is a round trip to the database thread,
+        and the commit of a step waits for all of them."""
         relayed = list(relayed)
-        await db.executemany(
-            "INSERT INTO relayed (id, room_id, origin, seq, hlc, wire, received_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-            [
-                (
-                    e.id,
-                    e.content.room,
-                    e.content.origin,
-                    e.content.seq,
-                    e.content.hlc,
-                    e.to_bytes(),
-                    now_ms,
-                )
-                for e, _ in relayed
-            ],
-        )
-        await db.executemany(
-            "INSERT INTO relayed_to (destination, envelope_id) VALUES (?, ?) "
-            "ON CONFLICT DO NOTHING",
-            [(destination, e.id) for e, destination in relayed],
-        )
-        await db.executemany(
-            "INSERT INTO room (room_id, home, joined_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (room_id) DO NOTHING",
-            [(room, home, now_ms) for room, home in new_rooms],
-        )
-        await db.executemany(
-            "INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, status, "
-            "verdict, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, verdict = excluded.verdict",
-            [
-                (
-                    row.envelope.id,
-                    row.envelope.content.room,
-                    row.envelope.content.origin,
-                    row.envelope.content.seq,
-                    row.envelope.content.kind.value,
-                    row.envelope.content.sender,
-                    row.envelope.content.hlc,
-                    row.envelope.to_bytes(),
-                    int(row.status),
-                    row.verdict,
-                    now_ms,
-                )
-                for row in rows
-            ],
-        )
-        await db.executemany(
-            "INSERT INTO outbox (peer, envelope_id, enqueued_ms) VALUES (?, ?, ?)",
-            [(peer, envelope_id, now_ms) for peer, envelope_id in outbox],
-        )
+        queued: Queued = {}
+        outbox_rows: list[tuple[int, str, bytes, int]] = []
+        for peer, envelope in outbox:
+            if self._last_pos is None:
+                self._last_pos = await self._highest_pos(db)
+            self._last_pos += 1
+            outbox_rows.append((self._last_pos, peer, envelope.id, now_ms))
+            queued.setdefault(peer, []).append((self._last_pos, envelope.to_bytes()))
+        statements: list[tuple[str, Sequence[Sequence[object]]]] = [
+            (
+                "INSERT INTO relayed (id, room_id, origin, seq, hlc, wire, received_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [
+                    (
+                        e.id,
+                        e.content.room,
+                        e.content.origin,
+                        e.content.seq,
+                        e.content.hlc,
+                        e.to_bytes(),
+                        now_ms,
+                    )
+                    for e, _ in relayed
+                ],
+            ),
+            (
+                "INSERT INTO relayed_to (destination, envelope_id) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                [(destination, e.id) for e, destination in relayed],
+            ),
+            (
+                "INSERT INTO room (room_id, home, joined_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (room_id) DO NOTHING",
+                [(room, home, now_ms) for room, home in new_rooms],
+            ),
+            (
+                "INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, "
+                "status, verdict, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "verdict = excluded.verdict",
+                [
+                    (
+                        row.envelope.id,
+                        row.envelope.content.room,
+                        row.envelope.content.origin,
+                        row.envelope.content.seq,
+                        row.envelope.content.kind.value,
+                        row.envelope.content.sender,
+                        row.envelope.content.hlc,
+                        row.envelope.to_bytes(),
+                        int(row.status),
+                        row.verdict,
+                        now_ms,
+                    )
+                    for row in rows
+                ],
+            ),
+            (
+                "INSERT INTO outbox (pos, peer, envelope_id, enqueued_ms) VALUES (?, ?, ?, ?)",
+                outbox_rows,
+            ),
+        ]
+        for sql, values in statements:
+            if values:
+                await db.executemany(sql, values)
+        return queued
+
+    @staticmethod
+    async def _highest_pos(db: aiosqlite.Connection) -> int:
+        async with db.execute(
+            "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM outbox "
+            "UNION ALL SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     # outbox --------------------------------------------------------------------
 
@@ -197,7 +246,7 @@ class RoomStore:
         """The oldest envelopes queued for `peer` after position `after` (those before are
         on their way), bounded by count and total bytes."""
         wires: list[bytes] = []
-        total, first, last = 0, 0, 0
+        total, first, last, rows = 0, 0, 0, 0
         async with self._db.execute(
             "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
             "LEFT JOIN envelope e ON e.id = o.envelope_id "
@@ -205,34 +254,61 @@ class RoomStore:
             "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
             (peer, after, max_count),
         ) as cursor:
-            async for pos, wire in cursor:
-                first = first or pos
-                if wire is None:
-                    last = pos  # its envelope is gone (not while envelopes are never deleted)
-                    continue
-                if wires and total + len(wire) > max_bytes:
-                    break
-                last = pos
-                wires.append(bytes(wire))
-                total += len(wire)
-        return OutboxBatch(first_pos=first, last_pos=last, wires=wires) if last else None
+            # Rows in chunks of OUTBOX_CHUNK (one round trip each), not aiosqlite's default
+            # 64; a chunk of the largest envelopes is still only 16 MiB.
+            while chunk := list(await cursor.fetchmany(OUTBOX_CHUNK)):
+                rows += len(chunk)
+                for pos, wire in chunk:
+                    first = first or pos
+                    if wire is None:
+                        last = pos  # its envelope is gone (not while envelopes are kept)
+                        continue
+                    if wires and total + len(wire) > max_bytes:
+                        return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
+                    last = pos
+                    wires.append(bytes(wire))
+                    total += len(wire)
+        if not last:
+            return None
+        return OutboxBatch(first_pos=first, last_pos=last, wires=wires, complete=rows < max_count)
 
-    async def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
-        """The peer committed the batch of rows first_pos..last_pos: forget them."""
-        # Not fsynced: losing this delete on a power cut only re-sends a batch the peer
-        # drops as duplicates (see Store.transaction).
-        async with self._store.transaction(durable=False) as db:
-            await db.execute(
-                "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?",
-                (peer, first_pos, last_pos),
-            )
+    def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
+        """The peer committed the batch of rows first_pos..last_pos: forget them, soon.
+
+        The sender does not wait for the delete: deletes are gathered and written by one
+        background task, many batches per transaction, without an fsync. Losing them on a
+        crash or power cut only re-sends batches the peer drops as duplicates, and the
+        sender never reads rows it saw acknowledged again (see `Outbox`)."""
+        self._acks.append((peer, first_pos, last_pos))
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = asyncio.create_task(self._write_acks(), name="outbox-acks")
+
+    async def _write_acks(self) -> None:
+        while self._acks:
+            acks, self._acks = self._acks, []
+            try:
+                async with self._store.transaction(durable=False) as db:
+                    await db.executemany(
+                        "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", acks
+                    )
+            except KakehashiError as exc:
+                # The rows stay queued; after a restart they go again and are dropped
+                # there as duplicates.
+                log.warning("outbox_ack_not_written", rows=len(acks), code=exc.code)
+
+    async def flush_acks(self) -> None:
+        """Wait until every acknowledgement so far is written (before counting rows)."""
+        while self._ack_task is not None and not self._ack_task.done():
+            await asyncio.shield(self._ack_task)
 
     async def outbox_peers(self) -> list[str]:
+        await self.flush_acks()
         async with self._db.execute("SELECT DISTINCT peer FROM outbox") as cursor:
             return [row[0] for row in await cursor.fetchall()]
 
     async def outbox_depths(self) -> dict[str, tuple[int, int]]:
         """peer -> (queued envelopes, enqueue time in ms of the oldest)."""
+        await self.flush_acks()
         async with self._db.execute(
             "SELECT peer, COUNT(*), MIN(enqueued_ms) FROM outbox GROUP BY peer"
         ) as cursor:
