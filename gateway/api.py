@@ -648,7 +648,10 @@ class ClientApi:
     ) -> None:
         self._node = node
         self.directory = Directory(
-            node_id=node.node_id, users=node.accounts.users, roster=lambda: node.roster
+            node_id=node.node_id,
+            users=node.accounts.users,
+            roster=lambda: node.roster,
+            remote=node.names.get,
         )
         self.hub = Hub(state=node.rooms.state, directory=self.directory, clock=node.clock)
         self._timeline = timeline
