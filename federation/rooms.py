@@ -46,6 +46,7 @@ __all__ = [
     "RoomState",
     "Verdict",
     "check_body",
+    "check_sender_name",
     "check_user_id",
     "decide_request",
     "judge",
@@ -139,21 +140,22 @@ def _target(body: Mapping[str, Any], name: str = "target") -> None:
         raise ProtocolError(f"body field {name!r} must be a 32-byte envelope id", code="bad_body")
 
 
-def _sender_name(body: Mapping[str, Any]) -> None:
-    if "name" not in body:
-        return
-    value = body["name"]
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > MAX_SENDER_NAME
-        or _HIDDEN.search(value)
-    ):
+def check_sender_name(name: object) -> str:
+    """`name` if a body may carry it as its sender's display name, else `ProtocolError`
+    (code bad_body): 1-100 characters, none of them control, invisible or
+    direction-changing."""
+    if not isinstance(name, str) or not name or len(name) > MAX_SENDER_NAME or _HIDDEN.search(name):
         raise ProtocolError(
             f"body field 'name' must be the sender's display name: 1-{MAX_SENDER_NAME} "
             "characters, none of them control or invisible",
             code="bad_body",
         )
+    return name
+
+
+def _sender_name(body: Mapping[str, Any]) -> None:
+    if "name" in body:
+        check_sender_name(body["name"])
 
 
 def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -249,12 +251,12 @@ def sender_name(content: Content) -> str | None:
     receipt names its sender, and only a sender who is a user of the origin node."""
     if content.kind not in _NAMED or not content.sender or content.sender_node != content.origin:
         return None
+    if "name" not in content.body:
+        return None
     try:
-        _sender_name(content.body)
+        return check_sender_name(content.body["name"])
     except ProtocolError:
         return None
-    name = content.body.get("name")
-    return name if isinstance(name, str) else None
 
 
 def apply_state(previous: RoomState | None, content: Content) -> RoomState:
