@@ -15,6 +15,7 @@ from federation.rooms import (
     RoomState,
     Verdict,
     check_body,
+    check_sender_name,
     check_user_id,
     decide_request,
     judge,
@@ -320,6 +321,9 @@ def test_bad_sender_name_is_a_protocol_error_with_a_stable_code() -> None:
             check_body(Kind.RECEIPT, {"up_to": TARGET, "name": name})
         assert refused.value.code == "bad_body"
         assert "'name'" in str(refused.value)
+        with pytest.raises(ProtocolError):
+            check_sender_name(name)
+    assert check_sender_name("鈴木 次郎") == "鈴木 次郎"
 
 
 # --- sender names ---------------------------------------------------------------------------
