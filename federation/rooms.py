@@ -14,6 +14,14 @@ user of that node; a `state` envelope must come from the home node.
 
 Bodies are checked here against the same rules as `schemas/envelope-bodies/`; a
 message's `files` are file references (`federation.files.FileRef`).
+
+Display names: a message, reaction or receipt may carry its sender's display name
+(`name`), set by the sender's own node, which is the only authority on its users.
+`sender_name` gives it only where the sender is a user of the origin node (an
+accepted envelope always fits: `judge` refuses a sender of another node), so a node
+can never name another node's users. A name is plain text: no control characters,
+none of the invisible or direction-changing ones that would hide or reorder it in a
+list of people.
 """
 
 from __future__ import annotations
@@ -31,18 +39,25 @@ from .files import check_file_refs
 from .identity import check_node_id
 
 __all__ = [
+    "MAX_SENDER_NAME",
     "Role",
     "RoomHistory",
     "RoomKind",
     "RoomState",
     "Verdict",
     "check_body",
+    "check_sender_name",
     "check_user_id",
     "decide_request",
     "judge",
+    "sender_name",
 ]
 
 MAX_TEXT = 32 * 1024
+MAX_SENDER_NAME = 100
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
+"""Characters a display name may not hold (mirrored in the body schemas)."""
+_NAMED = frozenset({Kind.MESSAGE, Kind.REACTION, Kind.RECEIPT})
 _USER = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,63}@[a-z][a-z0-9-]{0,30}[a-z0-9]\Z")
 
 
@@ -125,6 +140,24 @@ def _target(body: Mapping[str, Any], name: str = "target") -> None:
         raise ProtocolError(f"body field {name!r} must be a 32-byte envelope id", code="bad_body")
 
 
+def check_sender_name(name: object) -> str:
+    """`name` if a body may carry it as its sender's display name, else `ProtocolError`
+    (code bad_body): 1-100 characters, none of them control, invisible or
+    direction-changing."""
+    if not isinstance(name, str) or not name or len(name) > MAX_SENDER_NAME or _HIDDEN.search(name):
+        raise ProtocolError(
+            f"body field 'name' must be the sender's display name: 1-{MAX_SENDER_NAME} "
+            "characters, none of them control or invisible",
+            code="bad_body",
+        )
+    return name
+
+
+def _sender_name(body: Mapping[str, Any]) -> None:
+    if "name" in body:
+        check_sender_name(body["name"])
+
+
 def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
     extra = set(body) - allowed
     if extra:
@@ -187,8 +220,9 @@ def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -
     elif kind is Kind.STATE_REQUEST:
         _check_state_ops(body, creation=False)
     elif kind is Kind.MESSAGE:
-        _only(body, {"text", "format", "files", "announcement"})
+        _only(body, {"text", "format", "files", "announcement", "name"})
         _text(body, "text", required=True)
+        _sender_name(body)
         if body.get("format", "plain") not in ("plain", "markdown"):
             raise ProtocolError("format must be plain or markdown", code="bad_body")
         if "files" in body:
@@ -202,12 +236,27 @@ def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -
         _target(body)
         _text(body, "reason", required=False, limit=500)
     elif kind is Kind.REACTION:
-        _only(body, {"target", "emoji"})
+        _only(body, {"target", "emoji", "name"})
         _target(body)
         _text(body, "emoji", required=True, limit=32)
+        _sender_name(body)
     elif kind is Kind.RECEIPT:
-        _only(body, {"up_to"})
+        _only(body, {"up_to", "name"})
         _target(body, "up_to")
+        _sender_name(body)
+
+
+def sender_name(content: Content) -> str | None:
+    """The display name `content` gives its sender, or None: only a message, reaction or
+    receipt names its sender, and only a sender who is a user of the origin node."""
+    if content.kind not in _NAMED or not content.sender or content.sender_node != content.origin:
+        return None
+    if "name" not in content.body:
+        return None
+    try:
+        return check_sender_name(content.body["name"])
+    except ProtocolError:
+        return None
 
 
 def apply_state(previous: RoomState | None, content: Content) -> RoomState:

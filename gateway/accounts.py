@@ -51,6 +51,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from federation.errors import ProtocolError
 from federation.identity import check_node_id
+from federation.rooms import check_sender_name
 
 from .accountstore import AccountStore, NewSession, RotationOutcome
 from .staff import (
@@ -163,6 +164,16 @@ class Principal:
     """The token's `jti`."""
     expires_at: int
     """Unix seconds at which the token expires."""
+
+    @property
+    def sender_name(self) -> str | None:
+        """The display name as the envelopes the user sends carry it (other nodes show
+        them by it). Names are cleaned when stored, so the protocol takes them; one
+        stored under older rules that it would refuse is left out (None)."""
+        try:
+            return check_sender_name(self.display_name)
+        except ProtocolError:
+            return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

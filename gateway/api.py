@@ -241,6 +241,11 @@ def _users(value: object, key: str) -> list[str]:
     return [check_user_id(user) for user in value]
 
 
+def _named(me: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with its sender's display name, which other nodes show them by."""
+    return body if me.sender_name is None else {**body, "name": me.sender_name}
+
+
 # the app -----------------------------------------------------------------------------
 
 
@@ -444,7 +449,7 @@ class _Routes:
         body: dict[str, Any] = {"text": _text(data, "text")}
         if "format" in data:
             body["format"] = _text(data, "format")
-        message_id = await self._post(state.room, Kind.MESSAGE, body, me.user_id)
+        message_id = await self._post(state.room, Kind.MESSAGE, _named(me, body), me.user_id)
         return await self._message_response(state.room, message_id, status=201)
 
     async def message(self, request: web.Request) -> web.Response:
@@ -507,7 +512,7 @@ class _Routes:
                 withdraw: dict[str, Any] = {"target": reaction_id}
                 await self._post(state.room, Kind.REDACT, withdraw, me.user_id)
         elif not remove and not reacted:
-            reaction: dict[str, Any] = {"target": message_id, "emoji": emoji}
+            reaction = _named(me, {"target": message_id, "emoji": emoji})
             await self._post(state.room, Kind.REACTION, reaction, me.user_id)
         return await self._message_response(state.room, message_id)
 
@@ -522,7 +527,8 @@ class _Routes:
         furthest = await self.timeline.read_position(state.room, me.user_id)
         if furthest is None or row.position > furthest:
             # Receipts are cumulative: reading an older message again sends nothing.
-            await self._post(state.room, Kind.RECEIPT, {"up_to": message_id}, me.user_id)
+            receipt = _named(me, {"up_to": message_id})
+            await self._post(state.room, Kind.RECEIPT, receipt, me.user_id)
             await self.timeline.settled()
         marker = await self.timeline.rows.marker(state.room, me.user_id)
         return _json(
@@ -648,7 +654,10 @@ class ClientApi:
     ) -> None:
         self._node = node
         self.directory = Directory(
-            node_id=node.node_id, users=node.accounts.users, roster=lambda: node.roster
+            node_id=node.node_id,
+            users=node.accounts.users,
+            roster=lambda: node.roster,
+            remote=node.names.get,
         )
         self.hub = Hub(state=node.rooms.state, directory=self.directory, clock=node.clock)
         self._timeline = timeline

@@ -211,6 +211,7 @@ def file_routes(node: Node) -> list[web.RouteDef]:
             body=request.content.iter_any(),
             declared_size=request.content_length,
             text=request.query.get("text") or None,
+            sender_name=principal.sender_name,
         )
         return web.json_response(shared.to_json(), status=201)
 

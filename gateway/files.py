@@ -507,8 +507,10 @@ class FileStore:
         body: AsyncIterable[bytes],
         declared_size: int | None,
         text: str | None = None,
+        sender_name: str | None = None,
     ) -> SharedFile:
-        """Store an upload and post the message that shares it in `room`, from `user`.
+        """Store an upload and post the message that shares it in `room`, from `user`
+        (whose display name, for other nodes, is `sender_name`).
 
         The message's text is `text`, else the file's name. If the message cannot be
         posted, bytes this upload brought are deleted again.
@@ -516,7 +518,9 @@ class FileStore:
         self.check_can_post(room, user)
         incoming = await self.receive(body, declared_size=declared_size, name=name)
         ref = FileRef(sha256=incoming.sha256, size=incoming.size, name=name, mime=incoming.mime)
-        message = {"text": text or name, "files": [ref.to_body()]}
+        message: dict[str, Any] = {"text": text or name, "files": [ref.to_body()]}
+        if sender_name is not None:
+            message["name"] = sender_name
         # Placing and posting under one lock: a failed post may delete the bytes it placed
         # only while no other upload of the same bytes is between its placing and posting.
         async with self._place_lock:

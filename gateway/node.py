@@ -59,6 +59,7 @@ from .files import FileSettings, FileStore
 from .keys import KeyManager, KeySettings, recover_interrupted
 from .metrics import NodeMetrics
 from .monitoring import Maintenance, monitoring_app
+from .names import RemoteNames
 from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
@@ -105,6 +106,7 @@ class Node:
         self._keys: KeyManager | None = None
         self._refused_as: str | None = None
         self._timeline: Timeline | None = None
+        self._names: RemoteNames | None = None
         self._api: ClientApi | None = None
         self.api_routes: list[web.AbstractRouteDef] = []
         """More client API routes (mounted under the same authentication), added before start."""
@@ -168,6 +170,12 @@ class Node:
         """What staff see of each room (messages, edits, reactions, 既読)."""
         assert self._timeline is not None
         return self._timeline
+
+    @property
+    def names(self) -> RemoteNames:
+        """Display names of other nodes' users, from their envelopes."""
+        assert self._names is not None
+        return self._names
 
     @property
     def api(self) -> ClientApi | None:
@@ -318,6 +326,10 @@ class Node:
             direct=self.direct_peers,
         )
         self._rooms.write_with(self._files.index)
+        self._names = RemoteNames(store=self.store, node_id=self.node_id)
+        await self._names.load()
+        self._rooms.write_with(self._names.write)
+        self._rooms.listen(self._names.on_accepted)
         await self._rooms.load()
         self._timeline = Timeline(store=self.store, rooms=self._rooms)
         self._rooms.listen(self._timeline.on_accepted)  # before any envelope can arrive

@@ -244,6 +244,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX file_ref_file ON file_ref (sha256, room_id);
     CREATE INDEX file_ref_room ON file_ref (room_id, uploaded_at);
     """,
+    # Display names of other nodes' users (gateway/names.py): the latest their own node
+    # gave in an accepted envelope, by its hybrid clock time, written in the transaction
+    # that accepts it.
+    """
+    CREATE TABLE remote_user (
+        user_id TEXT PRIMARY KEY,
+        hlc INTEGER NOT NULL,
+        display_name TEXT NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 

@@ -8,11 +8,11 @@ Conventions: ids are strings (envelope ids as 64 lowercase hex digits, rooms as
 `!<random>:<home>`, users as `login@node`); times are ISO 8601 in UTC with
 milliseconds; absent values are `null`, never left out.
 
-**Display names**: a node knows the names of its own users only. Message and receipt
-bodies cannot carry the sender's name (their schemas, `schemas/envelope-bodies/`,
-allow no other field, and every node refuses an envelope with one), so a user of
-another node is shown by their id (`suzuki@ise`) beside their municipality, which
-the roster names (伊勢市).
+**Display names**: a user of this node by the name in its accounts; a user of another
+node by the name their own node put in their latest message, reaction or receipt
+(`gateway.names`), beside their municipality, which the roster names: 鈴木次郎
+(伊勢市). Someone whose node has sent no name yet (an older node, or nothing sent
+yet) is shown by their id (`suzuki@ise`).
 """
 
 from __future__ import annotations
@@ -61,8 +61,12 @@ def iso_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+def _no_name(user_id: str) -> str | None:
+    return None
+
+
 class Directory:
-    """Who a user id is: display names of this node's users, municipality names of nodes."""
+    """Who a user id is: display names of users, municipality names of nodes."""
 
     def __init__(
         self,
@@ -70,11 +74,13 @@ class Directory:
         node_id: str,
         users: Callable[[], Awaitable[Sequence[UserView]]],
         roster: Callable[[], Roster],
+        remote: Callable[[str], str | None] = _no_name,
         ttl: float = NAMES_TTL,
     ) -> None:
         self._node_id = node_id
         self._users = users
         self._roster = roster
+        self._remote = remote
         self._ttl = ttl
         self._names: dict[str, str] = {}
         self._loaded_at = float("-inf")
@@ -90,8 +96,11 @@ class Directory:
         self._loaded_at = float("-inf")
 
     def name(self, user_id: str) -> str:
-        """The display name of a user of this node; anyone else's id."""
-        return self._names.get(user_id, user_id)
+        """A user's display name: from this node's accounts for its own users, else the
+        latest their node gave (`remote`); the id when neither knows one."""
+        if user_id.rpartition("@")[2] == self._node_id:
+            return self._names.get(user_id, user_id)
+        return self._remote(user_id) or user_id
 
     def municipality(self, node_id: str) -> str:
         """The node's name in the roster (津市), or its id if the roster does not know it."""

@@ -26,7 +26,7 @@ from referencing import Registry, Resource
 from federation import codec
 from federation.envelope import ENVELOPE_LIMITS, Content, Envelope, Kind, seal_batch
 from federation.errors import ProtocolError
-from federation.rooms import check_body
+from federation.rooms import MAX_SENDER_NAME, check_body
 from federation.signing import SigningKey
 
 # As tests/federation/conftest.py does: keep Hypothesis's cache out of the source tree.
@@ -177,6 +177,13 @@ VALID: list[tuple[Kind, dict[str, Any], bool]] = [
     (Kind.REACTION, {"target": TARGET, "emoji": "👍"}, False),
     (Kind.REACTION, {"target": TARGET, "emoji": "🇯🇵" * 16}, False),
     (Kind.RECEIPT, {"up_to": TARGET}, False),
+    # the sender's display name, set by the sender's node
+    (Kind.MESSAGE, {"text": "了解です", "name": "鈴木次郎"}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "n" * 100}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "Taro Suzuki（伊勢市）"}, False),
+    (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": "鈴木　次郎"}, False),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "鈴木次郎"}, False),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "👍" * 100}, False),
 ]
 
 INVALID: list[tuple[Kind, dict[str, Any], bool]] = [
@@ -275,6 +282,21 @@ INVALID: list[tuple[Kind, dict[str, Any], bool]] = [
     (Kind.RECEIPT, {"target": TARGET}, False),
     (Kind.RECEIPT, {"up_to": TARGET[:16]}, False),
     (Kind.RECEIPT, {"up_to": TARGET, "at": 5}, False),
+    # the sender's display name
+    (Kind.MESSAGE, {"text": "x", "name": ""}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "n" * 101}, False),
+    (Kind.MESSAGE, {"text": "x", "name": None}, False),
+    (Kind.MESSAGE, {"text": "x", "name": 5}, False),
+    (Kind.MESSAGE, {"text": "x", "name": ["鈴木"]}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "鈴木\n"}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "鈴木\x00"}, False),
+    (Kind.MESSAGE, {"text": "x", "name": "\x85鈴木"}, False),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "木鈴\u202e"}, False),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "鈴\u200b木"}, False),
+    (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": "\ufeff"}, False),
+    (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": "鈴\u2066木"}, False),
+    (Kind.EDIT, {"target": TARGET, "text": "x", "name": "鈴木次郎"}, False),  # not on edits
+    (Kind.REDACT, {"target": TARGET, "name": "鈴木次郎"}, False),  # nor redactions
 ]
 
 
@@ -346,6 +368,9 @@ def _text(limit: int) -> st.SearchStrategy[str]:
 def _value(name: str) -> st.SearchStrategy[Any]:
     """Values for a field: mostly near its rules (and their edges), sometimes of a wrong type.
     Never bytes where text belongs nor text where bytes belong (the JSON view's blind spot)."""
+    if name == "name":  # a room's name (state, 200) or a sender's (100, no hidden characters)
+        hidden = ["鈴木\n", "a\x00b", "\x9f", "木鈴\u202e", "\u2060", "全角　空白", "Suzuki"]
+        return st.one_of(_text(200), _text(MAX_SENDER_NAME), st.sampled_from(hidden), _others)
     if name in _TEXT_LIMITS:
         return st.one_of(_text(_TEXT_LIMITS[name]), _others)
     if name in ("target", "up_to"):

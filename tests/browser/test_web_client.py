@@ -2,7 +2,7 @@
 
 One scenario, step by step with a screenshot each in test-artifacts/: both staff log
 in on their own node's web client, tanaka@tsu sends, suzuki@ise sees it arrive live
-and reads it, tanaka sees 「既読 1」 and suzuki@ise (伊勢市) among its readers, a file
+and reads it, tanaka sees 「既読 1」 and 鈴木次郎 (伊勢市) among its readers, a file
 uploaded at tsu downloads byte for byte at ise, and English replaces the Japanese.
 """
 
@@ -88,13 +88,14 @@ def test_two_towns_chat_read_receipts_files_and_english(
     arrived = suzuki.locator("#timeline li", has_text="集合は市役所前")
     arrived.wait_for()
     assert "明日の訓練は9時からです\n集合は市役所前" in arrived.inner_text()
-    assert "tanaka@tsu (津市)" in arrived.inner_text()  # other towns: id + municipality
+    # another town's staff: the name their own node gives, and the municipality
+    assert "田中太郎 (津市)" in arrived.inner_text()
     shot(suzuki, "3-suzuki-received")
 
     # the receipt comes back to tsu live: 既読 1, and who read it
     sent.get_by_role("button", name="既読 1").click()
     readers = tanaka.get_by_role("dialog")
-    readers.get_by_text("suzuki@ise (伊勢市)").wait_for()
+    readers.get_by_text("鈴木次郎 (伊勢市)").wait_for()
     shot(tanaka, "4-tanaka-read-by-suzuki")
     readers.get_by_role("button", name="閉じる").click()
 

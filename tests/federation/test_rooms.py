@@ -15,9 +15,11 @@ from federation.rooms import (
     RoomState,
     Verdict,
     check_body,
+    check_sender_name,
     check_user_id,
     decide_request,
     judge,
+    sender_name,
 )
 
 HOME = "mie-pref"
@@ -261,6 +263,15 @@ BAD_BODIES: list[tuple[Kind, dict[str, Any]]] = [
     (Kind.RECEIPT, {"target": TARGET}),
     (Kind.RECEIPT, {"up_to": TARGET.hex()}),
     (Kind.RECEIPT, {"up_to": TARGET, "at": 5}),
+    (Kind.MESSAGE, {"text": "hi", "name": ""}),
+    (Kind.MESSAGE, {"text": "hi", "name": "名" * 101}),
+    (Kind.MESSAGE, {"text": "hi", "name": b"suzuki"}),
+    (Kind.MESSAGE, {"text": "hi", "name": None}),
+    (Kind.MESSAGE, {"text": "hi", "name": "鈴木\r\n次郎"}),
+    (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": 7}),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "\u202e郎次木鈴"}),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": {"ja": "鈴木"}}),
+    (Kind.EDIT, {"target": TARGET, "text": "new", "name": "鈴木次郎"}),
 ]
 
 
@@ -288,6 +299,9 @@ GOOD_BODIES: list[tuple[Kind, dict[str, Any]]] = [
     (Kind.REDACT, {"target": TARGET, "reason": "x" * 500}),
     (Kind.REACTION, {"target": TARGET, "emoji": "👍"}),
     (Kind.RECEIPT, {"up_to": TARGET}),
+    (Kind.MESSAGE, {"text": "了解", "name": "鈴木次郎"}),
+    (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": "名" * 100}),
+    (Kind.RECEIPT, {"up_to": TARGET, "name": "鈴木　次郎"}),
 ]
 
 
@@ -299,6 +313,57 @@ def test_good_body_passes_check_body_and_is_accepted(
     origin = HOME if kind is Kind.STATE else "tsu"
     seq = 2 if kind is Kind.STATE else 1
     assert verdict(room, make(origin, seq, kind, body)) is Verdict.ACCEPTED
+
+
+def test_bad_sender_name_is_a_protocol_error_with_a_stable_code() -> None:
+    for name in ("", "名" * 101, 5, "鈴木\x00", "\u202e鈴木"):
+        with pytest.raises(ProtocolError) as refused:
+            check_body(Kind.RECEIPT, {"up_to": TARGET, "name": name})
+        assert refused.value.code == "bad_body"
+        assert "'name'" in str(refused.value)
+        with pytest.raises(ProtocolError):
+            check_sender_name(name)
+    assert check_sender_name("鈴木 次郎") == "鈴木 次郎"
+
+
+# --- sender names ---------------------------------------------------------------------------
+
+
+def test_sender_name_of_a_user_of_the_origin_node_is_given(room: RoomHistory) -> None:
+    for kind, body in [
+        (Kind.MESSAGE, {"text": "了解", "name": "鈴木次郎"}),
+        (Kind.REACTION, {"target": TARGET, "emoji": "👍", "name": "鈴木次郎"}),
+        (Kind.RECEIPT, {"up_to": TARGET, "name": "鈴木次郎"}),
+    ]:
+        content = make("tsu", 1, kind, body, sender="suzuki@tsu")
+        assert verdict(room, content) is Verdict.ACCEPTED
+        assert sender_name(content) == "鈴木次郎"
+
+
+def test_sender_name_is_absent_without_a_name_or_a_sender(room: RoomHistory) -> None:
+    assert sender_name(make("tsu", 1, sender="suzuki@tsu")) is None  # older nodes send none
+    node_itself = make("tsu", 1, Kind.MESSAGE, {"text": "保守", "name": "津市"})
+    assert verdict(room, node_itself) is Verdict.ACCEPTED
+    assert sender_name(node_itself) is None  # no user to name
+
+
+def test_name_for_a_user_of_another_node_is_refused_and_never_given(room: RoomHistory) -> None:
+    # tsu claims a name for sato@ise, a member user of the room, but of ise.
+    spoof = make("tsu", 1, Kind.MESSAGE, {"text": "x", "name": "偽名"}, sender="sato@ise")
+    assert verdict(room, spoof) is Verdict.SENDER_NOT_OF_ORIGIN
+    assert sender_name(spoof) is None
+    receipt = make("tsu", 1, Kind.RECEIPT, {"up_to": TARGET, "name": "偽名"}, sender="sato@ise")
+    assert verdict(room, receipt) is Verdict.SENDER_NOT_OF_ORIGIN
+    assert sender_name(receipt) is None
+
+
+def test_sender_name_is_given_only_for_kinds_that_carry_one() -> None:
+    # Not an accepted body (check_body refuses a name on an edit): still never a name.
+    body = {"target": TARGET, "text": "x", "name": "鈴木"}
+    edit = make("tsu", 1, Kind.EDIT, body, sender="a@tsu")
+    assert sender_name(edit) is None
+    bad = make("tsu", 1, Kind.MESSAGE, {"text": "x", "name": "鈴木\u202e"}, sender="a@tsu")
+    assert sender_name(bad) is None
 
 
 def test_empty_name_is_refused_at_creation() -> None:

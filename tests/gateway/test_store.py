@@ -70,6 +70,7 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "relation",
             "relayed",
             "relayed_to",
+            "remote_user",
             "room",
             "roster",
             "session",

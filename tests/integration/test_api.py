@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from federation import codec
+from federation.envelope import Content, Kind, seal_batch
+from federation.signing import SigningKey
 from gateway.api import API_PREFIX, principal
 from gateway.events import CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED
 from gateway.local import LocalFederation
@@ -112,15 +116,16 @@ async def test_message_from_tsu_reaches_ise_websocket_and_its_read_receipt_comes
         event = await at_ise.wait_for(type="message", id=message_id)
         assert event["room"] == room and event["sender"] == "tanaka@tsu"
         assert event["text"] == "明日の訓練は9時からです" and event["time"] == sent["time"]
-        # At ise, tanaka is a user of another node: shown by id, with the municipality.
-        assert event["sender_name"] == "tanaka@tsu" and event["sender_municipality"] == "津市"
+        # At ise, tanaka is a user of another node: shown by the name tsu gave, with the
+        # municipality from the roster.
+        assert event["sender_name"] == "田中太郎" and event["sender_municipality"] == "津市"
         assert (await suzuki.get("/rooms"))["rooms"][0]["unread"] == 1
 
         read = await suzuki.post(f"/rooms/{room}/read", {"up_to": message_id})
         assert read.body == {"room": room, "up_to": message_id, "unread": 0}
         receipt = await at_tsu.wait_for(type="receipt", id=message_id)
         assert receipt["reader"] == "suzuki@ise" and receipt["municipality"] == "伊勢市"
-        assert receipt["read_count"] == 1
+        assert receipt["reader_name"] == "鈴木次郎" and receipt["read_count"] == 1
 
     page = await tanaka.get(f"/rooms/{room}/messages")
     assert [(m["id"], m["read_count"]) for m in page["messages"]] == [(message_id, 1)]
@@ -128,15 +133,107 @@ async def test_message_from_tsu_reaches_ise_websocket_and_its_read_receipt_comes
     assert readers["read_count"] == 1
     [reader] = readers["readers"]
     assert reader["user"] == "suzuki@ise" and reader["municipality"] == "伊勢市"
-    assert reader["display_name"] == "suzuki@ise"  # envelopes carry no names: the id
+    assert reader["display_name"] == "鈴木次郎"  # the name ise put in the receipt
     assert reader["read_at"] >= sent["time"]
-    # At suzuki's own node his name is known.
+    # At suzuki's own node his name comes from its accounts.
     at_ise = await suzuki.get(f"/rooms/{room}/messages/{message_id}/readers")
     assert at_ise["readers"][0]["display_name"] == "鈴木次郎"
     # Reading the same message again sends nothing new and keeps the count.
     again = await suzuki.post(f"/rooms/{room}/read", {"up_to": message_id})
     assert again["unread"] == 0
     assert (await tanaka.get(f"/rooms/{room}/messages/{message_id}"))["read_count"] == 1
+
+
+async def test_staff_of_another_town_are_shown_by_the_names_their_own_node_gives(
+    towns: Towns,
+) -> None:
+    tanaka, suzuki = await towns.as_user("tanaka"), await towns.as_user("suzuki")
+    ito = await towns.as_user("ito")
+    room = await shared_room(towns, tanaka, "suzuki@ise", "ito@ise")
+    async with tanaka.events() as at_tsu:
+        reply = await suzuki.post(f"/rooms/{room}/messages", {"text": "伊勢も了解です"}, expect=201)
+        event = await at_tsu.wait_for(type="message", id=reply["id"])
+        assert event["sender"] == "suzuki@ise" and event["sender_name"] == "鈴木次郎"
+        assert event["sender_municipality"] == "伊勢市"
+        await tanaka.post(f"/rooms/{room}/read", {"up_to": reply["id"]})
+        await ito.post(f"/rooms/{room}/messages/{reply['id']}/react", {"emoji": "👍"})
+        reaction = await at_tsu.wait_for(type="reaction", id=reply["id"])
+        assert reaction["sender"] == "ito@ise" and reaction["sender_name"] == "伊藤三郎"
+    page = await tanaka.get(f"/rooms/{room}/messages")
+    [shown] = page["messages"]
+    assert (shown["sender_name"], shown["sender_municipality"]) == ("鈴木次郎", "伊勢市")
+    # ito has only reacted so far: the reaction named him at tsu too.
+    detail = await tanaka.get(f"/rooms/{room}")
+    names = {m["user"]: (m["display_name"], m["municipality"]) for m in detail["members"]}
+    assert names == {
+        "tanaka@tsu": ("田中太郎", "津市"),
+        "suzuki@ise": ("鈴木次郎", "伊勢市"),
+        "ito@ise": ("伊藤三郎", "伊勢市"),
+    }
+    # ise learns tanaka's name from his receipt, the message's reader list shows it.
+    readers = f"/rooms/{room}/messages/{reply['id']}/readers"
+
+    async def read_at_ise() -> bool:
+        return (await suzuki.get(readers))["read_count"] == 1
+
+    await eventually(read_at_ise, timeout=15)
+    [reader] = (await suzuki.get(readers))["readers"]
+    assert (reader["display_name"], reader["municipality"]) == ("田中太郎", "津市")
+
+
+async def test_a_name_for_another_towns_user_is_refused_and_never_shown(towns: Towns) -> None:
+    # A third town, nabari, in the room: it signs a receipt claiming to be suzuki@ise
+    # under another name. Only ise speaks for its users: tsu refuses the envelope
+    # (sender_not_of_origin) and keeps showing the name ise gave.
+    nabari = await towns.federation.member("nabari", "名張市", "242080")
+    await eventually(lambda: {n.roster.version for n in towns.federation.nodes.values()} == {3})
+    await nabari.accounts.add_user(
+        "yamada", display_name="山田五郎", password="名張の赤目四十八滝はすずしい"
+    )
+    tanaka, suzuki = await towns.as_user("tanaka"), await towns.as_user("suzuki")
+    room = await shared_room(towns, tanaka, "suzuki@ise", "yamada@nabari")
+    sent = await tanaka.post(f"/rooms/{room}/messages", {"text": "各市の状況は"}, expect=201)
+    await eventually(lambda: nabari.rooms.vector(room).get("tsu", 0) >= 2, timeout=15)
+    await suzuki.post(f"/rooms/{room}/read", {"up_to": sent["id"]})
+    readers = f"/rooms/{room}/messages/{sent['id']}/readers"
+
+    async def suzuki_read() -> bool:
+        return [r["display_name"] for r in (await tanaka.get(readers))["readers"]] == ["鈴木次郎"]
+
+    await eventually(suzuki_read, timeout=15)
+
+    key = SigningKey.from_pem(towns.federation.home("nabari").signing_key.read_bytes())
+    vector = towns.tsu.rooms.vector(room)
+    seq = nabari.rooms.vector(room).get("nabari", 0) + 1
+    deps = {"tsu": vector["tsu"], **({"nabari": seq - 1} if seq > 1 else {})}
+    forged = Content(
+        room=room,
+        origin="nabari",
+        seq=seq,
+        kind=Kind.RECEIPT,
+        sender="suzuki@ise",
+        hlc=int(time.time() * 1000 + 1000) << 16,  # newer than anything ise sent
+        deps=deps,
+        key_id=key.key_id,
+        body={"up_to": bytes.fromhex(sent["id"]), "name": "偽の鈴木"},
+    )
+    (envelope,) = seal_batch([forged], key)
+    entry = nabari.roster.member("tsu")
+    assert entry is not None
+    batch = codec.encode({"envelopes": [envelope.to_bytes()]})
+    response = await nabari.client.request(entry, "POST", "/envelopes", batch)
+    answer = codec.decode_map(response.body)
+    assert answer["accepted"] == 0
+    assert answer["refused"] == [[envelope.id, "sender_not_of_origin"]]
+    assert towns.tsu.names.get("suzuki@ise") == "鈴木次郎"
+    [reader] = (await tanaka.get(readers))["readers"]
+    assert (reader["user"], reader["display_name"]) == ("suzuki@ise", "鈴木次郎")
+    detail = await tanaka.get(f"/rooms/{room}")
+    assert {m["display_name"] for m in detail["members"]} >= {"鈴木次郎"}
+    assert "偽の鈴木" not in {m["display_name"] for m in detail["members"]}
+    with sqlite3.connect(towns.federation.home("tsu").database) as db:
+        stored = dict(db.execute("SELECT user_id, display_name FROM remote_user").fetchall())
+    assert stored == {"suzuki@ise": "鈴木次郎"}
 
 
 async def test_announcement_room_takes_posts_from_admins_only_and_counts_reads_per_town(
@@ -421,7 +518,10 @@ async def test_read_state_lost_in_a_crash_is_rebuilt_from_the_envelopes_at_start
             db.execute(f"DELETE FROM {table}")
     await towns.federation.start("tsu")
     tanaka = await towns.as_user("tanaka")
-    assert (await tanaka.get(readers))["readers"][0]["user"] == "suzuki@ise"
+    [reader] = (await tanaka.get(readers))["readers"]
+    # The reader's name is not derived from the index: kept with the envelopes, it is
+    # there after the restart.
+    assert (reader["user"], reader["display_name"]) == ("suzuki@ise", "鈴木次郎")
     message = await tanaka.get(f"/rooms/{room}/messages/{sent['id']}")
     assert message["read_count"] == 1
     assert message["reactions"] == [{"emoji": "🙏", "count": 1, "users": ["tanaka@tsu"]}]

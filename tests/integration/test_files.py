@@ -195,6 +195,8 @@ async def test_a_50_mb_file_uploaded_on_tsu_downloads_byte_identical_on_ise_in_c
         return [f["sha256"] for f in files] == [sha256]
 
     await eventually(listed_at_ise, timeout=30)
+    # The message sharing it named its sender for the other towns.
+    await eventually(lambda: ise.names.get("tanaka@tsu") == "職員 tanaka")
     stored = await ise.files.file(bytes.fromhex(sha256))
     assert stored is not None and stored.state is FileState.REMOTE_PENDING
     assert stored_files(ise) == []
