@@ -125,6 +125,22 @@ class CausalBuffer:
             return len(state.pending) if state else 0
         return sum(len(state.pending) for state in self._rooms.values())
 
+    def pending_keys(self) -> set[tuple[str, str, int]]:
+        """(room, origin, seq) of every envelope waiting for dependencies."""
+        return {
+            (room, origin, seq)
+            for room, state in self._rooms.items()
+            for origin, seq in state.pending
+        }
+
+    def any_pending(self, keys: Iterable[tuple[str, str, int]]) -> bool:
+        """Whether any of `keys` (room, origin, seq) is still waiting for dependencies."""
+        for room, origin, seq in keys:
+            state = self._rooms.get(room)
+            if state is not None and (origin, seq) in state.pending:
+                return True
+        return False
+
     def _unmet(self, state: _Room, envelope: Envelope) -> tuple[str, int] | None:
         for origin, seq in envelope.content.deps.items():
             if state.vector.get(origin, 0) < seq:

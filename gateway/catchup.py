@@ -94,6 +94,8 @@ class CatchUp:
         self._running: dict[str, asyncio.Lock] = {}
         self._pushed: dict[str, float] = {}
         self._grace: dict[str, asyncio.TimerHandle] = {}
+        self._waiting: dict[str, set[tuple[str, str, int]]] = {}
+        """Per peer: the envelopes that waited when its grace period began."""
         self.pulled = 0
         self.passes = 0
         self.progress: dict[str, CatchUpProgress] = {}
@@ -106,6 +108,7 @@ class CatchUp:
         for handle in self._grace.values():
             handle.cancel()
         self._grace.clear()
+        self._waiting.clear()
         await cancel_all([self._task])
         self._task = None
 
@@ -121,15 +124,20 @@ class CatchUp:
     def request_if_still_waiting(self, peer: str, grace: float = PENDING_GRACE) -> None:
         """Envelopes from `peer` wait for dependencies: catch up if they still wait after
         `grace` seconds. A peer pushing several batches at once often has the missing
-        ones on the way already; pulling them at once would fetch everything twice."""
+        ones on the way already; pulling them at once would fetch everything twice.
+
+        Only the envelopes waiting now count: under a steady stream some envelope is
+        almost always waiting a few milliseconds for the batch before it, and pulling
+        because of those would fetch the stream a second time, every `grace` seconds."""
         if peer in self._grace:
             return
+        self._waiting[peer] = self._rooms.pending_keys()
         loop = asyncio.get_running_loop()
         self._grace[peer] = loop.call_later(grace, self._grace_over, peer)
 
     def _grace_over(self, peer: str) -> None:
         self._grace.pop(peer, None)
-        if self._rooms.pending_count():
+        if self._rooms.still_pending(self._waiting.pop(peer, set())):
             self.request(peer)
 
     async def _run(self) -> None:

@@ -262,6 +262,14 @@ class RoomService:
     def pending_count(self) -> int:
         return self._buffer.pending_count()
 
+    def pending_keys(self) -> set[tuple[str, str, int]]:
+        """(room, origin, seq) of the envelopes waiting for dependencies now."""
+        return self._buffer.pending_keys()
+
+    def still_pending(self, keys: set[tuple[str, str, int]]) -> bool:
+        """Whether any of `keys` still waits for dependencies."""
+        return self._buffer.any_pending(keys)
+
     def own_rooms(self) -> list[str]:
         """Rooms this node is a member node of."""
         return [

@@ -146,6 +146,26 @@ def test_early_envelopes_wait_and_are_released_in_causal_order() -> None:
     assert buffer.pending_count() == 0
 
 
+def test_pending_keys_name_what_waits_and_any_pending_sees_them_released() -> None:
+    buffer = CausalBuffer()
+    waiting = [envelope(HOME, 3), envelope("tsu", 2, room=OTHER_ROOM)]
+    for early in waiting:
+        assert buffer.offer(early).status is OfferStatus.BUFFERED
+    snapshot = buffer.pending_keys()
+    assert snapshot == {(ROOM, HOME, 3), (OTHER_ROOM, "tsu", 2)}
+    assert buffer.any_pending(snapshot)
+    buffer.offer(envelope(HOME, 1))
+    buffer.offer(envelope(HOME, 2))  # releases HOME 3; OTHER_ROOM still waits
+    assert buffer.pending_keys() == {(OTHER_ROOM, "tsu", 2)}
+    assert buffer.any_pending(snapshot)
+    assert not buffer.any_pending({(ROOM, HOME, 3), ("!unknown:tsu", "tsu", 1)})
+    later = envelope(HOME, 5)  # waits too, but only since after the snapshot
+    buffer.offer(later)
+    buffer.offer(envelope("tsu", 1, room=OTHER_ROOM))
+    assert not buffer.any_pending(snapshot)
+    assert buffer.pending_keys() == {(ROOM, HOME, 5)}
+
+
 def test_envelope_waiting_on_two_origins_is_released_only_when_both_arrive() -> None:
     buffer = CausalBuffer()
     buffer.offer(envelope(HOME, 1))
