@@ -46,6 +46,7 @@ __all__ = [
     "check_room_id",
     "complete_batches",
     "merkle_root",
+    "peek_place",
     "room_home",
     "root_from_path",
     "seal_batch",
@@ -58,6 +59,7 @@ MAX_DEPS = 128  # origins in one room's causal frontier; rooms span at most a fe
 MAX_PATH = 40  # a batch of up to 2**40 envelopes; far beyond any real batch
 SIGNING_CONTEXT = b"kakehashi/envelope-batch/v1\x00"
 _CONTENT_KEYS = ["body", "deps", "hlc", "kid", "kind", "origin", "room", "sender", "seq", "v"]
+_HEADER_FIELDS = frozenset(_CONTENT_KEYS)
 ENVELOPE_LIMITS = codec.Limits(
     max_bytes=MAX_ENVELOPE_BYTES,
     max_depth=12,
@@ -83,6 +85,9 @@ class Kind(StrEnum):
     """An emoji reaction to an earlier envelope."""
     RECEIPT = "receipt"
     """既読: the sender has read up to an envelope."""
+
+
+_KINDS: dict[str, Kind] = {kind.value: kind for kind in Kind}
 
 
 def _leaf(envelope_id: bytes) -> bytes:
@@ -183,7 +188,8 @@ class Content:
     """Envelope format version."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", Kind(self.kind))
+        if type(self.kind) is not Kind:
+            object.__setattr__(self, "kind", Kind(self.kind))
         check_node_id(self.origin)
         check_room_id(self.room)
         if self.version != ENVELOPE_VERSION:
@@ -270,25 +276,29 @@ class Content:
         if type(deps) is dict:
             codec.check_keys(deps)
         codec.check_shape(body, ENVELOPE_LIMITS.max_depth - 1)
-        content = cls.from_wire(raw)
+        content = cls._from_header(raw)
         codec.require_canonical(raw, data)
         return content
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> Content:
-        expected = {"v", "room", "origin", "seq", "kind", "sender", "hlc", "deps", "kid", "body"}
-        if set(raw) != expected:
+        if set(raw) != _HEADER_FIELDS:
             raise ProtocolError(
                 "envelope header fields are not the expected set", code="bad_envelope"
             )
-        kind = raw["kind"]
-        if not isinstance(kind, str) or kind not in Kind.__members__.values():
-            raise ProtocolError(f"unknown envelope kind {kind!r}", code="unknown_kind")
+        return cls._from_header(raw)
+
+    @classmethod
+    def _from_header(cls, raw: dict[str, Any]) -> Content:
+        """From a map with exactly the header fields (checked by the caller)."""
+        kind = _KINDS.get(raw["kind"]) if isinstance(raw["kind"], str) else None
+        if kind is None:
+            raise ProtocolError(f"unknown envelope kind {raw['kind']!r}", code="unknown_kind")
         deps = raw["deps"]
         if not isinstance(deps, dict):
             raise ProtocolError("deps must be a map of origin to seq", code="bad_envelope")
-        for name, kind_ in (("v", int), ("seq", int), ("hlc", int)):
-            if not isinstance(raw[name], kind_) or isinstance(raw[name], bool):
+        for name in ("v", "seq", "hlc"):
+            if type(raw[name]) is not int:  # exactly int: not bool, as msgpack decodes them
                 raise ProtocolError(
                     f"envelope field {name!r} must be an integer", code="bad_envelope"
                 )
@@ -302,7 +312,7 @@ class Content:
             room=raw["room"],
             origin=raw["origin"],
             seq=raw["seq"],
-            kind=Kind(kind),
+            kind=kind,
             sender=raw["sender"],
             hlc=raw["hlc"],
             deps=deps,
@@ -430,6 +440,21 @@ class Envelope:
     def root(self) -> bytes:
         """The batch root this envelope's path leads to."""
         return root_from_path(self.id, self.index, self.size, self.path)
+
+
+def peek_place(wire: bytes) -> tuple[str, str, int] | None:
+    """(room, origin, seq) an encoded envelope claims, read without any check, or None if
+    it cannot be read that far. Only for dropping what is already held before paying for
+    a full decode: nothing read here may be trusted for anything else."""
+    try:
+        outer = codec.unpack(wire, ENVELOPE_LIMITS)
+        content = codec.unpack(outer["c"], ENVELOPE_LIMITS)
+        room, origin, seq = content["room"], content["origin"], content["seq"]
+    except (ProtocolError, TypeError, KeyError, IndexError):
+        return None
+    if type(room) is not str or type(origin) is not str or type(seq) is not int:
+        return None
+    return room, origin, seq
 
 
 class RootCache:

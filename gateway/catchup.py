@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -46,6 +47,14 @@ SYNC_ROOMS = 2000
 """Rooms named in one catch-up request at most; more are asked in several passes."""
 PAGE_COUNT = 2000
 PAGE_BYTES = 4 * 1024 * 1024
+ANSWER_LIMITS = codec.Limits(
+    max_bytes=BATCH_LIMITS.max_bytes,
+    max_depth=3,
+    max_array=BATCH_LIMITS.max_array,
+    max_bin=BATCH_LIMITS.max_bin,
+    max_map=5 * SYNC_ROOMS,
+)
+"""A catch-up answer: a page of envelopes, and where it went in each of the rooms asked."""
 
 
 @dataclass(slots=True)
@@ -237,6 +246,18 @@ class CatchUp:
         finally:
             progress.running = False
 
+    def _vectors(self, rooms: Iterable[str]) -> dict[str, dict[str, int]]:
+        return {room: self._rooms.vector(room) for room in rooms}
+
+    async def _ask(
+        self, entry: RosterEntry, vectors: dict[str, dict[str, int]], *, discover: bool
+    ) -> dict[str, Any]:
+        request: dict[str, object] = {"rooms": vectors, "limit": PAGE_COUNT, "through": True}
+        if discover:
+            request["discover"] = True
+        response = await self._client.request(entry, "POST", "/sync", codec.encode(request))
+        return codec.decode_map(response.body, ANSWER_LIMITS, canonical=False)
+
     async def _pages(
         self,
         peer: str,
@@ -247,45 +268,87 @@ class CatchUp:
     ) -> int:
         total = 0
         asking = discover
-        while True:
-            vectors = {room: self._rooms.vector(room) for room in rooms}
-            request: dict[str, object] = {"rooms": vectors, "limit": PAGE_COUNT}
-            if asking:
-                request["discover"] = True
-            try:
-                response = await self._client.request(entry, "POST", "/sync", codec.encode(request))
-                answer = codec.decode_map(response.body, BATCH_LIMITS, canonical=False)
-            except KakehashiError as exc:
-                if discover:
-                    raise
-                log.debug("catch_up_unavailable", peer=peer, code=exc.code)
-                return total
-            wires = answer.get("envelopes") or []
-            remaining = answer.get("remaining", 0)
-            progress.remaining = remaining if isinstance(remaining, int) else 0
-            if wires:
-                _, _, refused = await self._rooms.receive(peer, wires)
-                total += len(wires)
-                self.pulled += len(wires)
-                progress.pulled = total
-                if refused:
-                    log.warning("catch_up_refusals", peer=peer, count=len(refused))
-            learnt: list[str] = []
-            if asking:
-                asking = False
-                learnt = [room for room in _room_ids(answer.get("member_of")) if room not in rooms]
-                if learnt:
-                    self._rooms.expect(learnt)
-                    rooms.extend(learnt)
-                    log.info("rooms_rediscovered", peer=peer, rooms=learnt)
-            after = {room: self._rooms.vector(room) for room in vectors}
-            # Pages come in causal order, so each one advances our vectors; if one did
-            # not, asking again would return the same page: stop and retry next pass.
-            if not learnt and (not answer.get("more") or not wires or after == vectors):
-                break
+        vectors = self._vectors(rooms)
+        ahead: asyncio.Task[dict[str, Any]] | None = None
+        try:
+            while True:
+                try:
+                    if ahead is not None:
+                        answer, ahead = await ahead, None
+                    else:
+                        answer = await self._ask(entry, vectors, discover=asking)
+                except KakehashiError as exc:
+                    if discover:
+                        raise
+                    log.debug("catch_up_unavailable", peer=peer, code=exc.code)
+                    return total
+                wires = answer.get("envelopes") or []
+                more = answer.get("more") is True
+                remaining = answer.get("remaining", 0)
+                progress.remaining = remaining if isinstance(remaining, int) else 0
+                following = None
+                if more and wires and not asking:
+                    following = _following(vectors, answer.get("through"))
+                if following is not None:
+                    # Ask for the next page now: the peer reads it while this one is
+                    # verified and committed here.
+                    ahead = asyncio.create_task(
+                        self._ask(entry, following, discover=False), name="catch-up-page"
+                    )
+                if wires:
+                    _, _, refused = await self._rooms.receive(peer, wires)
+                    total += len(wires)
+                    self.pulled += len(wires)
+                    progress.pulled = total
+                    if refused:
+                        log.warning("catch_up_refusals", peer=peer, count=len(refused))
+                learnt: list[str] = []
+                if asking:
+                    asking = False
+                    learnt = [
+                        room for room in _room_ids(answer.get("member_of")) if room not in rooms
+                    ]
+                    if learnt:
+                        self._rooms.expect(learnt)
+                        rooms.extend(learnt)
+                        log.info("rooms_rediscovered", peer=peer, rooms=learnt)
+                if following is not None:
+                    vectors = following
+                    continue
+                after = self._vectors(vectors)
+                # Pages come in causal order, so each one advances our vectors; if one did
+                # not, asking again would return the same page: stop and retry next pass.
+                if not learnt and (not more or not wires or after == vectors):
+                    break
+                vectors = self._vectors(rooms)
+        finally:
+            if ahead is not None:
+                await cancel_all([ahead])
         if total:
             log.info("caught_up", peer=peer, envelopes=total)
         return total
+
+
+def _following(
+    vectors: dict[str, dict[str, int]], through: object
+) -> dict[str, dict[str, int]] | None:
+    """The vectors after a page whose answer says where it went (`through`: room -> origin
+    -> highest seq served); None if it does not say so usably, or would not move on."""
+    if not isinstance(through, dict):
+        return None
+    following = {room: dict(vector) for room, vector in vectors.items()}
+    moved = False
+    for room, served in through.items():
+        vector = following.get(room)
+        if vector is None or not isinstance(served, dict):
+            return None
+        for origin, seq in served.items():
+            if not isinstance(origin, str) or type(seq) is not int:
+                return None
+            if seq > vector.get(origin, 0):
+                vector[origin] = seq
+                moved = True
+    return following if moved else None
 
 
 def _room_ids(value: object) -> list[str]:

@@ -888,16 +888,22 @@ class Node:
             ):
                 raise ProtocolError("a vector maps origin to seq", code="bad_sync")
             vectors[room] = vector
-        discover = body.get("discover", False)
-        if not isinstance(discover, bool):
-            raise ProtocolError("discover must be true or false", code="bad_sync")
+        discover, through = body.get("discover", False), body.get("through", False)
+        if not isinstance(discover, bool) or not isinstance(through, bool):
+            raise ProtocolError("discover and through must be true or false", code="bad_sync")
 
-        wires, more = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
-        answer: dict[str, Any] = {"envelopes": wires, "more": more}
-        if more:
+        served = await self.rooms.missing_for(peer.node_id, vectors, limit, 4 * 1024 * 1024)
+        answer: dict[str, Any] = {"envelopes": served.wires, "more": served.more}
+        if served.more:
             # For the puller's progress bar: what it still lacks after this page.
             backlog = await self.rooms.backlog_for(peer.node_id, vectors)
-            answer["remaining"] = max(0, backlog - len(wires))
+            answer["remaining"] = max(0, backlog - len(served.wires))
+            if through:
+                # Where the next page starts, so the puller can ask for it at once.
+                answer["through"] = {
+                    room: dict(sorted(vector.items()))
+                    for room, vector in sorted(served.through.items())
+                }
         if discover:
             # A peer restored from a backup asks which rooms it is in (it may not know them).
             answer["member_of"] = self.rooms.member_rooms(peer.node_id)

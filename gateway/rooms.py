@@ -39,6 +39,7 @@ from federation.envelope import (
     RootCache,
     check_room_id,
     complete_batches,
+    peek_place,
     room_home,
     seal_batch,
     verify_batch,
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
     from .store import Store
 
-__all__ = ["BATCH_LIMITS", "CommitWriter", "EnvelopeCounts", "Refusal", "RoomService"]
+__all__ = ["BATCH_LIMITS", "CommitWriter", "EnvelopeCounts", "Refusal", "RoomService", "Served"]
 
 log = structlog.get_logger("kakehashi.rooms")
 
@@ -111,6 +112,18 @@ class _Step:
     duplicates: int = 0
 
 
+@dataclass(slots=True)
+class Served:
+    """What catch-up serves a peer in one page."""
+
+    wires: list[bytes] = field(default_factory=list)
+    more: bool = False
+    """Whether more lay beyond the page."""
+    through: dict[str, dict[str, int]] = field(default_factory=dict)
+    """room -> origin -> the highest seq served: the peer's vectors once it has the page,
+    so it can ask for the next page before it has processed this one."""
+
+
 class RoomService:
     """Rooms of one node."""
 
@@ -145,6 +158,8 @@ class RoomService:
         self._unanswered: list[Envelope] = []
         self.counts = EnvelopeCounts()
         self._answered: set[bytes] = set()
+        self._repeating: set[str] = set()
+        """Peers whose last batch held duplicates (see `receive`)."""
         self._expected: set[str] = set()
         # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
         self._local_open = asyncio.Event()
@@ -598,15 +613,51 @@ class RoomService:
         return [envelope for envelope, _ in candidates if envelope.id in verified], refused
 
     async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
-        """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit."""
+        """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit.
+
+        While a peer's batches repeat what this node holds (its outbox pushing what
+        catch-up already pulled, after an outage), envelopes whose place is already
+        processed are set aside before the full decode, the costly part; they would be
+        dropped as duplicates after it anyway."""
+        held: list[tuple[bytes, tuple[str, str, int]]] = []
+        if peer in self._repeating:
+            wires, held = self._set_aside_held(wires)
         decoded, refused = self._verified(peer, wires)
         step = _Step(refused=refused)
         async with self._lock:
+            if held:
+                # Memory runs ahead of disk while a commit is under way (not now: the lock
+                # is ours); if that commit failed and memory was reloaded, what was set
+                # aside may not be held after all: it goes the full way.
+                again = [wire for wire, place in held if not self._buffer.seen(*place)]
+                if again:
+                    more, more_refused = self._verified(peer, again)
+                    decoded += more
+                    step.refused += more_refused
+                step.duplicates += len(held) - len(again)
             self._take_in(decoded, step)
             await self._commit(step)
+        if step.duplicates:
+            self._repeating.add(peer)
+        else:
+            self._repeating.discard(peer)
         self._count(peer, step)
         await self._after(step)
         return len(step.accepted), step.duplicates, step.refused
+
+    def _set_aside_held(
+        self, wires: Sequence[bytes]
+    ) -> tuple[list[bytes], list[tuple[bytes, tuple[str, str, int]]]]:
+        """Split `wires` into those to decode and those whose claimed place is processed."""
+        rest: list[bytes] = []
+        held: list[tuple[bytes, tuple[str, str, int]]] = []
+        for wire in wires:
+            place = peek_place(wire)
+            if place is not None and self._buffer.seen(*place):
+                held.append((wire, place))
+            else:
+                rest.append(wire)
+        return rest, held
 
     async def relay(
         self, peer: str, destination: str, wires: Sequence[bytes]
@@ -782,30 +833,28 @@ class RoomService:
 
     async def missing_for(
         self, peer: str, vectors: dict[str, dict[str, int]], limit: int, max_bytes: int
-    ) -> tuple[list[bytes], bool]:
+    ) -> Served:
         """Envelopes of the requested rooms beyond the peer's vectors: of rooms it is a
         member of, and, in rooms this node only relays, what was addressed to it."""
-        wires: list[bytes] = []
-        more = False
+        served = Served()
         for room, vector in sorted(vectors.items()):
             state = self.state(room)
-            budget = limit - len(wires)
+            budget = limit - len(served.wires)
             if budget <= 0:
-                return wires, True
-            room_bytes = max_bytes - sum(len(w) for w in wires)
+                served.more = True
+                return served
+            room_bytes = max_bytes - sum(len(w) for w in served.wires)
             if state is None:
                 # Not a member: as a relay, serve the copies the origins addressed to this
                 # peer (and only those: nothing it was not sent already).
                 check_room_id(room)
-                page, room_more = await self._rooms.relayed_after(
-                    room, peer, vector, budget, room_bytes
-                )
+                page = await self._rooms.relayed_after(room, peer, vector, budget, room_bytes)
             elif peer not in state.nodes:
                 continue  # never serve a room to a node that is not (or no longer) a member
             else:
-                page, room_more = await self._rooms.processed_after(
-                    room, vector, budget, room_bytes
-                )
-            wires.extend(page)
-            more = more or room_more
-        return wires, more
+                page = await self._rooms.processed_after(room, vector, budget, room_bytes)
+            served.wires.extend(page.wires)
+            served.more = served.more or page.more
+            if page.through:
+                served.through[room] = page.through
+        return served

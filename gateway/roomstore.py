@@ -36,7 +36,7 @@ from federation.errors import KakehashiError
 
 from .store import Store
 
-__all__ = ["EnvelopeRow", "OutboxBatch", "Queued", "RoomStore", "Status"]
+__all__ = ["EnvelopeRow", "OutboxBatch", "Page", "Queued", "RoomStore", "Status"]
 
 log = structlog.get_logger("kakehashi.store")
 
@@ -73,6 +73,18 @@ class OutboxBatch:
     """Wire bytes of the envelopes, oldest first."""
     complete: bool = False
     """Nothing else was queued for the peer beyond `last_pos` when it was read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Envelopes of one room served in catch-up, in hlc order."""
+
+    wires: list[bytes]
+    more: bool
+    """Whether more lay beyond what fitted."""
+    through: dict[str, int]
+    """origin -> the highest seq served: each origin's envelopes are served in seq order
+    from just after the asker's vector, so this is where the next page starts."""
 
 
 Queued = dict[str, list[tuple[int, bytes]]]
@@ -318,9 +330,8 @@ class RoomStore:
 
     async def processed_after(
         self, room: str, vector: dict[str, int], limit: int, max_bytes: int
-    ) -> tuple[list[bytes], bool]:
-        """Processed envelopes of `room` beyond `vector`, in hlc order (a causal order);
-        returns (wires, more).
+    ) -> Page:
+        """Processed envelopes of `room` beyond `vector`, in hlc order (a causal order).
 
         One range scan per origin on the (room, origin, seq) index, merged by hlc: an
         origin's envelopes are in hlc order by seq, so the merge is the room's hlc
@@ -357,9 +368,9 @@ class RoomStore:
 
     async def relayed_after(
         self, room: str, destination: str, vector: dict[str, int], limit: int, max_bytes: int
-    ) -> tuple[list[bytes], bool]:
-        """Kept copies of `room` addressed to `destination` beyond `vector`, in hlc order;
-        returns (wires, more). Per origin in seq order, merged by hlc, as `processed_after`."""
+    ) -> Page:
+        """Kept copies of `room` addressed to `destination` beyond `vector`, in hlc order.
+        Per origin in seq order, merged by hlc, as `processed_after`."""
         async with self._db.execute(
             "SELECT DISTINCT r.origin FROM relayed r WHERE r.room_id = ?", (room,)
         ) as cursor:
@@ -412,14 +423,16 @@ class RoomStore:
 
 def _merged_page(
     streams: list[list[tuple[int, str, int, bytes]]], limit: int, max_bytes: int
-) -> tuple[list[bytes], bool]:
+) -> Page:
     """Merge per-origin runs (each in seq order, hence hlc order) into the room's hlc
-    order, up to `limit` envelopes and `max_bytes`; returns (wires, more)."""
+    order, up to `limit` envelopes and `max_bytes`."""
     wires: list[bytes] = []
+    through: dict[str, int] = {}
     total = 0
-    for _, _, _, wire in heapq.merge(*streams):
+    for _, origin, seq, wire in heapq.merge(*streams):
         if len(wires) >= limit or (wires and total + len(wire) > max_bytes):
-            return wires, True
+            return Page(wires, True, through)
         wires.append(wire)
+        through[origin] = seq
         total += len(wire)
-    return wires, False
+    return Page(wires, False, through)

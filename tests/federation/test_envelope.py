@@ -24,6 +24,7 @@ from federation.envelope import (
     RootCache,
     check_room_id,
     merkle_root,
+    peek_place,
     room_home,
     root_from_path,
     seal_batch,
@@ -668,3 +669,47 @@ def test_float_inside_the_signed_body_is_non_canonical() -> None:
     header["body"] = {"text": "x", "weight": 1.5}
     tampered = msgpack.packb(header, use_bin_type=True)
     assert protocol_error(wire(tampered, bytes(64), 0, 1, [])).code == "non_canonical"
+
+
+# --- peeking at an envelope's place ----------------------------------------------------------
+
+
+def test_peek_place_reads_room_origin_and_seq_without_decoding_the_rest() -> None:
+    sealed = seal_batch([content(1), content(1, origin="tsu")], KEY)
+    assert [peek_place(e.to_bytes()) for e in sealed] == [(ROOM, HOME, 1), (ROOM, "tsu", 1)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",  # never used in msgpack
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({"sig": b"x"}),
+        msgpack.packb({"c": "not bytes"}),
+        msgpack.packb({"c": msgpack.packb([1])}),
+        msgpack.packb({"c": msgpack.packb({"room": ROOM, "origin": HOME})}),
+        msgpack.packb({"c": msgpack.packb({"room": ROOM, "origin": HOME, "seq": "1"})}),
+        msgpack.packb({"c": msgpack.packb({"room": 5, "origin": HOME, "seq": 1})}),
+        msgpack.packb({"c": msgpack.packb({"room": ROOM, "origin": HOME, "seq": True})}),
+    ],
+)
+def test_peek_place_gives_none_for_what_it_cannot_read(data: bytes) -> None:
+    assert peek_place(data) is None
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), min_size=1, max_size=4
+    ),
+    cut=st.integers(1, len(_SAMPLE)),
+)
+def test_peek_place_never_raises_on_a_mutated_envelope(
+    edits: list[tuple[int, int]], cut: int
+) -> None:
+    data = bytearray(_SAMPLE)
+    for position, value in edits:
+        data[position] = value
+    place = peek_place(bytes(data[:cut]))
+    assert place is None or (type(place[0]) is str and type(place[2]) is int)

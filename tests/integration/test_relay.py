@@ -22,6 +22,7 @@ from federation import codec
 from federation.envelope import Envelope
 from federation.errors import TrustError
 from gateway.node import Node
+from gateway.rooms import Served
 
 from .conftest import Cluster, eventually
 
@@ -284,10 +285,10 @@ async def test_a_relay_serves_catch_up_of_what_it_forwarded_only_to_its_addresse
     await eventually(lambda: ise.rooms.state(room) is not None)
     await tsu.rooms.send(room, [f"津 {i}" for i in range(10)])
     await eventually(lambda: ise.rooms.vector(room) == {"tsu": 11})
-    served, more = await pref.rooms.missing_for("ise", {room: {}}, 100, 1 << 20)
-    assert len(served) == 11 and not more
-    assert await pref.rooms.missing_for("kameyama", {room: {}}, 100, 1 << 20) == ([], False)
-    assert await pref.rooms.missing_for("tsu", {room: {}}, 100, 1 << 20) == ([], False)
+    served = await pref.rooms.missing_for("ise", {room: {}}, 100, 1 << 20)
+    assert len(served.wires) == 11 and not served.more
+    assert await pref.rooms.missing_for("kameyama", {room: {}}, 100, 1 << 20) == Served()
+    assert await pref.rooms.missing_for("tsu", {room: {}}, 100, 1 << 20) == Served()
     # ise loses the room's messages (an old backup restored, say) and gets them back
     # from the relay, its only peer on the Internet side that has them.
     await cluster.stop("ise")

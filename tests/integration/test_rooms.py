@@ -23,7 +23,7 @@ from federation.envelope import Envelope, Kind
 from federation.errors import ProtocolError
 from gateway.node import Node
 from gateway.outbox import DeliverySettings, _Sender
-from gateway.rooms import RoomService
+from gateway.rooms import RoomService, Served
 from gateway.roomstore import OutboxBatch, RoomStore
 
 from .conftest import Cluster, eventually
@@ -190,8 +190,8 @@ async def test_node_removed_by_the_home_gets_no_new_messages_and_sync_refuses_it
     for node in (tsu, ise):
         await eventually(holds(node, room, 2))
     # Before the removal, ise is served the room on catch-up.
-    wires, _ = await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20)
-    assert len(wires) == 2
+    served = await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20)
+    assert len(served.wires) == 2
 
     assert await mie.rooms.change(room, {"remove_nodes": ["ise"]}) == "changed"
 
@@ -214,8 +214,8 @@ async def test_node_removed_by_the_home_gets_no_new_messages_and_sync_refuses_it
 
     await eventually(outboxes_empty)
     # The serving side refuses the room to ise, in memory and over real mutual TLS ...
-    assert await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == ([], False)
-    assert await tsu.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == ([], False)
+    assert await mie.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == Served()
+    assert await tsu.rooms.missing_for("ise", {room: {}}, 100, 1 << 20) == Served()
     request = codec.encode({"rooms": {room: {}}, "limit": 100})
     for server in ("mie-pref", "tsu"):
         entry = ise.roster.member(server)
@@ -235,6 +235,48 @@ async def test_node_removed_by_the_home_gets_no_new_messages_and_sync_refuses_it
     with pytest.raises(Exception) as refused:
         await ise.rooms.send(room, ["still here?"])
     assert getattr(refused.value, "code", None) == "not_a_member"
+
+
+async def test_batches_that_repeat_what_is_held_are_dropped_before_the_full_decode(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, _ = await three_nodes(cluster)
+    room = await mie.rooms.create("重複", nodes=["tsu"])
+    await mie.rooms.send(room, [f"m {k}" for k in range(20)])
+    await eventually(holds(tsu, room, 21))
+    wires = [wire for _, wire in await mie.rooms.store.history(room, 100)]
+    decoded = 0
+    decode = Envelope.from_bytes
+
+    def counted(data: bytes) -> Envelope:
+        nonlocal decoded
+        decoded += 1
+        return decode(data)
+
+    monkeypatch.setattr(Envelope, "from_bytes", counted)
+    # mie pushes to tsu what tsu holds: the first repeat is decoded in full and dropped...
+    mie_entry = mie.roster.member("tsu")
+    assert mie_entry is not None
+    answer = await mie.client.request(
+        mie_entry, "POST", "/envelopes", codec.encode_frame({"envelopes": wires})
+    )
+    first = codec.decode_map(answer.body, canonical=False)
+    assert (first["accepted"], first["duplicates"]) == (0, 21)
+    at_first = decoded
+    assert at_first >= 21
+    # ... and from then on, while mie's batches repeat, they are set aside undecoded.
+    answer = await mie.client.request(
+        mie_entry, "POST", "/envelopes", codec.encode_frame({"envelopes": wires})
+    )
+    second = codec.decode_map(answer.body, canonical=False)
+    assert (second["accepted"], second["duplicates"], second["refused"]) == (0, 21, [])
+    assert decoded == at_first  # nothing decoded on tsu for the repeat
+    # New envelopes in a repeating batch are still decoded, verified and taken in.
+    monkeypatch.setattr(Envelope, "from_bytes", decode)
+    fresh = await mie.rooms.send(room, ["新しい"])
+    await eventually(holds(tsu, room, 22))
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+    assert fresh[0] in await timeline_ids(tsu, room)
 
 
 async def test_two_thousand_messages_in_one_send_arrive_complete_and_outboxes_drain(
