@@ -102,38 +102,41 @@ def _largest_power_of_two_below(n: int) -> int:
     return 1 << ((n - 1).bit_length() - 1)
 
 
-def merkle_root(ids: Sequence[bytes]) -> bytes:
-    """Root of the RFC 6962 tree over `ids` (at least one)."""
+def _levels(ids: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the RFC 6962 tree over `ids` (at least one), leaves first, root last."""
     if not ids:
         raise ValueError("a batch has at least one envelope")
     level = [_leaf(i) for i in ids]
+    levels = [level]
     while len(level) > 1:
         # Pairs left to right; an odd last node is promoted unchanged (RFC 6962 shape).
         nxt = [_node(level[k], level[k + 1]) for k in range(0, len(level) - 1, 2)]
         if len(level) % 2:
             nxt.append(level[-1])
+        levels.append(nxt)
         level = nxt
-    return level[0]
+    return levels
 
 
-def _paths(ids: Sequence[bytes]) -> list[list[bytes]]:
-    """Inclusion path (sibling hashes, leaf upwards) of every leaf, in one pass per level."""
-    paths: list[list[bytes]] = [[] for _ in ids]
-    level = [_leaf(i) for i in ids]
-    members = [[k] for k in range(len(ids))]  # which leaves sit under each node of the level
-    while len(level) > 1:
-        nxt, nxt_members = [], []
-        for k in range(0, len(level) - 1, 2):
-            for leaf in members[k]:
-                paths[leaf].append(level[k + 1])
-            for leaf in members[k + 1]:
-                paths[leaf].append(level[k])
-            nxt.append(_node(level[k], level[k + 1]))
-            nxt_members.append(members[k] + members[k + 1])
-        if len(level) % 2:
-            nxt.append(level[-1])
-            nxt_members.append(members[-1])
-        level, members = nxt, nxt_members
+def merkle_root(ids: Sequence[bytes]) -> bytes:
+    """Root of the RFC 6962 tree over `ids` (at least one)."""
+    return _levels(ids)[-1][0]
+
+
+def _paths(levels: Sequence[Sequence[bytes]]) -> list[tuple[bytes, ...]]:
+    """Inclusion path (sibling hashes, leaf upwards) of every leaf of a built tree; a node
+    promoted without a sibling adds nothing (as `root_from_path` walks it)."""
+    below_root = levels[:-1]
+    paths = []
+    for index in range(len(levels[0])):
+        path = []
+        position = index
+        for level in below_root:
+            sibling = position ^ 1
+            if sibling < len(level):
+                path.append(level[sibling])
+            position >>= 1
+        paths.append(tuple(path))
     return paths
 
 
@@ -522,11 +525,10 @@ def verify_batch(cache: RootCache, batch: Sequence[Envelope], public_key: bytes)
     tampered path is still found without walking it. `TrustError` if the signature
     does not verify for the rebuilt root (the whole batch is then refused).
     """
-    ids = [envelope.id for envelope in batch]
-    root = merkle_root(ids)
-    cache.verify_root(root, batch[0].signature, public_key)
-    paths = _paths(ids)
-    return [e.id for e, path in zip(batch, paths, strict=True) if e.path != tuple(path)]
+    levels = _levels([envelope.id for envelope in batch])
+    cache.verify_root(levels[-1][0], batch[0].signature, public_key)
+    paths = _paths(levels)
+    return [e.id for e, path in zip(batch, paths, strict=True) if e.path != path]
 
 
 def seal_batch(contents: Sequence[Content], key: SigningKey) -> list[Envelope]:
@@ -535,8 +537,9 @@ def seal_batch(contents: Sequence[Content], key: SigningKey) -> list[Envelope]:
         return []
     encoded = [content.to_bytes() for content in contents]
     ids = [hashlib.sha256(data).digest() for data in encoded]
-    signature = key.sign(SIGNING_CONTEXT + merkle_root(ids))
-    paths = _paths(ids)
+    levels = _levels(ids)
+    signature = key.sign(SIGNING_CONTEXT + levels[-1][0])
+    paths = _paths(levels)
     size = len(contents)
     envelopes = [
         Envelope(
@@ -545,7 +548,7 @@ def seal_batch(contents: Sequence[Content], key: SigningKey) -> list[Envelope]:
             signature=signature,
             index=index,
             size=size,
-            path=tuple(paths[index]),
+            path=paths[index],
             id=ids[index],
         )
         for index, (data, content) in enumerate(zip(encoded, contents, strict=True))
