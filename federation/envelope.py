@@ -376,13 +376,15 @@ class Envelope:
         """The wire encoding (computed once; the received bytes when decoded from the wire)."""
         if self.wire:
             return self.wire
-        data = codec.encode(
+        # Keys in canonical order and only bytes and ints inside: the framing encoder
+        # writes exactly what the canonical one would, without walking every path hash.
+        data = codec.encode_frame(
             {
                 "c": self.content_bytes,
-                "sig": self.signature,
                 "i": self.index,
                 "n": self.size,
                 "p": list(self.path),
+                "sig": self.signature,
             }
         )
         if len(data) > MAX_ENVELOPE_BYTES:

@@ -713,3 +713,18 @@ def test_peek_place_never_raises_on_a_mutated_envelope(
         data[position] = value
     place = peek_place(bytes(data[:cut]))
     assert place is None or (type(place[0]) is str and type(place[2]) is int)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 200, 300])
+def test_the_wire_framing_is_the_canonical_encoding_of_its_fields(n: int) -> None:
+    contents = [content(seq) for seq in range(1, n + 1)]
+    for env in seal_batch(contents, KEY)[-2:]:
+        fields = {
+            "c": env.content_bytes,
+            "sig": env.signature,
+            "i": env.index,
+            "n": env.size,
+            "p": list(env.path),
+        }
+        assert env.to_bytes() == codec.encode(fields)
+        assert Envelope.from_bytes(env.to_bytes()) == env
