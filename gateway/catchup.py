@@ -105,6 +105,7 @@ class CatchUp:
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._waiting: dict[str, set[tuple[str, str, int]]] = {}
         """Per peer: the envelopes that waited when its grace period began."""
+        self._later: dict[str, asyncio.TimerHandle] = {}
         self.pulled = 0
         self.passes = 0
         self.progress: dict[str, CatchUpProgress] = {}
@@ -114,9 +115,10 @@ class CatchUp:
         self._task = asyncio.create_task(self._run(), name="catch-up")
 
     async def stop(self) -> None:
-        for handle in self._grace.values():
+        for handle in [*self._grace.values(), *self._later.values()]:
             handle.cancel()
         self._grace.clear()
+        self._later.clear()
         self._waiting.clear()
         await cancel_all([self._task])
         self._task = None
@@ -143,6 +145,18 @@ class CatchUp:
         self._waiting[peer] = self._rooms.pending_keys()
         loop = asyncio.get_running_loop()
         self._grace[peer] = loop.call_later(grace, self._grace_over, peer)
+
+    def request_later(self, peer: str, delay: float = PENDING_GRACE) -> None:
+        """Catch up with `peer` after `delay` seconds (once, however often asked meanwhile):
+        it sent envelopes of a room this node learns of from a batch still on the way."""
+        if peer in self._later:
+            return
+        loop = asyncio.get_running_loop()
+        self._later[peer] = loop.call_later(delay, self._later_due, peer)
+
+    def _later_due(self, peer: str) -> None:
+        self._later.pop(peer, None)
+        self.request(peer)
 
     def _grace_over(self, peer: str) -> None:
         self._grace.pop(peer, None)

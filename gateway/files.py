@@ -55,11 +55,9 @@ from .blobs import BlobWriter, MiB, fsync_directory, read_range
 from .transport import MSGPACK, error_body
 
 if TYPE_CHECKING:
-    import aiosqlite
-
     from .filefetch import Fetcher
     from .rooms import RoomService
-    from .store import Store
+    from .store import Statements, Store
 
 __all__ = [
     "FileSettings",
@@ -275,8 +273,8 @@ class FileStore:
 
     # the index -----------------------------------------------------------------------
 
-    async def index(self, db: aiosqlite.Connection, envelopes: Sequence[Envelope]) -> None:
-        """In the transaction accepting `envelopes`: the files their messages reference."""
+    def index(self, envelopes: Sequence[Envelope]) -> Statements:
+        """For the transaction accepting `envelopes`: the files their messages reference."""
         files: list[tuple[Any, ...]] = []
         refs: list[tuple[Any, ...]] = []
         now = self._now_ms()
@@ -301,22 +299,22 @@ class FileStore:
                         hlc_to_ms(content.hlc),
                     )
                 )
-        if not refs:
-            return
         # A file known as pending becomes local when staff here upload the same bytes.
-        await db.executemany(
-            "INSERT INTO file (sha256, size, mime, state, stored_at) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (sha256) DO UPDATE SET state = excluded.state, mime = excluded.mime, "
-            "stored_at = excluded.stored_at "
-            "WHERE file.state = 'remote-pending' AND excluded.state = 'local'",
-            files,
-        )
-        await db.executemany(
-            "INSERT INTO file_ref (envelope_id, position, sha256, room_id, name, mime, "
-            "uploader, origin, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            refs,
-        )
+        return [
+            (
+                "INSERT INTO file (sha256, size, mime, state, stored_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO UPDATE SET state = excluded.state, "
+                "mime = excluded.mime, stored_at = excluded.stored_at "
+                "WHERE file.state = 'remote-pending' AND excluded.state = 'local'",
+                files,
+            ),
+            (
+                "INSERT INTO file_ref (envelope_id, position, sha256, room_id, name, mime, "
+                "uploader, origin, uploaded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                refs,
+            ),
+        ]
 
     async def file(self, sha256: bytes) -> StoredFile | None:
         row = await self._store.read_one(

@@ -26,9 +26,7 @@ from federation.envelope import Envelope
 from federation.rooms import sender_name
 
 if TYPE_CHECKING:
-    import aiosqlite
-
-    from .store import Store
+    from .store import Statements, Store
 
 __all__ = ["RemoteNames", "latest_names"]
 
@@ -62,17 +60,18 @@ class RemoteNames:
         rows = await self._store.read_all("SELECT user_id, hlc, display_name FROM remote_user")
         self._names = {str(user): (int(hlc), str(name)) for user, hlc, name in rows}
 
-    async def write(self, db: aiosqlite.Connection, envelopes: Iterable[Envelope]) -> None:
-        """In the transaction accepting `envelopes`: keep the names they carry, where newer."""
+    def write(self, envelopes: Iterable[Envelope]) -> Statements:
+        """For the transaction accepting `envelopes`: keep the names they carry, where
+        newer."""
         latest = latest_names(envelopes, self._node_id)
-        if not latest:
-            return
-        await db.executemany(
-            "INSERT INTO remote_user (user_id, hlc, display_name) VALUES (?, ?, ?) "
-            "ON CONFLICT (user_id) DO UPDATE SET hlc = excluded.hlc, "
-            "display_name = excluded.display_name WHERE excluded.hlc > remote_user.hlc",
-            [(user, hlc, name) for user, (hlc, name) in latest.items()],
-        )
+        return [
+            (
+                "INSERT INTO remote_user (user_id, hlc, display_name) VALUES (?, ?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET hlc = excluded.hlc, "
+                "display_name = excluded.display_name WHERE excluded.hlc > remote_user.hlc",
+                [(user, hlc, name) for user, (hlc, name) in latest.items()],
+            )
+        ]
 
     def on_accepted(self, envelopes: list[Envelope]) -> None:
         """After the commit: the same names, in memory."""

@@ -832,6 +832,10 @@ class Node:
         if self.rooms.pending_count():
             # Fetch the dependencies we still lack, unless the next batch brings them.
             self.catchup.request_if_still_waiting(peer.node_id)
+        if any(refusal.code == "unknown_room" for refusal in refused):
+            # Most likely the state adding us to the room is in a batch still on its way:
+            # once it is in, catch-up brings what was refused.
+            self.catchup.request_later(peer.node_id)
         answer = {
             "accepted": accepted,
             "duplicates": duplicates,

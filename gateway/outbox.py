@@ -378,4 +378,4 @@ class Outbox:
     async def stop(self) -> None:
         self._stopped = True
         await cancel_all(sender.task for sender in self._senders.values())
-        await self.store.flush_acks()
+        await self.store.stop_acks()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +54,7 @@ from .roomstore import EnvelopeRow, Queued, RoomStore, Status
 from .tasks import cancel_all
 
 if TYPE_CHECKING:
-    import aiosqlite
-
-    from .store import Store
+    from .store import Statements, Store
 
 __all__ = ["BATCH_LIMITS", "CommitWriter", "EnvelopeCounts", "Refusal", "RoomService", "Served"]
 
@@ -70,8 +68,9 @@ BATCH_LIMITS = codec.Limits(
 )
 
 
-CommitWriter = Callable[["aiosqlite.Connection", Sequence[Envelope]], Awaitable[None]]
-"""Writes rows derived from a step's accepted envelopes, in the step's transaction."""
+CommitWriter = Callable[[Sequence[Envelope]], "Statements"]
+"""The statements writing rows derived from a step's accepted envelopes, run in the
+step's transaction."""
 
 _LocalRequest = tuple[str, list[tuple[Kind, dict[str, Any], str]], "asyncio.Future[list[bytes]]"]
 """A waiting local send: room, (kind, body, sender) items, and the caller's future."""
@@ -182,6 +181,7 @@ class RoomService:
 
     async def load(self) -> None:
         """Rebuild vectors, room histories, pending envelopes and the clock from storage."""
+        await self._rooms.load_positions()
         self._buffer = CausalBuffer(await self._rooms.vectors())
         self._histories = {}
         self._homes = dict(await self._rooms.rooms())
@@ -593,15 +593,14 @@ class RoomService:
                 continue
             try:
                 key = self._signer(envelope, roster)
-                if not relaying and not self._admissible_room(envelope.content):
-                    raise ProtocolError(
-                        f"unknown room {envelope.content.room}", code="unknown_room", status=404
-                    )
             except KakehashiError as exc:
                 refused.append(Refusal(envelope.id, exc.code, str(exc)))
                 continue
             candidates.append((envelope, key))
         verified = self._verify_signatures(candidates, refused)
+        accepted = [envelope for envelope, _ in candidates if envelope.id in verified]
+        if not relaying:
+            accepted = self._in_known_rooms(accepted, refused)
         for refusal in refused:
             log.warning(
                 "relay_refused" if relaying else "envelope_refused",
@@ -610,7 +609,31 @@ class RoomService:
                 reason=refusal.code,
                 message=refusal.message,
             )
-        return [envelope for envelope, _ in candidates if envelope.id in verified], refused
+        return accepted, refused
+
+    def _in_known_rooms(self, envelopes: list[Envelope], refused: list[Refusal]) -> list[Envelope]:
+        """The envelopes of rooms this node is in or is being added to; others refused.
+
+        A verified state envelope by which a room's home adds this node makes the room's
+        other envelopes welcome at once: in the same batch, and in a batch checked before
+        that state is processed (a sender has two batches on the way, and the second can
+        be checked first)."""
+        for envelope in envelopes:
+            content = envelope.content
+            if (
+                content.kind is Kind.STATE
+                and content.origin == room_home(content.room)
+                and self.node_id in content.body.get("add_nodes", [])
+            ):
+                self._expected.add(content.room)
+        kept = []
+        for envelope in envelopes:
+            if self._admissible_room(envelope.content):
+                kept.append(envelope)
+            else:
+                room = envelope.content.room
+                refused.append(Refusal(envelope.id, "unknown_room", f"unknown room {room}"))
+        return kept
 
     async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
         """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit.
@@ -758,22 +781,19 @@ class RoomService:
     async def _commit(self, step: _Step) -> None:
         if not step.rows and not step.new_rooms and not step.outbox:
             return
+        statements, queued = self._rooms.plan_write(
+            step.rows.values(), step.outbox, step.new_rooms.items(), self._now_ms(), step.relayed
+        )
+        if step.accepted:
+            for writer in self._writers:
+                statements += writer(step.accepted)
         try:
-            async with self._store.transaction() as db:
-                step.queued = await self._rooms.write(
-                    db,
-                    step.rows.values(),
-                    step.outbox,
-                    step.new_rooms.items(),
-                    self._now_ms(),
-                    step.relayed,
-                )
-                if step.accepted:
-                    for writer in self._writers:
-                        await writer(db, step.accepted)
+            await self._store.write_all(statements)
         except KakehashiError:
             await self.load()  # memory must not run ahead of disk
             raise
+        step.queued = queued
+        self._rooms.step_committed()
         self._homes.update(step.new_rooms)
 
     async def _after(self, step: _Step) -> None:

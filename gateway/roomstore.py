@@ -35,11 +35,14 @@ from federation.envelope import Envelope
 from federation.errors import KakehashiError
 
 from .store import Store
+from .tasks import cancel_all
 
 __all__ = ["EnvelopeRow", "OutboxBatch", "Page", "Queued", "RoomStore", "Status"]
 
 log = structlog.get_logger("kakehashi.store")
 
+ACK_DELAY = 0.2
+"""Seconds acknowledged outbox rows wait for a commit to take their delete along."""
 OUTBOX_CHUNK = 256
 """Outbox rows read per round trip to the database thread."""
 
@@ -99,6 +102,8 @@ class RoomStore:
         self._acks: list[tuple[str, int, int]] = []
         """Acknowledged outbox ranges (peer, first, last) not deleted yet."""
         self._ack_task: asyncio.Task[None] | None = None
+        self._acks_in_step = 0
+        """How many of `_acks` the transaction of the last `plan_write` deletes."""
         self._last_pos: int | None = None
         """The highest outbox position used (read at the first write)."""
 
@@ -156,29 +161,38 @@ class RoomStore:
 
     # writing -----------------------------------------------------------------
 
-    async def write(
+    async def load_positions(self) -> None:
+        """Read the highest outbox position used (at start, before any `plan_write`)."""
+        async with self._db.execute(
+            "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM outbox "
+            "UNION ALL SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
+        ) as cursor:
+            row = await cursor.fetchone()
+        highest = int(row[0]) if row and row[0] is not None else 0
+        self._last_pos = max(self._last_pos or 0, highest)
+
+    def plan_write(
         self,
-        db: aiosqlite.Connection,
         rows: Iterable[EnvelopeRow],
         outbox: Iterable[tuple[str, Envelope]],
         new_rooms: Iterable[tuple[str, str]],
         now_ms: int,
         relayed: Iterable[tuple[Envelope, str]] = (),
-    ) -> Queued:
-        """Inside a caller's transaction: envelope rows (insert or status update), copies
-        kept only to forward (`relayed`: envelope and destination), outbox rows (peer and
-        envelope), rooms. Returns the outbox rows written, for the senders.
+    ) -> tuple[list[tuple[str, Sequence[Sequence[object]]]], Queued]:
+        """The statements of one processing step, for one transaction (`Store.write_all`):
+        envelope rows (insert or status update), copies kept only to forward (`relayed`:
+        envelope and destination), outbox rows (peer and envelope), rooms, and the deletes
+        of acknowledged outbox rows; with the outbox rows, for the senders once committed.
 
         Outbox positions are given here, in order, above any used before (the table's
-        AUTOINCREMENT sequence included), so they grow in commit order. A statement with
-        nothing to write is not issued: each one is a round trip to the database thread,
-        and the commit of a step waits for all of them."""
+        AUTOINCREMENT sequence included), so they grow in commit order (gaps are left by
+        steps that fail, which is harmless)."""
+        if self._last_pos is None:
+            raise RuntimeError("load_positions() must run before the first write")
         relayed = list(relayed)
         queued: Queued = {}
         outbox_rows: list[tuple[int, str, bytes, int]] = []
         for peer, envelope in outbox:
-            if self._last_pos is None:
-                self._last_pos = await self._highest_pos(db)
             self._last_pos += 1
             outbox_rows.append((self._last_pos, peer, envelope.id, now_ms))
             queued.setdefault(peer, []).append((self._last_pos, envelope.to_bytes()))
@@ -235,20 +249,12 @@ class RoomStore:
                 "INSERT INTO outbox (pos, peer, envelope_id, enqueued_ms) VALUES (?, ?, ?, ?)",
                 outbox_rows,
             ),
+            # Acknowledged rows go with this transaction (see `outbox_ack`), dropped from
+            # memory once it committed (`step_committed`).
+            ("DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", list(self._acks)),
         ]
-        for sql, values in statements:
-            if values:
-                await db.executemany(sql, values)
-        return queued
-
-    @staticmethod
-    async def _highest_pos(db: aiosqlite.Connection) -> int:
-        async with db.execute(
-            "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM outbox "
-            "UNION ALL SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        self._acks_in_step = len(self._acks)
+        return statements, queued
 
     # outbox --------------------------------------------------------------------
 
@@ -287,31 +293,54 @@ class RoomStore:
     def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
         """The peer committed the batch of rows first_pos..last_pos: forget them, soon.
 
-        The sender does not wait for the delete: deletes are gathered and written by one
-        background task, many batches per transaction, without an fsync. Losing them on a
-        crash or power cut only re-sends batches the peer drops as duplicates, and the
-        sender never reads rows it saw acknowledged again (see `Outbox`)."""
+        The sender does not wait for the delete. The next commit of a processing step
+        takes every pending delete along (`plan_write`); if none comes within ACK_DELAY, one
+        background transaction writes them, without an fsync. Losing them on a crash or
+        power cut only re-sends batches the peer drops as duplicates, and the sender never
+        reads rows it saw acknowledged again (see `Outbox`)."""
         self._acks.append((peer, first_pos, last_pos))
         if self._ack_task is None or self._ack_task.done():
-            self._ack_task = asyncio.create_task(self._write_acks(), name="outbox-acks")
+            self._ack_task = asyncio.create_task(self._write_acks_later(), name="outbox-acks")
 
-    async def _write_acks(self) -> None:
+    async def _write_acks_later(self) -> None:
+        delay = ACK_DELAY
         while self._acks:
-            acks, self._acks = self._acks, []
-            try:
-                async with self._store.transaction(durable=False) as db:
-                    await db.executemany(
-                        "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", acks
-                    )
-            except KakehashiError as exc:
-                # The rows stay queued; after a restart they go again and are dropped
-                # there as duplicates.
-                log.warning("outbox_ack_not_written", rows=len(acks), code=exc.code)
+            await asyncio.sleep(delay)
+            written = await self._write_acks()
+            delay = ACK_DELAY if written else min(2 * delay, 5.0)
+
+    async def _write_acks(self) -> bool:
+        """Delete the acknowledged rows now; False if the database refused (kept pending)."""
+        if not self._acks:
+            return True
+        try:
+            async with self._store.transaction(durable=False) as db:
+                # Under the write lock: no step takes acks along meanwhile.
+                count = len(self._acks)
+                await db.executemany(
+                    "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?",
+                    self._acks[:count],
+                )
+        except KakehashiError as exc:
+            log.warning("outbox_ack_not_written", rows=len(self._acks), code=exc.code)
+            return False
+        del self._acks[:count]
+        return True
+
+    def step_committed(self) -> None:
+        """The transaction of the last `plan_write` committed: its deletes are done."""
+        del self._acks[: self._acks_in_step]
+        self._acks_in_step = 0
 
     async def flush_acks(self) -> None:
-        """Wait until every acknowledgement so far is written (before counting rows)."""
-        while self._ack_task is not None and not self._ack_task.done():
-            await asyncio.shield(self._ack_task)
+        """Write every acknowledgement so far (before counting rows)."""
+        await self._write_acks()
+
+    async def stop_acks(self) -> None:
+        """At stop: write what is pending, and end the task waiting to."""
+        await cancel_all([self._ack_task])
+        self._ack_task = None
+        await self._write_acks()
 
     async def outbox_peers(self) -> list[str]:
         await self.flush_acks()

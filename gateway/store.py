@@ -14,18 +14,25 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
 from federation.errors import StorageError
 from federation.invites import Approval, JoinState
 
-__all__ = ["InvitationRow", "PeerHealth", "Store"]
+__all__ = ["InvitationRow", "PeerHealth", "Statements", "Store"]
+
+ONE_TRIP = hasattr(aiosqlite.Connection, "_execute")
+"""Whether aiosqlite can run a function on its thread (the method its own calls use, not
+public API): then `Store.write_all` is one round trip, else one per statement."""
+
+Statements = Sequence[tuple[str, Sequence[Sequence[Any]]]]
+"""Prepared writes: SQL with the rows of parameters to run it with (`Store.write_all`)."""
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -257,6 +264,25 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+def _write_in_thread(connection: sqlite3.Connection, statements: Statements, durable: bool) -> None:
+    """`Store.write_all`'s transaction, run on the connection's own thread."""
+    if not durable:
+        connection.execute("PRAGMA synchronous=NORMAL")
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in statements:
+                connection.executemany(sql, rows)
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+    finally:
+        if not durable:
+            connection.execute("PRAGMA synchronous=FULL")
+
+
 def _translate(exc: BaseException) -> StorageError:
     text = str(exc)
     if ("disk" in text and "full" in text) or "SQLITE_FULL" in text:
@@ -363,6 +389,26 @@ class Store:
         current = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    async def write_all(self, statements: Statements, *, durable: bool = True) -> None:
+        """One transaction of prepared statements (SQL and its rows; empty ones skipped),
+        committed or rolled back as `transaction` does, in one round trip to the database
+        thread instead of one per statement: under load each round trip waits behind the
+        event loop's other work, and a commit paid for every one of them."""
+        todo = [(sql, rows) for sql, rows in statements if rows]
+        if not todo:
+            return
+        if not ONE_TRIP:
+            async with self.transaction(durable=durable) as db:
+                for sql, rows in todo:
+                    await db.executemany(sql, rows)
+            return
+        async with self._write_lock:
+            try:
+                run = cast(Callable[..., Awaitable[None]], self.db._execute)
+                await run(_write_in_thread, self.db._conn, todo, durable)
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
 
     @asynccontextmanager
     async def transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:

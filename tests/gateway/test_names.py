@@ -113,8 +113,7 @@ async def test_names_are_kept_in_the_accepting_transaction_and_read_back_at_star
             [envelope("ise", "yamada@nabari", 400, name="偽名")],
         ]
         for step in steps:
-            async with store.transaction() as db:
-                await names.write(db, step)
+            await store.write_all(names.write(step))
             names.on_accepted(step)
         assert names.get("suzuki@ise") == "鈴木次郎"
         assert names.get("ito@ise") == "伊藤三郎"
@@ -122,8 +121,7 @@ async def test_names_are_kept_in_the_accepting_transaction_and_read_back_at_star
         assert names.get("tanaka@tsu") is None
         # A rename at ise arrives with a newer envelope.
         renamed = [envelope("ise", "suzuki@ise", 500, name="鈴木二郎")]
-        async with store.transaction() as db:
-            await names.write(db, renamed)
+        await store.write_all(names.write(renamed))
         names.on_accepted(renamed)
         assert names.get("suzuki@ise") == "鈴木二郎"
 
@@ -141,7 +139,8 @@ async def test_names_of_a_rolled_back_step_are_not_kept(tmp_path: Path) -> None:
         step = [envelope("ise", "suzuki@ise", 100)]
         try:
             async with store.transaction() as db:
-                await names.write(db, step)
+                for sql, rows in names.write(step):
+                    await db.executemany(sql, rows)
                 raise RuntimeError("the step's other writes failed")
         except RuntimeError:
             pass

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import pytest
+
 from federation.envelope import Content, Envelope, Kind, seal_batch
+from federation.errors import StorageError
 from federation.signing import SigningKey
-from gateway.roomstore import EnvelopeRow, RoomStore, Status
+from gateway.roomstore import ACK_DELAY, EnvelopeRow, RoomStore, Status
 from gateway.store import Store
 
 ROOM = "!outboxroom:tsu"
@@ -31,15 +35,21 @@ def _envelopes(count: int) -> list[Envelope]:
     return seal_batch(contents, key)
 
 
+async def _opened(store: Store) -> RoomStore:
+    rooms = RoomStore(store)
+    await rooms.load_positions()
+    return rooms
+
+
 async def _queue(rooms: RoomStore, store: Store, envelopes: list[Envelope], peer: str) -> list[int]:
-    async with store.transaction() as db:
-        queued = await rooms.write(
-            db,
-            [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes],
-            [(peer, e) for e in envelopes],
-            [(ROOM, "tsu")],
-            1_000,
-        )
+    statements, queued = rooms.plan_write(
+        [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes],
+        [(peer, e) for e in envelopes],
+        [(ROOM, "tsu")],
+        1_000,
+    )
+    await store.write_all(statements)
+    rooms.step_committed()
     assert [wire for _, wire in queued[peer]] == [e.to_bytes() for e in envelopes]
     return [pos for pos, _ in queued[peer]]
 
@@ -49,7 +59,7 @@ async def test_positions_grow_in_commit_order_and_are_never_reused_after_a_reope
 ) -> None:
     envelopes = _envelopes(6)
     async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
+        rooms = await _opened(store)
         first = await _queue(rooms, store, envelopes[:3], "ise")
         assert first == sorted(first) and len(set(first)) == 3
         batch = await rooms.outbox_batch("ise", 100, 1 << 20)
@@ -57,10 +67,11 @@ async def test_positions_grow_in_commit_order_and_are_never_reused_after_a_reope
         assert (batch.first_pos, batch.last_pos) == (first[0], first[-1])
         rooms.outbox_ack("ise", batch.first_pos, batch.last_pos)
         assert await rooms.outbox_depths() == {}  # the delete is written before counting
+        await rooms.stop_acks()
     async with Store(tmp_path / "node.db") as store:
         # The outbox is empty; positions still go on above every one used before, so a
         # sender that saw a position acknowledged never skips a new row.
-        rooms = RoomStore(store)
+        rooms = await _opened(store)
         second = await _queue(rooms, store, envelopes[3:], "ise")
         assert min(second) > max(first)
         assert second == sorted(second)
@@ -72,7 +83,7 @@ async def test_positions_grow_in_commit_order_and_are_never_reused_after_a_reope
 async def test_a_batch_cut_by_count_or_bytes_is_not_complete(tmp_path: Path) -> None:
     envelopes = _envelopes(5)
     async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
+        rooms = await _opened(store)
         positions = await _queue(rooms, store, envelopes, "ise")
         by_count = await rooms.outbox_batch("ise", 2, 1 << 20)
         assert by_count is not None and not by_count.complete
@@ -91,7 +102,7 @@ async def test_acknowledged_ranges_of_several_batches_are_deleted_together(
 ) -> None:
     envelopes = _envelopes(6)
     async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
+        rooms = await _opened(store)
         to_ise = await _queue(rooms, store, envelopes[:4], "ise")
         to_kameyama = await _queue(rooms, store, envelopes[4:], "kameyama")
         rooms.outbox_ack("ise", to_ise[0], to_ise[1])
@@ -103,3 +114,51 @@ async def test_acknowledged_ranges_of_several_batches_are_deleted_together(
         rooms.outbox_ack("kameyama", to_kameyama[0], to_kameyama[-1])
         await rooms.flush_acks()
         assert await rooms.outbox_peers() == ["ise"]
+        await rooms.stop_acks()
+
+
+async def _rows(store: Store) -> list[int]:
+    async with store.db.execute("SELECT pos FROM outbox ORDER BY pos") as cursor:
+        return [row[0] for row in await cursor.fetchall()]
+
+
+async def test_the_next_commit_takes_acknowledged_deletes_along(tmp_path: Path) -> None:
+    envelopes = _envelopes(4)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        first = await _queue(rooms, store, envelopes[:2], "ise")
+        rooms.outbox_ack("ise", first[0], first[-1])
+        assert await _rows(store) == first  # not deleted yet: waiting for a commit
+        second = await _queue(rooms, store, envelopes[2:], "ise")
+        assert await _rows(store) == second  # deleted in that commit
+        await rooms.stop_acks()
+
+
+async def test_acknowledged_deletes_are_written_alone_when_no_commit_comes(
+    tmp_path: Path,
+) -> None:
+    envelopes = _envelopes(2)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        positions = await _queue(rooms, store, envelopes, "ise")
+        rooms.outbox_ack("ise", positions[0], positions[0])
+        await asyncio.sleep(ACK_DELAY * 3)
+        assert await _rows(store) == positions[1:]
+        rooms.outbox_ack("ise", positions[1], positions[1])
+        await rooms.stop_acks()  # at stop, what is pending is written at once
+        assert await _rows(store) == []
+
+
+async def test_a_failed_commit_keeps_its_acknowledged_deletes_pending(tmp_path: Path) -> None:
+    envelopes = _envelopes(3)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        positions = await _queue(rooms, store, envelopes[:2], "ise")
+        rooms.outbox_ack("ise", positions[0], positions[1])
+        statements, _ = rooms.plan_write([], [("ise", envelopes[2])], [], 1_000)
+        failing = [*statements, ("INSERT INTO no_such_table VALUES (?)", [(1,)])]
+        with pytest.raises(StorageError):
+            await store.write_all(failing)
+        assert await _rows(store) == positions  # rolled back, deletes included
+        assert await rooms.outbox_depths() == {}  # still pending, and written now
+        await rooms.stop_acks()

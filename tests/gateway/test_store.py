@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import gateway.store as store_module
 from federation.errors import StorageError
 from federation.invites import Approval, JoinState
 from gateway.store import MIGRATIONS, PeerHealth, Store
@@ -285,3 +286,26 @@ async def test_a_database_of_an_earlier_version_gains_the_staff_tables_and_keeps
         assert version == len(MIGRATIONS)
         assert {"user_account", "session", "refresh_token", "login_failure"} <= set(tables)
         assert await store.get_meta("federation_id") == b"mie-1234abcd"
+
+
+# --------------------------------------------------------------------------- write_all
+
+
+@pytest.mark.parametrize("one_trip", [True, False])
+async def test_write_all_commits_every_statement_or_none(
+    store: Store, one_trip: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "ONE_TRIP", one_trip)
+    insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
+    await store.write_all([(insert, [("a", b"1"), ("b", b"2")]), (insert, []), (insert, [])])
+    with pytest.raises(StorageError):
+        # The second statement breaks the primary key: the first is rolled back with it.
+        await store.write_all([(insert, [("c", b"3")]), (insert, [("a", b"again")])])
+    async with store.db.execute("SELECT key, value FROM meta WHERE key IN ('a', 'b', 'c')") as c:
+        assert sorted(await c.fetchall()) == [("a", b"1"), ("b", b"2")]
+    await store.write_all([(insert, [("d", b"4")])], durable=False)
+    async with store.db.execute("PRAGMA synchronous") as cursor:
+        row = await cursor.fetchone()
+    assert row is not None and row[0] == 2  # FULL again after a write without fsync
+    async with store.transaction() as db:  # the connection is usable, in no transaction
+        await db.execute(insert, ("e", b"5"))

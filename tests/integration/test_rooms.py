@@ -15,6 +15,7 @@ import sys
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -277,6 +278,53 @@ async def test_batches_that_repeat_what_is_held_are_dropped_before_the_full_deco
     await eventually(holds(tsu, room, 22))
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
     assert fresh[0] in await timeline_ids(tsu, room)
+
+
+async def _joining_wires(cluster: Cluster) -> tuple[Node, Node, str, bytes, bytes]:
+    """mie adds a stopped tsu to a new room and says hello; nothing is pushed. Returns the
+    running tsu, mie, the room, and the wires of the state adding tsu and of the hello."""
+    mie, tsu, _ = await three_nodes(cluster)
+    await cluster.stop("tsu")
+    room = await mie.rooms.create("合流", nodes=["tsu"])
+    await mie.rooms.send(room, ["ようこそ"])
+    async with mie.store.db.execute("DELETE FROM outbox") as _:
+        pass
+    await mie.store.db.commit()
+    wires = [wire for _, wire in await mie.rooms.store.history(room, 10)]
+    state, hello = sorted(wires, key=lambda wire: Envelope.from_bytes(wire).content.seq)
+    assert Envelope.from_bytes(state).content.kind is Kind.STATE
+    tsu = await cluster.start("tsu")
+    return mie, tsu, room, state, hello
+
+
+async def _push(sender: Node, to: str, wires: list[bytes]) -> dict[str, Any]:
+    entry = sender.roster.member(to)
+    assert entry is not None
+    response = await sender.client.request(
+        entry, "POST", "/envelopes", codec.encode_frame({"envelopes": wires})
+    )
+    return codec.decode_map(response.body, canonical=False)
+
+
+async def test_a_batch_that_adds_this_node_to_a_room_brings_the_rooms_messages_too(
+    cluster: Cluster,
+) -> None:
+    mie, tsu, room, state, hello = await _joining_wires(cluster)
+    answer = await _push(mie, "tsu", [state, hello])
+    assert (answer["accepted"], answer["refused"]) == (2, [])
+    assert tsu.rooms.vector(room) == {"mie-pref": 2}
+
+
+async def test_messages_checked_before_the_state_adding_this_node_come_by_catch_up(
+    cluster: Cluster,
+) -> None:
+    mie, tsu, room, state, hello = await _joining_wires(cluster)
+    # The second batch on the way is checked first: the room is unknown yet.
+    early = await _push(mie, "tsu", [hello])
+    assert [code for _, code in early["refused"]] == ["unknown_room"]
+    assert (await _push(mie, "tsu", [state]))["accepted"] == 1
+    took = await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 2}, timeout=10)
+    assert took < 5  # a catch-up pass follows the refusal, not the next routine one
 
 
 async def test_two_thousand_messages_in_one_send_arrive_complete_and_outboxes_drain(
