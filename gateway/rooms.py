@@ -848,7 +848,8 @@ class RoomService:
         for room, vector in vectors.items():
             state = self.state(room)
             if state is not None and peer in state.nodes:
-                total += await self._rooms.count_after(room, vector)
+                held = self._buffer.vector(room)
+                total += sum(max(0, top - vector.get(origin, 0)) for origin, top in held.items())
         return total
 
     async def missing_for(
@@ -872,7 +873,9 @@ class RoomService:
             elif peer not in state.nodes:
                 continue  # never serve a room to a node that is not (or no longer) a member
             else:
-                page = await self._rooms.processed_after(room, vector, budget, room_bytes)
+                page = await self._rooms.processed_after(
+                    room, vector, budget, room_bytes, held=self._buffer.vector(room)
+                )
             served.wires.extend(page.wires)
             served.more = served.more or page.more
             if page.through:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -358,20 +358,22 @@ class RoomStore:
     # catch-up and views --------------------------------------------------------
 
     async def processed_after(
-        self, room: str, vector: dict[str, int], limit: int, max_bytes: int
+        self,
+        room: str,
+        vector: Mapping[str, int],
+        limit: int,
+        max_bytes: int,
+        *,
+        held: Mapping[str, int],
     ) -> Page:
-        """Processed envelopes of `room` beyond `vector`, in hlc order (a causal order).
+        """Processed envelopes of `room` beyond `vector`, in hlc order (a causal order);
+        `held` is this node's own vector of the room (what it has processed).
 
         One range scan per origin on the (room, origin, seq) index, merged by hlc: an
         origin's envelopes are in hlc order by seq, so the merge is the room's hlc
         order without sorting the room (which made each page cost the whole backlog).
+        Origins with nothing beyond `vector` are not read at all.
         """
-        async with self._db.execute(
-            "SELECT origin, MAX(seq) FROM envelope WHERE room_id = ? AND status != 0 "
-            "GROUP BY origin",
-            (room,),
-        ) as cursor:
-            held = {row[0]: row[1] for row in await cursor.fetchall()}
         streams = []
         for origin, top in held.items():
             after = vector.get(origin, 0)
@@ -384,16 +386,6 @@ class RoomStore:
             ) as cursor:
                 streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
         return _merged_page(streams, limit, max_bytes)
-
-    async def count_after(self, room: str, vector: dict[str, int]) -> int:
-        """How many processed envelopes of `room` lie beyond `vector` (for progress)."""
-        async with self._db.execute(
-            "SELECT origin, MAX(seq) FROM envelope WHERE room_id = ? AND status != 0 "
-            "GROUP BY origin",
-            (room,),
-        ) as cursor:
-            held = await cursor.fetchall()
-        return sum(max(0, top - vector.get(origin, 0)) for origin, top in held)
 
     async def relayed_after(
         self, room: str, destination: str, vector: dict[str, int], limit: int, max_bytes: int
