@@ -159,6 +159,8 @@ class RoomService:
         self._answered: set[bytes] = set()
         self._repeating: set[str] = set()
         """Peers whose last batch held duplicates (see `receive`)."""
+        self._claims: set[tuple[str, str, int]] = set()
+        """(room, origin, seq) being decoded from a batch of a repeating peer."""
         self._expected: set[str] = set()
         # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
         self._local_open = asyncio.Event()
@@ -643,23 +645,28 @@ class RoomService:
         processed are set aside before the full decode, the costly part; they would be
         dropped as duplicates after it anyway."""
         held: list[tuple[bytes, tuple[str, str, int]]] = []
+        claimed: list[tuple[str, str, int]] = []
         if peer in self._repeating:
-            wires, held = self._set_aside_held(wires)
-        decoded, refused = self._verified(peer, wires)
-        step = _Step(refused=refused)
-        async with self._lock:
-            if held:
-                # Memory runs ahead of disk while a commit is under way (not now: the lock
-                # is ours); if that commit failed and memory was reloaded, what was set
-                # aside may not be held after all: it goes the full way.
-                again = [wire for wire, place in held if not self._buffer.seen(*place)]
-                if again:
-                    more, more_refused = self._verified(peer, again)
-                    decoded += more
-                    step.refused += more_refused
-                step.duplicates += len(held) - len(again)
-            self._take_in(decoded, step)
-            await self._commit(step)
+            wires, held, claimed = self._set_aside_held(wires)
+        try:
+            decoded, refused = self._verified(peer, wires)
+            step = _Step(refused=refused)
+            async with self._lock:
+                if held:
+                    # Set aside as processed (memory runs ahead of disk while a commit is
+                    # under way; not now, the lock is ours) or as on its way in another
+                    # batch. If that commit failed, or the other batch is not in yet, it
+                    # goes the full way here.
+                    again = [wire for wire, place in held if not self._buffer.seen(*place)]
+                    if again:
+                        more, more_refused = self._verified(peer, again)
+                        decoded += more
+                        step.refused += more_refused
+                    step.duplicates += len(held) - len(again)
+                self._take_in(decoded, step)
+                await self._commit(step)
+        finally:
+            self._claims.difference_update(claimed)
         if step.duplicates:
             self._repeating.add(peer)
         else:
@@ -670,17 +677,23 @@ class RoomService:
 
     def _set_aside_held(
         self, wires: Sequence[bytes]
-    ) -> tuple[list[bytes], list[tuple[bytes, tuple[str, str, int]]]]:
-        """Split `wires` into those to decode and those whose claimed place is processed."""
+    ) -> tuple[list[bytes], list[tuple[bytes, tuple[str, str, int]]], list[tuple[str, str, int]]]:
+        """Split `wires` into those to decode and those whose claimed place is processed or
+        being decoded from another batch (a push and a catch-up page carrying the same
+        envelopes at once); the places of the first are claimed until this batch is in."""
         rest: list[bytes] = []
         held: list[tuple[bytes, tuple[str, str, int]]] = []
+        claimed: list[tuple[str, str, int]] = []
         for wire in wires:
             place = peek_place(wire)
-            if place is not None and self._buffer.seen(*place):
+            if place is not None and (place in self._claims or self._buffer.seen(*place)):
                 held.append((wire, place))
             else:
                 rest.append(wire)
-        return rest, held
+                if place is not None:
+                    claimed.append(place)
+        self._claims.update(claimed)
+        return rest, held, claimed
 
     async def relay(
         self, peer: str, destination: str, wires: Sequence[bytes]
