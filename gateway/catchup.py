@@ -11,7 +11,9 @@ its members on ours (normally the relay at the prefecture).
 periodically, and at once for a peer when that peer comes back up or when a
 batch left envelopes waiting for dependencies. A pass asks the peer, room by
 room, for everything beyond our vectors, page by page, and feeds each page to
-the same processing as pushed batches.
+the same processing as pushed batches. Each answer says where its page ended in
+each room (`through`), so the next page is asked for while this one is verified
+and committed.
 
 `recover` is the pass a node restored from a backup runs first with each peer:
 it also asks which rooms the peer counts it a member of (`discover`), since the
