@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import structlog
@@ -49,6 +50,18 @@ log = structlog.get_logger("kakehashi.outbox")
 
 TAIL_BATCHES = 2
 """Rows a sender keeps in memory at most, in full batches: beyond that it reads the outbox."""
+
+
+class _Tail(Enum):
+    """What a sender's tail (rows handed over by commits, kept in memory) is good for."""
+
+    OFF = "off"
+    """Ignored: the next batch is read from the outbox."""
+    COLLECTING = "collecting"
+    """An outbox read began: every row committed since is kept."""
+    SERVING = "serving"
+    """The outbox held nothing beyond the last read: batches come from the tail, without
+    reading back what was just written. Overflow, a failure or a new loop turn it OFF."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,15 +118,11 @@ class _Sender:
         self.tail: deque[tuple[int, bytes]] = deque()
         """Rows queued since the last outbox read began (position, wire), when collecting."""
         self.tail_bytes = 0
-        self.collecting = False
-        """The tail holds every row committed for this peer since the last read began."""
-        self.tailing = False
-        """The outbox holds nothing beyond what was posted but the tail: batches are taken
-        from memory, without reading back what was just written."""
+        self.tail_state = _Tail.OFF
 
     def offer(self, rows: list[tuple[int, bytes]]) -> None:
         """Rows just committed for this peer (in position order)."""
-        if not self.collecting:
+        if self.tail_state is _Tail.OFF:
             return
         limits = self.outbox.settings
         for pos, wire in rows:
@@ -129,26 +138,27 @@ class _Sender:
             self.tail_bytes += len(wire)
 
     def _forget_tail(self) -> None:
-        self.collecting = self.tailing = False
+        self.tail_state = _Tail.OFF
         self.tail.clear()
         self.tail_bytes = 0
 
     async def _next_batch(self, after: int) -> OutboxBatch | None:
         """The next batch beyond position `after`: from memory while tailing, else read."""
         settings = self.outbox.settings
-        if self.tailing:
+        if self.tail_state is _Tail.SERVING:
             return self._from_tail(settings.max_batch_count, settings.max_batch_bytes)
         # Everything offered so far is committed, so the read below finds it; what is
         # committed from now on is offered to the tail.
         self._forget_tail()
-        self.collecting = True
+        self.tail_state = _Tail.COLLECTING
         batch = await self.outbox.store.outbox_batch(
             self.peer, settings.max_batch_count, settings.max_batch_bytes, after=after
         )
         read_to = batch.last_pos if batch is not None else after
         while self.tail and self.tail[0][0] <= read_to:
             self.tail_bytes -= len(self.tail.popleft()[1])
-        self.tailing = self.collecting and (batch is None or batch.complete)
+        if self.tail_state is _Tail.COLLECTING and (batch is None or batch.complete):
+            self.tail_state = _Tail.SERVING
         return batch
 
     def _from_tail(self, max_count: int, max_bytes: int) -> OutboxBatch | None:
