@@ -47,7 +47,7 @@ from federation.envelope import (
 from federation.errors import KakehashiError, ProtocolError, TrustError
 from federation.identity import check_node_id
 from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_request, judge
-from federation.roster import MemberStatus, Roster
+from federation.roster import MemberStatus, PublishedKey, Roster, RosterEntry
 from federation.signing import SigningKey
 
 from .roomstore import EnvelopeRow, Queued, RoomStore, Status
@@ -502,19 +502,29 @@ class RoomService:
 
     # from peers ---------------------------------------------------------------------
 
-    def _signer(self, envelope: Envelope, roster: Roster) -> bytes:
-        """The public key that must have signed `envelope`; `TrustError` if none may have."""
+    def _signer(
+        self,
+        envelope: Envelope,
+        roster: Roster,
+        known: dict[tuple[str, str], tuple[RosterEntry, PublishedKey]],
+    ) -> bytes:
+        """The public key that must have signed `envelope`; `TrustError` if none may have.
+        `known` remembers, for one batch, the member and key of each (origin, key id)."""
         content = envelope.content
-        member = roster.member(content.origin)
-        if member is None:
-            raise TrustError(
-                f"origin {content.origin!r} is not a federation member", code="unknown_origin"
-            )
-        key = member.signing_key(content.key_id)
-        if key is None:
-            raise TrustError(
-                f"origin {content.origin!r} has no key {content.key_id}", code="unknown_key"
-            )
+        found = known.get((content.origin, content.key_id))
+        if found is None:
+            member = roster.member(content.origin)
+            if member is None:
+                raise TrustError(
+                    f"origin {content.origin!r} is not a federation member", code="unknown_origin"
+                )
+            published = member.signing_key(content.key_id)
+            if published is None:
+                raise TrustError(
+                    f"origin {content.origin!r} has no key {content.key_id}", code="unknown_key"
+                )
+            found = known[(content.origin, content.key_id)] = (member, published)
+        member, key = found
         signed_at = hlc_to_ms(content.hlc) // 1000
         if not key.valid_at(signed_at):
             raise TrustError(
@@ -585,6 +595,7 @@ class RoomService:
         a relay forwards those too, for it only vouches for the origin's signature.
         """
         roster = self._roster()
+        signers: dict[tuple[str, str], tuple[RosterEntry, PublishedKey]] = {}
         candidates: list[tuple[Envelope, bytes]] = []
         refused: list[Refusal] = []
         for wire in wires:
@@ -594,7 +605,7 @@ class RoomService:
                 refused.append(Refusal(b"", exc.code, str(exc)))
                 continue
             try:
-                key = self._signer(envelope, roster)
+                key = self._signer(envelope, roster, signers)
             except KakehashiError as exc:
                 refused.append(Refusal(envelope.id, exc.code, str(exc)))
                 continue
