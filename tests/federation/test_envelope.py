@@ -635,6 +635,9 @@ def test_decoding_a_mutated_envelope_raises_only_protocol_error(
     data = bytearray(_SAMPLE)
     for position, value in edits:
         data[position] = value
+    # Peeking at its place never raises either: it reads a place or gives None.
+    place = peek_place(bytes(data[:cut]))
+    assert place is None or (type(place[0]) is str and type(place[2]) is int)
     try:
         env = Envelope.from_bytes(bytes(data[:cut]))
     except ProtocolError:
@@ -696,23 +699,6 @@ def test_peek_place_reads_room_origin_and_seq_without_decoding_the_rest() -> Non
 )
 def test_peek_place_gives_none_for_what_it_cannot_read(data: bytes) -> None:
     assert peek_place(data) is None
-
-
-@settings(max_examples=200, deadline=None, database=None)
-@given(
-    edits=st.lists(
-        st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)), min_size=1, max_size=4
-    ),
-    cut=st.integers(1, len(_SAMPLE)),
-)
-def test_peek_place_never_raises_on_a_mutated_envelope(
-    edits: list[tuple[int, int]], cut: int
-) -> None:
-    data = bytearray(_SAMPLE)
-    for position, value in edits:
-        data[position] = value
-    place = peek_place(bytes(data[:cut]))
-    assert place is None or (type(place[0]) is str and type(place[2]) is int)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 200, 300])
