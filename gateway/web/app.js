@@ -230,11 +230,14 @@ async function send(event) {
   const text = $("text").value;
   if (!text.trim() || !state.room) return;
   $("send").disabled = true;
+  // Cleared at once: the message can reach the timeline (over the WebSocket) before
+  // the answer to this request does. If sending fails, the text comes back.
+  $("text").value = "";
   try {
     const message = await api("POST", `${room(state.room.id)}/messages`, { text });
-    $("text").value = "";
     addMessage(message);
   } catch (error) {
+    if (!$("text").value) $("text").value = text;
     $("upload-status").textContent = error.message;
   } finally {
     $("send").disabled = false;
