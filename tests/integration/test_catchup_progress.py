@@ -17,6 +17,7 @@ from federation import codec
 from federation.envelope import Envelope
 from gateway import catchup as catchup_module
 from gateway.catchup import ANSWER_LIMITS, CatchUp
+from gateway.node import Node
 from gateway.rooms import BATCH_LIMITS, Refusal, RoomService
 
 from .conftest import Cluster, eventually
@@ -47,19 +48,25 @@ async def test_sync_pages_say_how_much_is_left(cluster: Cluster) -> None:
     assert "remaining" not in answer
 
 
-async def test_catchup_wait_follows_a_backlog_to_its_end(cluster: Cluster) -> None:
+async def backlog(cluster: Cluster, chunks: int, size: int) -> tuple[Node, str]:
+    """tsu, stopped, misses `chunks` sends of `size` messages in a room with mie-pref, and
+    nothing is pushed to it (mie's outbox is emptied): only catch-up brings them. Returns
+    the restarted tsu and the room."""
     mie = await cluster.authority()
     tsu = await cluster.member("tsu", "津市", "242012")
     room = await mie.rooms.create("大量", nodes=["tsu"])
     await eventually(lambda: tsu.rooms.state(room) is not None)
     await cluster.stop("tsu")
-    for chunk in range(6):
-        await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(1000)])
-    # Nothing is pushed: only catch-up brings the backlog (the outbox is emptied first).
+    for chunk in range(chunks):
+        await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(size)])
     async with mie.store.db.execute("DELETE FROM outbox") as _:
         pass
     await mie.store.db.commit()
-    tsu = await cluster.start("tsu")
+    return await cluster.start("tsu"), room
+
+
+async def test_catchup_wait_follows_a_backlog_to_its_end(cluster: Cluster) -> None:
+    tsu, room = await backlog(cluster, 6, 1000)
     env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
     process = await asyncio.create_subprocess_exec(
         KAKEHASHI,
@@ -164,17 +171,7 @@ async def test_catch_up_asks_for_the_next_page_while_it_commits_this_one(
 
     monkeypatch.setattr(CatchUp, "_ask", counted_ask)
     monkeypatch.setattr(RoomService, "receive", counted_receive)
-    mie = await cluster.authority()
-    tsu = await cluster.member("tsu", "津市", "242012")
-    room = await mie.rooms.create("大量", nodes=["tsu"])
-    await eventually(lambda: tsu.rooms.state(room) is not None)
-    await cluster.stop("tsu")
-    for chunk in range(10):
-        await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(100)])
-    async with mie.store.db.execute("DELETE FROM outbox") as _:  # only catch-up brings them
-        pass
-    await mie.store.db.commit()
-    tsu = await cluster.start("tsu")
+    tsu, room = await backlog(cluster, 10, 100)
     await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 1001}, timeout=30)
     held = await tsu.rooms.store.history(room, 2000)
     assert len(held) == 1001
