@@ -19,6 +19,7 @@ import re
 from .errors import ProtocolError
 
 __all__ = [
+    "CHECKED_NODE_IDS",
     "check_federation_id",
     "check_municipality_code",
     "check_node_id",
@@ -33,13 +34,15 @@ _SEGMENT = re.compile(r"^[a-z][a-z0-9-]{0,30}\Z")
 _CODE = re.compile(r"^[0-9]{6}\Z")
 
 
-_VALID_NODE_IDS: set[str] = set()
+CHECKED_NODE_IDS: set[str] = set()
+"""Node ids `check_node_id` has accepted (bounded): a hot path may test membership
+instead of calling it. Read only."""
 _VALID_CACHE_LIMIT = 4096
 
 
 def check_node_id(node_id: object) -> str:
     """Return `node_id` if it is a valid node id, else raise `ProtocolError` saying why."""
-    if type(node_id) is str and node_id in _VALID_NODE_IDS:
+    if type(node_id) is str and node_id in CHECKED_NODE_IDS:
         return node_id  # every envelope names several node ids; good ones are remembered
     if not isinstance(node_id, str) or not _NODE_ID.match(node_id) or "--" in node_id:
         raise ProtocolError(
@@ -47,8 +50,8 @@ def check_node_id(node_id: object) -> str:
             "starting with a letter (for example 'tsu' or 'mie-pref')",
             code="bad_node_id",
         )
-    if len(_VALID_NODE_IDS) < _VALID_CACHE_LIMIT:
-        _VALID_NODE_IDS.add(node_id)
+    if len(CHECKED_NODE_IDS) < _VALID_CACHE_LIMIT:
+        CHECKED_NODE_IDS.add(node_id)
     return node_id
 
 

@@ -445,6 +445,50 @@ def test_content_with_a_non_map_body_is_refused_at_construction() -> None:
     assert info.value.code == "bad_envelope"
 
 
+_ODD_VALUES = st.sampled_from(
+    [None, True, False, -1, 0, 1, 2, 3, 2**53 - 1, 2**53, 2**64 - 1, 2**64, "", "2", b"x", [], {}]
+)
+_HEADER_CHANGES = st.dictionaries(
+    st.sampled_from(["v", "seq", "hlc", "room", "origin", "sender", "kid", "kind", "deps", "body"]),
+    st.one_of(
+        _ODD_VALUES,
+        st.sampled_from(["tsu", HOME, "ise", "Not A Node", ROOM, "!x:tsu", "message", "state"]),
+        st.dictionaries(
+            st.sampled_from(["tsu", HOME, "ise", "Not A Node"]), _ODD_VALUES, max_size=3
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(changes=_HEADER_CHANGES)
+def test_fast_header_decoding_accepts_only_what_the_checked_path_accepts(
+    changes: dict[str, Any],
+) -> None:
+    raw = _content_map(**changes)
+    try:
+        checked: Content | None = Content._from_header_checked(raw)
+    except ProtocolError:
+        checked = None
+    fast = envelope_module._header_fast(raw)
+    if fast is not None:
+        assert checked is not None
+        for field in dataclasses.fields(Content):
+            assert getattr(fast, field.name) == getattr(checked, field.name)
+            assert type(getattr(fast, field.name)) is type(getattr(checked, field.name))
+
+
+def test_a_decoded_envelope_has_every_field_of_the_sealed_one() -> None:
+    assert envelope_module._header_fast(_content_map()) is not None  # the path taken below
+    for sealed in seal_batch(chain(5), KEY):
+        decoded = Envelope.from_bytes(sealed.to_bytes())
+        for field in dataclasses.fields(Envelope):
+            assert getattr(decoded, field.name) == getattr(sealed, field.name), field.name
+        for field in dataclasses.fields(Content):
+            assert getattr(decoded.content, field.name) == getattr(sealed.content, field.name)
+
+
 # --- dependency rules -----------------------------------------------------------------------
 
 
