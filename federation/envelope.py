@@ -44,12 +44,14 @@ __all__ = [
     "Envelope",
     "Kind",
     "RootCache",
+    "Screened",
     "check_room_id",
     "complete_batches",
     "merkle_root",
     "peek_place",
     "room_home",
     "root_from_path",
+    "screen",
     "seal_batch",
     "verify_batch",
 ]
@@ -523,6 +525,37 @@ class Envelope:
         _set_wire(envelope, data)
         return envelope
 
+    @classmethod
+    def from_screened(cls, data: bytes, envelope_id: bytes) -> Envelope:
+        """Rebuild the envelope `screen` accepted from exactly these bytes, with the id it
+        gave, without checking it again: the same bytes decode to the same values.
+
+        For a node that has another process screen large batches: this costs a third of
+        `from_bytes`. Anything else must use `from_bytes`."""
+        raw = codec.unpack(data, ENVELOPE_LIMITS)
+        header = codec.unpack(raw["c"], ENVELOPE_LIMITS)
+        content: Content = _new(Content)
+        _set_room(content, header["room"])
+        _set_origin(content, header["origin"])
+        _set_seq(content, header["seq"])
+        _set_kind(content, _KINDS[header["kind"]])
+        _set_sender(content, header["sender"])
+        _set_hlc(content, header["hlc"])
+        _set_deps(content, header["deps"])
+        _set_key_id(content, header["kid"])
+        _set_body(content, header["body"])
+        _set_version(content, header["v"])
+        envelope: Envelope = _new(cls)
+        _set_content_bytes(envelope, raw["c"])
+        _set_content(envelope, content)
+        _set_signature(envelope, raw["sig"])
+        _set_index(envelope, raw["i"])
+        _set_size(envelope, raw["n"])
+        _set_path(envelope, tuple(raw["p"]))
+        _set_id(envelope, envelope_id)
+        _set_wire(envelope, data)
+        return envelope
+
     def root(self) -> bytes:
         """The batch root this envelope's path leads to."""
         return root_from_path(self.id, self.index, self.size, self.path)
@@ -555,6 +588,24 @@ assert set(_ENVELOPE_FIELDS) == {f.name for f in fields(Envelope)}
     _set_id,
     _set_wire,
 ) = (Envelope.__dict__[name].__set__ for name in _ENVELOPE_FIELDS)
+
+
+Screened = bytes | tuple[str, str, int]
+"""What `screen` says of one encoded envelope: its id, or why it is refused
+(code, message, HTTP status)."""
+
+
+def screen(wires: Sequence[bytes]) -> list[Screened]:
+    """Check encoded envelopes exactly as `Envelope.from_bytes` does, and say of each its
+    id or its refusal: plain values, for a helper process to send back (see
+    `Envelope.from_screened`). Signatures are not checked here (they need the roster)."""
+    verdicts: list[Screened] = []
+    for wire in wires:
+        try:
+            verdicts.append(Envelope.from_bytes(wire).id)
+        except ProtocolError as exc:
+            verdicts.append((exc.code, str(exc), exc.status))
+    return verdicts
 
 
 def peek_place(wire: bytes) -> tuple[str, str, int] | None:

@@ -32,9 +32,10 @@ import structlog
 
 from federation import codec
 from federation.envelope import check_room_id
-from federation.errors import KakehashiError
+from federation.errors import KakehashiError, ProtocolError
 from federation.roster import Roster, RosterEntry
 
+from .decoder import Decoded
 from .rooms import BATCH_LIMITS, RoomService
 from .tasks import cancel_all
 from .transport import PeerClient
@@ -274,7 +275,28 @@ class CatchUp:
         response = await self._client.request(entry, "POST", "/sync", codec.encode(request))
         return codec.decode_map(response.body, ANSWER_LIMITS, canonical=False)
 
+    async def _fetch(
+        self, entry: RosterEntry, vectors: dict[str, dict[str, int]], *, discover: bool = False
+    ) -> tuple[dict[str, Any], list[bytes], list[Decoded]]:
+        """A page and its envelopes, decoded (on the helper process when large)."""
+        answer = await self._ask(entry, vectors, discover=discover)
+        wires = answer.get("envelopes") or []
+        if not isinstance(wires, list):
+            raise ProtocolError("a page's envelopes must be a list", code="bad_answer")
+        return answer, wires, await self._rooms.decode(wires)
+
     async def _pages(
+        self,
+        peer: str,
+        entry: RosterEntry,
+        rooms: list[str],
+        discover: bool,
+        progress: CatchUpProgress,
+    ) -> int:
+        with self._rooms.pulling(peer):  # pushes from the peer meanwhile wait, see `receive`
+            return await self._pull_pages(peer, entry, rooms, discover, progress)
+
+    async def _pull_pages(
         self,
         peer: str,
         entry: RosterEntry,
@@ -285,20 +307,19 @@ class CatchUp:
         total = 0
         asking = discover
         vectors = self._vectors(rooms)
-        ahead: asyncio.Task[dict[str, Any]] | None = None
+        ahead: asyncio.Task[tuple[dict[str, Any], list[bytes], list[Decoded]]] | None = None
         try:
             while True:
                 try:
                     if ahead is not None:
-                        answer, ahead = await ahead, None
+                        (answer, wires, decoded), ahead = await ahead, None
                     else:
-                        answer = await self._ask(entry, vectors, discover=asking)
+                        answer, wires, decoded = await self._fetch(entry, vectors, discover=asking)
                 except KakehashiError as exc:
                     if discover:
                         raise
                     log.debug("catch_up_unavailable", peer=peer, code=exc.code)
                     return total
-                wires = answer.get("envelopes") or []
                 more = answer.get("more") is True
                 remaining = answer.get("remaining", 0)
                 progress.remaining = remaining if isinstance(remaining, int) else 0
@@ -306,13 +327,11 @@ class CatchUp:
                 if more and wires and not asking:
                     following = _following(vectors, answer.get("through"))
                 if following is not None:
-                    # Ask for the next page now: the peer reads it while this one is
-                    # verified and committed here.
-                    ahead = asyncio.create_task(
-                        self._ask(entry, following, discover=False), name="catch-up-page"
-                    )
+                    # Ask for the next page now: the peer reads it, and the decoding
+                    # helper decodes it, while this one is verified and committed here.
+                    ahead = asyncio.create_task(self._fetch(entry, following), name="catch-up-page")
                 if wires:
-                    _, _, refused = await self._rooms.receive(peer, wires)
+                    _, _, refused = await self._rooms.receive(peer, wires, decoded=decoded)
                     total += len(wires)
                     self.pulled += len(wires)
                     progress.pulled = total
@@ -340,6 +359,8 @@ class CatchUp:
         finally:
             if ahead is not None:
                 await cancel_all([ahead])
+                if not ahead.cancelled() and ahead.exception() is None:
+                    self._rooms.release(ahead.result()[2])  # decoded, never received
         if total:
             log.info("caught_up", peer=peer, envelopes=total)
         return total

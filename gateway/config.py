@@ -167,6 +167,9 @@ class NodeConfig:
     """Longest wait, in seconds, between delivery retries to an unreachable peer."""
     catch_up_interval: float = 30.0
     """Seconds between routine catch-up passes with every peer."""
+    decode_helper: bool = True
+    """Screen large incoming batches (catch-up pages, full pushes) in a helper process,
+    on another core ([delivery] decode_helper); off: all decoding in the node's process."""
     restore_timeout: float = 60.0
     """After a restore from backup: longest wait, in seconds, for peers to answer the first
     catch-up pass before local sends are allowed anyway (see `kakehashi restore`)."""
@@ -344,6 +347,7 @@ def load_config(home: Home) -> NodeConfig:
     restore_timeout = _optional(
         delivery, "delivery", "restore_catch_up_timeout_seconds", (int, float), path, 60.0
     )
+    decode_helper = _optional(delivery, "delivery", "decode_helper", bool, path, True)
     if retry_cap < 0.2 or catch_up <= 0 or restore_timeout < 0:
         raise ConfigError(
             f"{path}: [delivery] retry_cap_seconds must be >= 0.2, "
@@ -387,6 +391,7 @@ def load_config(home: Home) -> NodeConfig:
         retry_cap=float(retry_cap),
         catch_up_interval=float(catch_up),
         restore_timeout=float(restore_timeout),
+        decode_helper=decode_helper,
         certificate_days=certificate_days,
         renew_before_days=renew_before,
         monitoring_listen=None
@@ -450,6 +455,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
             "catch_up_interval_seconds": config.catch_up_interval,
         },
     }
+    if not config.decode_helper:
+        document["delivery"]["decode_helper"] = False
     if config.code is not None:
         document["node"]["code"] = config.code
     if config.certificate_days != 365:

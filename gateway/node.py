@@ -54,6 +54,7 @@ from .authority import Authority
 from .backup import RESTORED_AT
 from .catchup import SYNC_ROOMS, CatchUp
 from .config import Home, NodeConfig, load_config
+from .decoder import Decoder
 from .filefetch import Fetcher
 from .files import FileSettings, FileStore
 from .keys import KeyManager, KeySettings, recover_interrupted
@@ -300,6 +301,7 @@ class Node:
             roster=lambda: self.roster,
             clock=self.clock,
             on_enqueued=lambda queued: self.outbox.enqueued(queued),
+            decoder=Decoder(use_helper=self.config.decode_helper),
         )
         self._outbox = Outbox(
             store=self._rooms.store,

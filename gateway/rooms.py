@@ -22,9 +22,10 @@ has brought its own envelopes back (`release_local`, see `Node`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,7 @@ from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_r
 from federation.roster import MemberStatus, PublishedKey, Roster, RosterEntry
 from federation.signing import SigningKey
 
+from .decoder import Decoded, Decoder, decode_here
 from .roomstore import EnvelopeRow, Queued, RoomStore, Status
 from .tasks import cancel_all
 
@@ -66,6 +68,8 @@ log = structlog.get_logger("kakehashi.rooms")
 BATCH_LIMITS = codec.Limits(
     max_bytes=8 * 1024 * 1024, max_depth=3, max_array=5000, max_bin=8 * 1024 * 1024, max_map=8
 )
+CLAIM_WAIT = 5.0
+"""Longest a batch waits for envelopes another batch claimed to be processed."""
 
 
 CommitWriter = Callable[[Sequence[Envelope]], "Statements"]
@@ -123,6 +127,15 @@ class Served:
     so it can ask for the next page before it has processed this one."""
 
 
+def _places(decoded: Sequence[Decoded]) -> list[tuple[str, str, int]]:
+    """(room, origin, seq) of each envelope that decoded."""
+    return [
+        (e.content.room, e.content.origin, e.content.seq)
+        for e in decoded
+        if not isinstance(e, ProtocolError)
+    ]
+
+
 class RoomService:
     """Rooms of one node."""
 
@@ -135,8 +148,10 @@ class RoomService:
         roster: Callable[[], Roster],
         clock: Callable[[], float],
         on_enqueued: Callable[[Queued], None],
+        decoder: Decoder | None = None,
     ) -> None:
         self.node_id = node_id
+        self._decoder = decoder if decoder is not None else Decoder(use_helper=False)
         self._store = store
         self._rooms = RoomStore(store)
         self._key = signing_key
@@ -160,6 +175,9 @@ class RoomService:
         self._repeating: set[str] = set()
         """Peers whose last batch held duplicates (see `receive`)."""
         self._claims: set[tuple[str, str, int]] = set()
+        self._unclaimed = asyncio.Event()
+        self._pulls: dict[str, asyncio.Event] = {}
+        """Peers catch-up is pulling from: set when the pull ends."""
         """(room, origin, seq) being decoded from a batch of a repeating peer."""
         self._expected: set[str] = set()
         # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
@@ -587,9 +605,10 @@ class RoomService:
         )
 
     def _verified(
-        self, peer: str, wires: Sequence[bytes], *, relaying: bool = False
+        self, peer: str, decoded: Sequence[Decoded], *, relaying: bool = False
     ) -> tuple[list[Envelope], list[Refusal]]:
-        """Decode `wires` and check origin signatures: (verified envelopes, refusals, logged).
+        """Check the origin signatures of `decoded` envelopes (refusing those that did not
+        decode): (verified envelopes, refusals, logged).
 
         Taking in (not `relaying`), an envelope for a room this node is not in is refused;
         a relay forwards those too, for it only vouches for the origin's signature.
@@ -598,11 +617,9 @@ class RoomService:
         signers: dict[tuple[str, str], tuple[RosterEntry, PublishedKey]] = {}
         candidates: list[tuple[Envelope, bytes]] = []
         refused: list[Refusal] = []
-        for wire in wires:
-            try:
-                envelope = Envelope.from_bytes(wire)
-            except KakehashiError as exc:
-                refused.append(Refusal(b"", exc.code, str(exc)))
+        for envelope in decoded:
+            if isinstance(envelope, ProtocolError):
+                refused.append(Refusal(b"", envelope.code, str(envelope)))
                 continue
             try:
                 key = self._signer(envelope, roster, signers)
@@ -648,20 +665,84 @@ class RoomService:
                 refused.append(Refusal(envelope.id, "unknown_room", f"unknown room {room}"))
         return kept
 
-    async def receive(self, peer: str, wires: Sequence[bytes]) -> tuple[int, int, list[Refusal]]:
+    async def decode(self, wires: Sequence[bytes]) -> list[Decoded]:
+        """Decode a batch ahead of `receive` (see `Decoder`), so that decoding the next batch
+        can overlap processing this one. The places of its envelopes are claimed (a push
+        of the same envelopes meanwhile is set aside, see `receive`) until `receive` or
+        `release` is given the result."""
+        decoded = await self._decoder.decode(wires)
+        self._claims.update(_places(decoded))
+        return decoded
+
+    def release(self, decoded: Sequence[Decoded]) -> None:
+        """Drop the claims of a batch `decode` gave that will not be received."""
+        self._unclaim(_places(decoded))
+
+    @contextlib.contextmanager
+    def pulling(self, peer: str) -> Iterator[None]:
+        """While catch-up pulls from `peer`: a push from `peer` waits for the pull to end
+        (at most CLAIM_WAIT), then sets aside what the pull brought (see `receive`)."""
+        ended = self._pulls.setdefault(peer, asyncio.Event())
+        try:
+            yield
+        finally:
+            if self._pulls.get(peer) is ended:
+                del self._pulls[peer]
+            ended.set()
+
+    async def _pull_ended(self, peer: str) -> bool:
+        """If catch-up is pulling from `peer`, wait for it to end (at most CLAIM_WAIT): True."""
+        ended = self._pulls.get(peer)
+        if ended is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), CLAIM_WAIT)
+        return True
+
+    def _unclaim(self, places: Iterable[tuple[str, str, int]]) -> None:
+        self._claims.difference_update(places)
+        self._unclaimed.set()  # wakes the batches waiting in `_settled`
+        self._unclaimed = asyncio.Event()
+
+    async def _settled(self, places: Sequence[tuple[str, str, int]]) -> None:
+        """Wait until none of `places` is claimed (at most CLAIM_WAIT seconds: a claim
+        is only a hint, and what is still missing then is decoded here)."""
+        deadline = asyncio.get_running_loop().time() + CLAIM_WAIT
+        while any(place in self._claims for place in places):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unclaimed.wait(), remaining)
+
+    async def receive(
+        self, peer: str, wires: Sequence[bytes], *, decoded: Sequence[Decoded] | None = None
+    ) -> tuple[int, int, list[Refusal]]:
         """Process a batch from `peer`: returns (accepted, duplicates, refusals), after commit.
+        `decoded`: what `decode` gave for `wires`, if it was called ahead.
 
         While a peer's batches repeat what this node holds (its outbox pushing what
-        catch-up already pulled, after an outage), envelopes whose place is already
-        processed are set aside before the full decode, the costly part; they would be
-        dropped as duplicates after it anyway."""
+        catch-up already pulled, after an outage), or while catch-up has claimed places
+        (pages decoded ahead), envelopes whose place is already processed or claimed are
+        set aside before the full decode, the costly part; they would be dropped as
+        duplicates after it anyway. A batch waits for the claims it ran into to be
+        settled, so that it finds those envelopes processed: after an outage the outbox
+        and catch-up carry the same envelopes at the same time, and each would otherwise
+        decode all of them."""
         held: list[tuple[bytes, tuple[str, str, int]]] = []
         claimed: list[tuple[str, str, int]] = []
-        if peer in self._repeating:
-            wires, held, claimed = self._set_aside_held(wires)
+        decoded_ahead = decoded
+        if decoded is None:
+            pulled = await self._pull_ended(peer)
+            if pulled or self._claims or peer in self._repeating:
+                wires, held, claimed = self._set_aside_held(wires)
         try:
-            decoded, refused = self._verified(peer, wires)
+            if decoded is None:
+                decoded = await self._decoder.decode(wires)
+            accepted, refused = self._verified(peer, decoded)
             step = _Step(refused=refused)
+            if held:
+                await self._settled([place for _, place in held])
             async with self._lock:
                 if held:
                     # Set aside as processed (memory runs ahead of disk while a commit is
@@ -670,14 +751,16 @@ class RoomService:
                     # goes the full way here.
                     again = [wire for wire, place in held if not self._buffer.seen(*place)]
                     if again:
-                        more, more_refused = self._verified(peer, again)
-                        decoded += more
+                        more, more_refused = self._verified(peer, decode_here(again))
+                        accepted += more
                         step.refused += more_refused
                     step.duplicates += len(held) - len(again)
-                self._take_in(decoded, step)
+                self._take_in(accepted, step)
                 await self._commit(step)
         finally:
-            self._claims.difference_update(claimed)
+            self._unclaim(claimed)
+            if decoded_ahead is not None:
+                self.release(decoded_ahead)
         if step.duplicates:
             self._repeating.add(peer)
         else:
@@ -716,7 +799,7 @@ class RoomService:
         rooms this node is a member of are also taken in as usual (so it serves them in
         catch-up); those of other rooms are kept apart, only to be forwarded.
         """
-        decoded, refused = self._verified(peer, wires, relaying=True)
+        decoded, refused = self._verified(peer, await self._decoder.decode(wires), relaying=True)
         step = _Step(refused=refused)
         mine: list[Envelope] = []
         async with self._lock:
@@ -842,6 +925,7 @@ class RoomService:
         """Cancel background work (state-request answers, the commit queue)."""
         await cancel_all([*self._tasks, self._flusher])
         self._tasks.clear()
+        await self._decoder.stop()
 
     async def _answer_request(self, request: Envelope) -> None:
         """At the home node: grant a member's state request by issuing the state change."""

@@ -158,12 +158,12 @@ async def test_catch_up_asks_for_the_next_page_while_it_commits_this_one(
         return await ask(self, *args, **kwargs)
 
     async def counted_receive(
-        self: RoomService, peer: str, wires: Sequence[bytes]
+        self: RoomService, peer: str, wires: Sequence[bytes], **kwargs: Any
     ) -> tuple[int, int, list[Refusal]]:
         nonlocal receiving, duplicates
         receiving += 1
         try:
-            result = await receive(self, peer, wires)
+            result = await receive(self, peer, wires, **kwargs)
         finally:
             receiving -= 1
         duplicates += result[1]

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import gateway.rooms as rooms_module
 from federation import codec
 from federation.envelope import Envelope, Kind
 from federation.errors import ProtocolError
@@ -278,6 +279,52 @@ async def test_batches_that_repeat_what_is_held_are_dropped_before_the_full_deco
     await eventually(holds(tsu, room, 22))
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
     assert fresh[0] in await timeline_ids(tsu, room)
+
+
+async def test_a_push_from_a_peer_being_pulled_waits_and_is_not_decoded_again(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After an outage the peer's outbox pushes what catch-up pulls from it, at the same
+    # time: the push waits for the pull, then finds everything held.
+    mie, tsu, _ = await three_nodes(cluster)
+    room = await mie.rooms.create("追いつき", nodes=["tsu"])
+    await mie.rooms.send(room, [f"m {k}" for k in range(20)])
+    await eventually(holds(tsu, room, 21))
+    wires = [wire for _, wire in await mie.rooms.store.history(room, 100)]
+    decoded = 0
+    decode = Envelope.from_bytes
+
+    def counted(data: bytes) -> Envelope:
+        nonlocal decoded
+        decoded += 1
+        return decode(data)
+
+    monkeypatch.setattr(Envelope, "from_bytes", counted)
+    with tsu.rooms.pulling("mie-pref"):
+        push = asyncio.create_task(_push(mie, "tsu", wires))
+        await asyncio.sleep(0.5)
+        assert not push.done()  # waiting for the pull to end
+    answer = await asyncio.wait_for(push, 10)
+    assert (answer["accepted"], answer["duplicates"], answer["refused"]) == (0, 21, [])
+    assert decoded == 0  # not even the first repeat was decoded
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_a_push_waits_for_a_pull_only_so_long(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, _ = await three_nodes(cluster)
+    room = await mie.rooms.create("待ち", nodes=["tsu"])
+    await cluster.stop("tsu")
+    await mie.rooms.send(room, ["停電のお知らせ"])
+    wires = [wire for _, wire in await mie.rooms.store.history(room, 10)]
+    tsu = await cluster.start("tsu")
+    monkeypatch.setattr(rooms_module, "CLAIM_WAIT", 0.3)
+    with tsu.rooms.pulling("mie-pref"):  # a pull that never ends
+        answer = await asyncio.wait_for(_push(mie, "tsu", wires), 10)
+        assert answer["refused"] == []
+        assert answer["accepted"] + answer["duplicates"] == 2
+        assert tsu.rooms.vector(room) == {"mie-pref": 2}
 
 
 async def _joining_wires(cluster: Cluster) -> tuple[Node, Node, str, bytes, bytes]:
