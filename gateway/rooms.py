@@ -45,14 +45,14 @@ from federation.envelope import (
     seal_batch,
     verify_batch,
 )
-from federation.errors import KakehashiError, ProtocolError, TrustError
+from federation.errors import KakehashiError, ProtocolError, StorageError, TrustError
 from federation.identity import check_node_id
 from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_request, judge
 from federation.roster import MemberStatus, PublishedKey, Roster, RosterEntry
 from federation.signing import SigningKey
 
 from .decoder import Decoded, Decoder, decode_here
-from .roomstore import EnvelopeRow, Queued, RoomStore, Status
+from .roomstore import EnvelopeRow, PlannedWrite, Queued, RoomStore, Status
 from .tasks import cancel_all
 
 if TYPE_CHECKING:
@@ -97,6 +97,22 @@ class EnvelopeCounts:
     """Envelopes accepted into a timeline, by the peer that sent them."""
     refused: Counter[str] = field(default_factory=Counter)
     """Envelopes refused (undecodable, bad signature, unknown room, room rules), by reason."""
+
+
+class _EarlierCommitFailed(Exception):
+    """A step planned after a step whose commit failed is not written."""
+
+
+@dataclass(slots=True)
+class _Write:
+    """A step's transaction, planned under the lock, written in plan order without it."""
+
+    planned: PlannedWrite | None
+    """What to write; None when the step changed nothing (all duplicates)."""
+    after: asyncio.Future[None] | None
+    """Done when the step planned before this one is committed (or has failed)."""
+    done: asyncio.Future[None]
+    """Done when this one is."""
 
 
 @dataclass(slots=True)
@@ -176,6 +192,8 @@ class RoomService:
         """Peers whose last batch held duplicates (see `receive`)."""
         self._claims: set[tuple[str, str, int]] = set()
         self._unclaimed = asyncio.Event()
+        self._last_write: asyncio.Future[None] | None = None
+        """Done when the last step planned is committed (see `_write`)."""
         self._pulls: dict[str, asyncio.Event] = {}
         """Peers catch-up is pulling from: set when the pull ends."""
         """(room, origin, seq) being decoded from a batch of a repeating peer."""
@@ -465,7 +483,8 @@ class RoomService:
                             for _, _, future in group:
                                 if not future.done():
                                     future.set_exception(exc)
-                    await self._commit(step)
+                    write = self._plan(step)
+                await self._write(write, step)
             except BaseException as exc:
                 # Every caller of this round gets the failure, including those whose
                 # envelopes were not planned yet (e.g. a message too large to seal).
@@ -756,7 +775,8 @@ class RoomService:
                         step.refused += more_refused
                     step.duplicates += len(held) - len(again)
                 self._take_in(accepted, step)
-                await self._commit(step)
+                write = self._plan(step)
+            await self._write(write, step)
         finally:
             self._unclaim(claimed)
             if decoded_ahead is not None:
@@ -810,7 +830,8 @@ class RoomService:
                     step.relayed.append((envelope, destination))
             self._take_in(mine, step)
             step.outbox.extend((destination, envelope) for envelope in decoded)
-            await self._commit(step)
+            write = self._plan(step)
+        await self._write(write, step)
         self._count(peer, step)
         await self._after(step)
         return len(decoded), step.refused
@@ -885,23 +906,61 @@ class RoomService:
         if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
             step.requests.append(envelope)
 
-    async def _commit(self, step: _Step) -> None:
-        if not step.rows and not step.new_rooms and not step.outbox:
-            return
-        statements, queued = self._rooms.plan_write(
-            step.rows.values(), step.outbox, step.new_rooms.items(), self._now_ms(), step.relayed
-        )
-        if step.accepted:
-            for writer in self._writers:
-                statements += writer(step.accepted)
+    def _plan(self, step: _Step) -> _Write:
+        """Lock held: the step's transaction, to be written after the one planned before
+        it (see `_write`)."""
+        planned = None
+        if step.rows or step.new_rooms or step.outbox:
+            planned = self._rooms.plan_write(
+                step.rows.values(),
+                step.outbox,
+                step.new_rooms.items(),
+                self._now_ms(),
+                step.relayed,
+            )
+            if step.accepted:
+                for writer in self._writers:
+                    planned.statements.extend(writer(step.accepted))
+            self._homes.update(step.new_rooms)
+        write = _Write(planned, self._last_write, asyncio.get_running_loop().create_future())
+        self._last_write = write.done
+        return write
+
+    async def _write(self, write: _Write, step: _Step) -> None:
+        """Lock released: commit the step once the step planned before it is committed.
+
+        So the next step is processed while this one commits (memory runs ahead of
+        disk by the steps planned and not yet written), and transactions still commit in
+        the order their steps changed memory. When this returns, the step and every
+        step before it are durable: a duplicate is acknowledged only once the envelope
+        it repeats is. If a commit fails, the steps planned after it fail unwritten and
+        memory is rebuilt from disk once, by the step that failed."""
         try:
-            await self._store.write_all(statements)
-        except KakehashiError:
-            await self.load()  # memory must not run ahead of disk
+            if write.after is not None:
+                await write.after
+            if write.planned is not None:
+                await self._store.write_all(write.planned.statements)
+        except BaseException as exc:
+            earlier = isinstance(exc, _EarlierCommitFailed)
+            write.done.set_exception(
+                exc if earlier else _EarlierCommitFailed("an earlier commit failed")
+            )
+            write.done.exception()  # retrieved: nothing may be chained after it
+            if earlier:
+                raise StorageError(
+                    "not written: an earlier commit of this node failed; send again",
+                    code="commit_failed",
+                ) from exc
+            if not isinstance(exc, asyncio.CancelledError):
+                async with self._lock:
+                    await self.load()  # memory must not run ahead of disk
+                    # Every step planned after this one waits on it and fails unwritten.
+                    self._last_write = None
             raise
-        step.queued = queued
-        self._rooms.step_committed()
-        self._homes.update(step.new_rooms)
+        if write.planned is not None:
+            step.queued = write.planned.queued
+            self._rooms.step_committed(write.planned.acks_through)
+        write.done.set_result(None)
 
     async def _after(self, step: _Step) -> None:
         if step.queued:

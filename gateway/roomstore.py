@@ -27,6 +27,7 @@ import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import aiosqlite
 import structlog
@@ -37,7 +38,7 @@ from federation.errors import KakehashiError
 from .store import Store
 from .tasks import cancel_all
 
-__all__ = ["EnvelopeRow", "OutboxBatch", "Page", "Queued", "RoomStore", "Status"]
+__all__ = ["EnvelopeRow", "OutboxBatch", "Page", "PlannedWrite", "Queued", "RoomStore", "Status"]
 
 log = structlog.get_logger("kakehashi.store")
 
@@ -94,6 +95,17 @@ Queued = dict[str, list[tuple[int, bytes]]]
 """What one commit put in the outboxes: peer -> [(position, wire)], in position order."""
 
 
+class PlannedWrite(NamedTuple):
+    """The statements of one processing step, planned by `RoomStore.plan_write`."""
+
+    statements: list[tuple[str, Sequence[Sequence[object]]]]
+    """For one transaction (`Store.write_all`)."""
+    queued: Queued
+    """The outbox rows it writes, by peer: for the senders once committed."""
+    acks_through: int
+    """For `step_committed`: the acknowledged ranges it deletes."""
+
+
 class RoomStore:
     """SQL for rooms, envelopes and outboxes, over the node's `Store`."""
 
@@ -102,8 +114,10 @@ class RoomStore:
         self._acks: list[tuple[str, int, int]] = []
         """Acknowledged outbox ranges (peer, first, last) not deleted yet."""
         self._ack_task: asyncio.Task[None] | None = None
-        self._acks_in_step = 0
-        """How many of `_acks` the transaction of the last `plan_write` deletes."""
+        self._acks_gone = 0
+        """How many acknowledged ranges were dropped from the front of `_acks` so far:
+        `_acks[i]` is range number `_acks_gone + i` (the counting `plan_write` and
+        `step_committed` use, with several steps planned ahead of their commits)."""
         self._last_pos: int | None = None
         """The highest outbox position used (read at the first write)."""
 
@@ -178,7 +192,7 @@ class RoomStore:
         new_rooms: Iterable[tuple[str, str]],
         now_ms: int,
         relayed: Iterable[tuple[Envelope, str]] = (),
-    ) -> tuple[list[tuple[str, Sequence[Sequence[object]]]], Queued]:
+    ) -> PlannedWrite:
         """The statements of one processing step, for one transaction (`Store.write_all`):
         envelope rows (insert or status update), copies kept only to forward (`relayed`:
         envelope and destination), outbox rows (peer and envelope), rooms, and the deletes
@@ -253,8 +267,7 @@ class RoomStore:
             # memory once it committed (`step_committed`).
             ("DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", list(self._acks)),
         ]
-        self._acks_in_step = len(self._acks)
-        return statements, queued
+        return PlannedWrite(statements, queued, self._acks_gone + len(self._acks))
 
     # outbox --------------------------------------------------------------------
 
@@ -315,22 +328,24 @@ class RoomStore:
             return True
         try:
             async with self._store.transaction(durable=False) as db:
-                # Under the write lock: no step takes acks along meanwhile.
-                count = len(self._acks)
+                through = self._acks_gone + len(self._acks)
                 await db.executemany(
                     "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?",
-                    self._acks[:count],
+                    list(self._acks),
                 )
         except KakehashiError as exc:
             log.warning("outbox_ack_not_written", rows=len(self._acks), code=exc.code)
             return False
-        del self._acks[:count]
+        self.step_committed(through)
         return True
 
-    def step_committed(self) -> None:
-        """The transaction of the last `plan_write` committed: its deletes are done."""
-        del self._acks[: self._acks_in_step]
-        self._acks_in_step = 0
+    def step_committed(self, acks_through: int) -> None:
+        """The transaction of a `plan_write` that gave `acks_through` committed: the
+        acknowledged ranges up to that number are deleted."""
+        done = acks_through - self._acks_gone
+        if done > 0:
+            del self._acks[:done]
+            self._acks_gone += done
 
     async def flush_acks(self) -> None:
         """Write every acknowledgement so far (before counting rows)."""

@@ -22,7 +22,8 @@ import pytest
 import gateway.rooms as rooms_module
 from federation import codec
 from federation.envelope import Envelope, Kind
-from federation.errors import ProtocolError
+from federation.errors import KakehashiError, ProtocolError, StorageError
+from gateway.catchup import CatchUp
 from gateway.node import Node
 from gateway.outbox import DeliverySettings, _Sender
 from gateway.rooms import RoomService, Served
@@ -325,6 +326,108 @@ async def test_a_push_waits_for_a_pull_only_so_long(
         assert answer["refused"] == []
         assert answer["accepted"] + answer["duplicates"] == 2
         assert tsu.rooms.vector(room) == {"mie-pref": 2}
+
+
+def _id(wire: bytes) -> bytes:
+    return Envelope.from_bytes(wire).id
+
+
+async def _unsent_batches(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Node, Node, str, list[bytes], list[bytes]]:
+    """Two signing batches of mie's in a room with tsu that tsu has not received, and
+    will receive only when a test pushes them (no outbox, no catch-up)."""
+    mie, tsu, _ = await three_nodes(cluster)
+    room = await mie.rooms.create("順番", nodes=["tsu"])
+    await eventually(holds(tsu, room, 1))
+    await cluster.stop("tsu")
+    first = await mie.rooms.send(room, ["一", "二"])
+    second = await mie.rooms.send(room, ["三"])
+    async with mie.store.db.execute("DELETE FROM outbox") as _:
+        pass
+    await mie.store.db.commit()
+    wires = {
+        Envelope.from_bytes(wire).id: wire for _, wire in await mie.rooms.store.history(room, 10)
+    }
+
+    async def no_catch_up(self: CatchUp, *args: object, **kwargs: object) -> int:
+        return 0
+
+    monkeypatch.setattr(CatchUp, "sync_with", no_catch_up)
+    tsu = await cluster.start("tsu")
+    return mie, tsu, room, [wires[i] for i in first], [wires[i] for i in second]
+
+
+async def test_a_batch_is_processed_while_the_one_before_commits_and_committed_after_it(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
+    write_all = tsu.store.write_all
+    gate = asyncio.Event()
+    written: list[int] = []
+
+    async def gated(statements: Any) -> None:
+        if not written:
+            written.append(0)
+            await gate.wait()  # the first commit takes its time
+        await write_all(statements)
+        written.append(len(written))
+
+    monkeypatch.setattr(tsu.store, "write_all", gated)
+    one = asyncio.create_task(_push(mie, "tsu", first))
+    await eventually(lambda: written == [0])
+    two = asyncio.create_task(_push(mie, "tsu", second))
+    # The second batch is processed meanwhile (memory), but not acknowledged before the
+    # first is durable.
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 4})
+    await asyncio.sleep(0.3)
+    assert not one.done() and not two.done()
+    gate.set()
+    assert (await one)["accepted"] == 2
+    assert (await two)["accepted"] == 1
+    assert written == [0, 1, 2]
+    texts = [e.content.body.get("text") for e in await timeline(tsu, room)]
+    assert texts == [None, "一", "二", "三"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_follows_disk(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
+    write_all = tsu.store.write_all
+    gate = asyncio.Event()
+    calls: list[None] = []
+
+    async def failing_once(statements: Any) -> None:
+        calls.append(None)
+        if len(calls) == 1:
+            await gate.wait()
+            raise StorageError("database or disk is full", code="disk_full")
+        await write_all(statements)
+
+    monkeypatch.setattr(tsu.store, "write_all", failing_once)
+    one = asyncio.create_task(_push(mie, "tsu", first))
+    await eventually(lambda: len(calls) == 1)
+    two = asyncio.create_task(_push(mie, "tsu", second))
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 4})
+    gate.set()
+    with pytest.raises(KakehashiError) as failed:
+        await one
+    assert failed.value.code == "disk_full"
+    with pytest.raises(KakehashiError) as after:
+        await two
+    assert after.value.code == "commit_failed"
+    assert len(calls) == 1  # the second batch was not written on top of the failure
+    # Memory was rebuilt from disk: neither batch is held, and none was applied.
+    assert tsu.rooms.vector(room) == {"mie-pref": 1}
+    assert len(await timeline_ids(tsu, room)) == 1
+    assert not set(await timeline_ids(tsu, room)) & set(map(_id, first + second))
+    # Sent again (as the sender does), both go in, once each.
+    assert (await _push(mie, "tsu", first))["accepted"] == 2
+    assert (await _push(mie, "tsu", second))["accepted"] == 1
+    assert tsu.rooms.vector(room) == {"mie-pref": 4}
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
 async def _joining_wires(cluster: Cluster) -> tuple[Node, Node, str, bytes, bytes]:
