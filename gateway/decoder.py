@@ -8,6 +8,8 @@ gateway.decoder`, which runs `federation.envelope.screen`), and the event loop o
 rebuilds what the helper accepted (`Envelope.from_screened`, a third of the cost).
 
 Strategy:
+- Only catch-up pages come here (`RoomService.decode`); a push is decoded in the
+  event loop, since during a stream the sending node needs the other core.
 - Batches under `OFFLOAD_MIN` envelopes are decoded in the event loop: a lone
   message's latency does not pay for a trip between processes.
 - The helper starts on the first large batch; until it has answered once, decoding

@@ -355,7 +355,13 @@ class Federation:
 
     def log_problems(self) -> dict[str, list[str]]:
         """Lines of node logs that mean a bug rather than a crash: tracebacks, failed tasks."""
-        markers = ("Traceback", '"sender_failed"', '"catch_up_failed"', '"handler_failed"')
+        markers = (
+            "Traceback",
+            '"sender_failed"',
+            '"catch_up_failed"',
+            '"handler_failed"',
+            '"decode_helper_failed"',
+        )
         found: dict[str, list[str]] = {}
         for node_id, node in self.nodes.items():
             if node.log.exists():

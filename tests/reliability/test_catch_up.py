@@ -62,3 +62,5 @@ def test_node_down_during_10000_messages_catches_up_completely(
     assert caught_up is not None, "ise holds everything, but only after the timeout"
     problems = federation.log_problems()
     assert not problems, f"node logs show failures: {problems}"
+    # The pages were decoded on ise's helper process (it starts on the first large page).
+    assert '"decode_helper_started"' in federation.nodes["ise"].log.read_text(encoding="utf-8")
