@@ -309,3 +309,35 @@ async def test_write_all_commits_every_statement_or_none(
     assert row is not None and row[0] == 2  # FULL again after a write without fsync
     async with store.transaction() as db:  # the connection is usable, in no transaction
         await db.execute(insert, ("e", b"5"))
+
+
+async def test_the_log_is_copied_into_the_database_file_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
+    database = tmp_path / "node.db"
+    store = Store(database)
+    await store.open()
+    try:
+        store.checkpoint_in_background()
+        await asyncio.sleep(0.2)
+        # Commits no longer checkpoint every 1,000 pages themselves, only as a backstop.
+        async with store.db.execute("PRAGMA wal_autocheckpoint") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None and row[0] == store_module.CHECKPOINT_BACKSTOP
+        before = database.stat().st_size
+        for batch in range(40):  # about 2.4 MB: below any automatic checkpoint
+            rows = [(f"k{batch}-{n}", bytes([n]) * 3000) for n in range(20)]
+            await store.write_all([("INSERT INTO meta (key, value) VALUES (?, ?)", rows)])
+        for _ in range(200):
+            if store.checkpoints and database.stat().st_size > before + 2_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert store.checkpoints > 0
+        assert database.stat().st_size > before + 2_000_000  # the pages are in the file
+    finally:
+        await store.close()
+    # Closing stopped it; the data is all there when the store is opened again.
+    async with Store(database) as again:
+        rows = await again.read_all("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'")
+        assert rows[0][0] == 800
