@@ -259,7 +259,8 @@ class CatchUp:
         """
         progress = self._begin(peer)
         try:
-            return await self._pages(peer, entry, list(rooms), discover, progress)
+            with self._rooms.pulling(peer):  # pushes from the peer meanwhile wait, see `receive`
+                return await self._pages(peer, entry, list(rooms), discover, progress)
         finally:
             progress.running = False
 
@@ -286,17 +287,6 @@ class CatchUp:
         return answer, wires, await self._rooms.decode(wires)
 
     async def _pages(
-        self,
-        peer: str,
-        entry: RosterEntry,
-        rooms: list[str],
-        discover: bool,
-        progress: CatchUpProgress,
-    ) -> int:
-        with self._rooms.pulling(peer):  # pushes from the peer meanwhile wait, see `receive`
-            return await self._pull_pages(peer, entry, rooms, discover, progress)
-
-    async def _pull_pages(
         self,
         peer: str,
         entry: RosterEntry,
