@@ -199,6 +199,6 @@ def test_the_helper_does_not_outlive_a_node_killed_with_sigkill() -> None:
                 if stat.read().split()[2] == "Z":
                     break
             assert time.monotonic() < deadline, "the helper outlived its node"
-            time.sleep(0.05)
+            time.sleep(0.05)  # the helper is not our child: nothing to wait on but its pid
     finally:
         node.kill()

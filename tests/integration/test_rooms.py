@@ -355,24 +355,36 @@ async def _unsent_batches(
     return mie, tsu, room, [wires[i] for i in first], [wires[i] for i in second]
 
 
+def _first_commit_held(
+    node: Node, monkeypatch: pytest.MonkeyPatch, *, fails: bool = False
+) -> tuple[asyncio.Event, list[str]]:
+    """Hold `node`'s next commit until the event is set, then write it (or fail it as a
+    full disk would); the list records each commit: "held", then "written" or "failed"."""
+    write_all = node.store.write_all
+    gate = asyncio.Event()
+    commits: list[str] = []
+
+    async def held(statements: Any) -> None:
+        if not commits:
+            commits.append("held")
+            await gate.wait()
+            if fails:
+                commits.append("failed")
+                raise StorageError("database or disk is full", code="disk_full")
+        await write_all(statements)
+        commits.append("written")
+
+    monkeypatch.setattr(node.store, "write_all", held)
+    return gate, commits
+
+
 async def test_a_batch_is_processed_while_the_one_before_commits_and_committed_after_it(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
-    write_all = tsu.store.write_all
-    gate = asyncio.Event()
-    written: list[int] = []
-
-    async def gated(statements: Any) -> None:
-        if not written:
-            written.append(0)
-            await gate.wait()  # the first commit takes its time
-        await write_all(statements)
-        written.append(len(written))
-
-    monkeypatch.setattr(tsu.store, "write_all", gated)
+    gate, commits = _first_commit_held(tsu, monkeypatch)
     one = asyncio.create_task(_push(mie, "tsu", first))
-    await eventually(lambda: written == [0])
+    await eventually(lambda: commits == ["held"])
     two = asyncio.create_task(_push(mie, "tsu", second))
     # The second batch is processed meanwhile (memory), but not acknowledged before the
     # first is durable.
@@ -382,7 +394,7 @@ async def test_a_batch_is_processed_while_the_one_before_commits_and_committed_a
     gate.set()
     assert (await one)["accepted"] == 2
     assert (await two)["accepted"] == 1
-    assert written == [0, 1, 2]
+    assert commits == ["held", "written", "written"]
     texts = [e.content.body.get("text") for e in await timeline(tsu, room)]
     assert texts == [None, "一", "二", "三"]
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
@@ -392,20 +404,9 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
-    write_all = tsu.store.write_all
-    gate = asyncio.Event()
-    calls: list[None] = []
-
-    async def failing_once(statements: Any) -> None:
-        calls.append(None)
-        if len(calls) == 1:
-            await gate.wait()
-            raise StorageError("database or disk is full", code="disk_full")
-        await write_all(statements)
-
-    monkeypatch.setattr(tsu.store, "write_all", failing_once)
+    gate, commits = _first_commit_held(tsu, monkeypatch, fails=True)
     one = asyncio.create_task(_push(mie, "tsu", first))
-    await eventually(lambda: len(calls) == 1)
+    await eventually(lambda: commits == ["held"])
     two = asyncio.create_task(_push(mie, "tsu", second))
     await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 4})
     gate.set()
@@ -415,7 +416,7 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     with pytest.raises(KakehashiError) as after:
         await two
     assert after.value.code == "commit_failed"
-    assert len(calls) == 1  # the second batch was not written on top of the failure
+    assert commits == ["held", "failed"]  # the second was not written on top of it
     # Memory was rebuilt from disk: neither batch is held, and none was applied.
     assert tsu.rooms.vector(room) == {"mie-pref": 1}
     assert len(await timeline_ids(tsu, room)) == 1
