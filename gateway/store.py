@@ -13,6 +13,8 @@ Schema changes are numbered migrations applied at open; the version lives in
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -47,6 +49,11 @@ CHECKPOINT_INTERVAL = 0.5
 CHECKPOINT_BACKSTOP = 25_000
 """Pages (4 KiB) the log may reach before a commit checkpoints it itself, should the
 background checkpoints fall behind (SQLite's own default is 1,000)."""
+
+MULTI_ROW = 256
+"""Rows one INSERT statement carries at most when `Store.write_all` joins them (see
+`_insert_rows`)."""
+_MAX_PARAMETERS = 32_766  # SQLITE_MAX_VARIABLE_NUMBER's default since SQLite 3.32
 
 Statements = Sequence[tuple[str, Sequence[Sequence[Any]]]]
 """Prepared writes: SQL with the rows of parameters to run it with (`Store.write_all`)."""
@@ -289,7 +296,7 @@ def _write_in_thread(connection: sqlite3.Connection, statements: Statements, dur
         connection.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in statements:
-                connection.executemany(sql, rows)
+                _insert_rows(connection, sql, rows)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -298,6 +305,44 @@ def _write_in_thread(connection: sqlite3.Connection, statements: Statements, dur
     finally:
         if not durable:
             connection.execute("PRAGMA synchronous=FULL")
+
+
+_ONE_ROW = re.compile(r"(INSERT\b.*?\bVALUES\s*)(\(\s*\?(?:\s*,\s*\?)*\s*\))(.*)", re.S)
+
+
+@functools.lru_cache(maxsize=256)
+def _joined(sql: str, count: int) -> tuple[str, int] | None:
+    """`sql` (an INSERT of one row of `?`s) rewritten to insert up to `count` rows, and how
+    many it takes; None if `sql` is not such an INSERT."""
+    match = _ONE_ROW.fullmatch(sql)
+    if match is None:
+        return None
+    head, row, tail = match.groups()
+    count = min(count, MULTI_ROW, _MAX_PARAMETERS // row.count("?"))
+    count = 1 << (count.bit_length() - 1)  # a power of two: few shapes, each compiled once
+    return f"{head}{', '.join([row] * count)}{tail}", count
+
+
+def _insert_rows(connection: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """`executemany`, with the rows of an INSERT joined into multi-row statements.
+
+    `executemany` steps the statement once per row, and sqlite3 releases the interpreter
+    lock around each step: the database thread then waits for the lock once per row, and
+    while the event loop is busy (a catch-up decoding its next page) each wait lasts up
+    to the interpreter's switch interval. Measured with one busy thread beside it: 2000
+    rows took 100-2,500 µs each instead of 20. Joined, one step inserts up to `MULTI_ROW`
+    rows without the lock. The rows, their order and their conflicts are the same, and
+    an error fails the transaction either way."""
+    start = 0
+    while len(rows) - start > 1:
+        joined = _joined(sql, len(rows) - start)
+        if joined is None:
+            break
+        text, count = joined
+        connection.execute(text, [value for row in rows[start : start + count] for value in row])
+        start += count
+    if start < len(rows):
+        connection.executemany(sql, rows[start:])
 
 
 def _checkpoint(connection: sqlite3.Connection) -> int:

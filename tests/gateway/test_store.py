@@ -341,3 +341,47 @@ async def test_the_log_is_copied_into_the_database_file_in_the_background(
     async with Store(database) as again:
         rows = await again.read_all("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'")
         assert rows[0][0] == 800
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 256, 300, 1000])
+async def test_rows_joined_into_multi_row_inserts_are_stored_as_executemany_stores_them(
+    tmp_path: Path, count: int
+) -> None:
+    # An upsert whose rows repeat a key within one batch, an autoincrement key, and a
+    # statement that is not an INSERT (run row by row, as given).
+    schema = "CREATE TABLE t (pos INTEGER PRIMARY KEY AUTOINCREMENT, k TEXT UNIQUE, v BLOB, n INT)"
+    upsert = "INSERT INTO t (k, v, n) VALUES (?, ?, ?) ON CONFLICT (k) DO UPDATE SET n = t.n + 1"
+    update = "UPDATE t SET v = ? WHERE k = ?"
+    rows = [(f"k{i % (count // 2 + 1)}", bytes([i % 256]) * (i % 5), i) for i in range(count)]
+    updates = [(b"u", f"k{i}") for i in range(0, count, 3)]
+    tables = []
+    for name, write in (("joined", store_module._insert_rows), ("plain", None)):
+        connection = sqlite3.connect(tmp_path / f"{name}.db", isolation_level=None)
+        connection.execute(schema)
+        connection.execute("BEGIN")
+        for sql, given in ((upsert, rows), (update, updates)):
+            if write is None:
+                connection.executemany(sql, given)
+            else:
+                write(connection, sql, given)
+        connection.execute("COMMIT")
+        tables.append(connection.execute("SELECT * FROM t ORDER BY pos").fetchall())
+        connection.close()
+    assert tables[0] == tables[1]
+    assert len(tables[0]) == count // 2 + 1
+
+
+def test_joined_inserts_take_a_few_shapes_of_statement_each_within_sqlites_limits() -> None:
+    one = "INSERT INTO t (a, b) VALUES (?, ?) ON CONFLICT DO NOTHING"
+    joined = store_module._joined(one, 1000)
+    assert joined is not None
+    text, count = joined
+    assert count == store_module.MULTI_ROW
+    assert text.count("(?, ?)") == count and text.endswith(") ON CONFLICT DO NOTHING")
+    assert store_module._joined(one, 300) == joined  # then 32, 8 and 4 rows for the 44 left
+    assert store_module._joined(one, 44) == (text.replace(", (?, ?)" * (count - 32), ""), 32)
+    wide = "INSERT INTO t VALUES (" + ", ".join(["?"] * 500) + ")"
+    assert store_module._joined(wide, 1000) is not None
+    assert store_module._joined(wide, 1000)[1] == 64  # 66 rows would pass 32,766 parameters
+    assert store_module._joined("DELETE FROM t WHERE a = ?", 10) is None
+    assert store_module._joined("INSERT INTO t SELECT * FROM u WHERE a = ?", 10) is None
