@@ -681,7 +681,7 @@ class ClientApi:
 
     async def start(self, host: str, port: int, context: ssl.SSLContext) -> None:
         _shrink_tls_read_buffers()
-        self._timeline.subscribe(self.hub.publish)
+        self._timeline.subscribe(self.hub.publish, self.hub.listening)
         app = api_app(
             self._node,
             timeline=self._timeline,

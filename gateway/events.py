@@ -224,6 +224,10 @@ class Hub:
     def connections(self) -> int:
         return sum(len(group) for group in self._by_user.values())
 
+    def listening(self) -> bool:
+        """Whether any connection is open: events are made only then (`Timeline.subscribe`)."""
+        return bool(self._by_user)
+
     def add(self, connection: Connection) -> None:
         self._by_user.setdefault(connection.user, set()).add(connection)
 

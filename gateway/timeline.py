@@ -268,7 +268,7 @@ class Timeline:
         self._rows = TimelineStore(store)
         self._rooms = rooms
         self._queue: asyncio.Queue[list[Envelope]] = asyncio.Queue()
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, Callable[[], bool]]] = []
         self._worker: asyncio.Task[None] | None = None
         self._users: dict[str, frozenset[str]] = {}
         self._queued = 0
@@ -286,13 +286,17 @@ class Timeline:
         self._queued += 1
         self._queue.put_nowait(envelopes)
 
-    def subscribe(self, callback: Subscriber) -> None:
-        """Call `callback` with the events of each indexed step, in order."""
-        self._subscribers.append(callback)
+    def subscribe(self, callback: Subscriber, listening: Callable[[], bool] = lambda: True) -> None:
+        """Call `callback` with the events of each indexed step, in order.
+
+        `listening` says whether the subscriber has anyone to pass events to now (the
+        staff connections of the client API); while no subscriber has, no events are
+        made: a node catching up on 100,000 messages would otherwise build a view of
+        each for nobody."""
+        self._subscribers.append((callback, listening))
 
     def unsubscribe(self, callback: Subscriber) -> None:
-        if callback in self._subscribers:
-            self._subscribers.remove(callback)
+        self._subscribers = [entry for entry in self._subscribers if entry[0] != callback]
 
     async def start(self) -> None:
         """Index what a crash left unindexed, then follow newly accepted envelopes."""
@@ -348,7 +352,7 @@ class Timeline:
                 self._done += len(batches)
                 self._progress.notify_all()
             if events:
-                for callback in list(self._subscribers):
+                for callback, _ in list(self._subscribers):
                     try:
                         await callback(events)
                     except Exception:
@@ -397,6 +401,9 @@ class Timeline:
                 )
             )
         await self._rows.write(receipts, relations)
+        if not any(listening() for _, listening in self._subscribers):
+            self._rooms_changed(envelopes)
+            return []
         return await self._events(envelopes, targets, relations)
 
     async def _events(
@@ -413,17 +420,12 @@ class Timeline:
         }
         readers: dict[str, _Readers] = {}
         events: list[TimelineEvent] = []
-        changed: list[str] = []
         for envelope in envelopes:
             content = envelope.content
             at_ms = hlc_to_ms(content.hlc)
             kind = content.kind
             if kind is Kind.MESSAGE:
                 events.append(MessagePosted(message=self._plain_view(envelope)))
-                continue
-            if kind is Kind.STATE:
-                if content.room not in changed:
-                    changed.append(content.room)
                 continue
             if kind not in _ANNOTATIONS:
                 continue
@@ -491,6 +493,18 @@ class Timeline:
                             at_ms=at_ms,
                         )
                     )
+        events.extend(self._rooms_changed(envelopes))
+        return events
+
+    def _rooms_changed(self, envelopes: Sequence[Envelope]) -> list[RoomChanged]:
+        """Each room whose state `envelopes` change, with its users before: kept up to date
+        whether anyone listens or not, so the next event says who was in the room."""
+        changed: list[str] = []
+        for envelope in envelopes:
+            room = envelope.content.room
+            if envelope.content.kind is Kind.STATE and room not in changed:
+                changed.append(room)
+        events = []
         for room in changed:
             state = self._rooms.state(room)
             if state is None:

@@ -29,6 +29,7 @@ from gateway.api import API_PREFIX, principal
 from gateway.events import CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED
 from gateway.local import LocalFederation
 from gateway.node import Node
+from gateway.timeline import Timeline
 from gateway.webclient import WEB_FILES
 
 from .apiclient import SPEC, Api, session_for
@@ -142,6 +143,40 @@ async def test_message_from_tsu_reaches_ise_websocket_and_its_read_receipt_comes
     again = await suzuki.post(f"/rooms/{room}/read", {"up_to": message_id})
     assert again["unread"] == 0
     assert (await tanaka.get(f"/rooms/{room}/messages/{message_id}"))["read_count"] == 1
+
+
+async def test_live_events_are_made_only_while_a_connection_listens(
+    towns: Towns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[tuple[str, int]] = []
+    events = Timeline._events
+
+    async def counted(self: Timeline, envelopes: Any, *args: Any) -> Any:
+        made.append(
+            (
+                next(n for n, node in towns.federation.nodes.items() if node.timeline is self),
+                len(envelopes),
+            )
+        )
+        return await events(self, envelopes, *args)
+
+    monkeypatch.setattr(Timeline, "_events", counted)
+    tanaka, suzuki = await towns.as_user("tanaka"), await towns.as_user("suzuki")
+    room = await shared_room(towns, tanaka, "suzuki@ise")
+    first = await tanaka.post(f"/rooms/{room}/messages", {"text": "誰も見ていない"}, expect=201)
+
+    async def at_ise() -> bool:
+        page = await suzuki.get(f"/rooms/{room}/messages")
+        return first["id"] in [m["id"] for m in page["messages"]]
+
+    await eventually(at_ise)
+    await towns.ise.timeline.settled()
+    assert made == []  # indexed at both nodes, and no event made for nobody
+    async with suzuki.events() as live:
+        second = await tanaka.post(f"/rooms/{room}/messages", {"text": "見ている"}, expect=201)
+        event = await live.wait_for(type="message", id=second["id"])
+        assert event["text"] == "見ている"
+    assert ("ise", 1) in made and all(node == "ise" for node, _ in made)
 
 
 async def test_staff_of_another_town_are_shown_by_the_names_their_own_node_gives(
