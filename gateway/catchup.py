@@ -49,6 +49,9 @@ PENDING_GRACE = 1.0
 SYNC_ROOMS = 2000
 """Rooms named in one catch-up request at most; more are asked in several passes."""
 PAGE_COUNT = 2000
+PAGES_AHEAD = 2
+"""Pages asked for and decoded ahead of the one being processed, at most: the peer serves
+one, the decoding helper decodes another, while this node verifies and commits a third."""
 PAGE_BYTES = 4 * 1024 * 1024
 ANSWER_LIMITS = codec.Limits(
     max_bytes=BATCH_LIMITS.max_bytes,
@@ -277,14 +280,39 @@ class CatchUp:
         return codec.decode_map(response.body, ANSWER_LIMITS, canonical=False)
 
     async def _fetch(
-        self, entry: RosterEntry, vectors: dict[str, dict[str, int]], *, discover: bool = False
-    ) -> tuple[dict[str, Any], list[bytes], list[Decoded]]:
-        """A page and its envelopes, decoded (on the helper process when large)."""
-        answer = await self._ask(entry, vectors, discover=discover)
-        wires = answer.get("envelopes") or []
-        if not isinstance(wires, list):
-            raise ProtocolError("a page's envelopes must be a list", code="bad_answer")
-        return answer, wires, await self._rooms.decode(wires)
+        self,
+        entry: RosterEntry,
+        vectors: dict[str, dict[str, int]],
+        window: asyncio.Semaphore,
+        *,
+        discover: bool = False,
+    ) -> _Page:
+        """A page and its envelopes, decoded (on the helper process when large).
+
+        As soon as the answer says where the page ended, the page after it is asked for
+        (in a task of its own: `_Page.next`) while this one is decoded, as long as fewer
+        than `PAGES_AHEAD` pages are fetched and not yet taken in: one place in `window`
+        per page, given back when the page is taken in, or when its fetch fails."""
+        await window.acquire()
+        following: dict[str, dict[str, int]] | None = None
+        after: asyncio.Task[_Page] | None = None
+        try:
+            answer = await self._ask(entry, vectors, discover=discover)
+            wires = answer.get("envelopes") or []
+            if not isinstance(wires, list):
+                raise ProtocolError("a page's envelopes must be a list", code="bad_answer")
+            if answer.get("more") is True and wires and not discover:
+                following = _following(vectors, answer.get("through"))
+            if following is not None:
+                after = asyncio.create_task(
+                    self._fetch(entry, following, window), name="catch-up-page"
+                )
+            decoded = await self._rooms.decode(wires)
+        except BaseException:
+            window.release()
+            await _drop_pages(self._rooms, after)
+            raise
+        return _Page(answer, wires, decoded, following, after)
 
     async def _pages(
         self,
@@ -297,36 +325,41 @@ class CatchUp:
         total = 0
         asking = discover
         vectors = self._vectors(rooms)
-        ahead: asyncio.Task[tuple[dict[str, Any], list[bytes], list[Decoded]]] | None = None
+        window = asyncio.Semaphore(PAGES_AHEAD)
+        ahead: asyncio.Task[_Page] | None = None
+        # The page before, still committing: this one is verified and planned meanwhile
+        # (commits are pipelined, in plan order), and awaited before the next is taken in.
+        landing: asyncio.Task[int] | None = None
         try:
             while True:
                 try:
                     if ahead is not None:
-                        (answer, wires, decoded), ahead = await ahead, None
+                        page, ahead = await ahead, None
                     else:
-                        answer, wires, decoded = await self._fetch(entry, vectors, discover=asking)
+                        page = await self._fetch(entry, vectors, window, discover=asking)
                 except KakehashiError as exc:
+                    if landing is not None:  # the page before is good: let it land
+                        total += await landing
+                        landing = None
                     if discover:
                         raise
                     log.debug("catch_up_unavailable", peer=peer, code=exc.code)
                     return total
+                window.release()
+                ahead = page.next
+                answer, wires = page.answer, page.wires
                 more = answer.get("more") is True
                 remaining = answer.get("remaining", 0)
                 progress.remaining = remaining if isinstance(remaining, int) else 0
-                following = None
-                if more and wires and not asking:
-                    following = _following(vectors, answer.get("through"))
-                if following is not None:
-                    # Ask for the next page now: the peer reads it, and the decoding
-                    # helper decodes it, while this one is verified and committed here.
-                    ahead = asyncio.create_task(self._fetch(entry, following), name="catch-up-page")
                 if wires:
-                    _, _, refused = await self._rooms.receive(peer, wires, decoded=decoded)
-                    total += len(wires)
-                    self.pulled += len(wires)
-                    progress.pulled = total
-                    if refused:
-                        log.warning("catch_up_refusals", peer=peer, count=len(refused))
+                    previous, landing = (
+                        landing,
+                        asyncio.create_task(
+                            self._take(peer, wires, page.decoded, progress), name="catch-up-receive"
+                        ),
+                    )
+                    if previous is not None:
+                        total += await previous
                 learnt: list[str] = []
                 if asking:
                     asking = False
@@ -337,9 +370,12 @@ class CatchUp:
                         self._rooms.expect(learnt)
                         rooms.extend(learnt)
                         log.info("rooms_rediscovered", peer=peer, rooms=learnt)
-                if following is not None:
-                    vectors = following
+                if page.following is not None:
+                    vectors = page.following
                     continue
+                if landing is not None:
+                    total += await landing
+                    landing = None
                 after = self._vectors(vectors)
                 # Pages come in causal order, so each one advances our vectors; if one did
                 # not, asking again would return the same page: stop and retry next pass.
@@ -347,13 +383,48 @@ class CatchUp:
                     break
                 vectors = self._vectors(rooms)
         finally:
-            if ahead is not None:
-                await cancel_all([ahead])
-                if not ahead.cancelled() and ahead.exception() is None:
-                    self._rooms.release(ahead.result()[2])  # decoded, never received
+            if landing is not None:
+                await cancel_all([landing])
+            await _drop_pages(self._rooms, ahead)
         if total:
             log.info("caught_up", peer=peer, envelopes=total)
         return total
+
+    async def _take(
+        self, peer: str, wires: list[bytes], decoded: list[Decoded], progress: CatchUpProgress
+    ) -> int:
+        """One page processed and committed: how many envelopes it carried."""
+        _, _, refused = await self._rooms.receive(peer, wires, decoded=decoded)
+        self.pulled += len(wires)
+        progress.pulled += len(wires)
+        if refused:
+            log.warning("catch_up_refusals", peer=peer, count=len(refused))
+        return len(wires)
+
+
+@dataclass(slots=True)
+class _Page:
+    """A catch-up page, fetched and decoded."""
+
+    answer: dict[str, Any]
+    wires: list[bytes]
+    decoded: list[Decoded]
+    following: dict[str, dict[str, int]] | None
+    """The vectors after this page, if the answer said where it ended and there is more."""
+    next: asyncio.Task[_Page] | None
+    """The page after it, already asked for."""
+
+
+async def _drop_pages(rooms: RoomService, task: asyncio.Task[_Page] | None) -> None:
+    """Cancel a chain of pages fetched ahead, and drop the claims of those already decoded
+    (a page cancelled while decoding drops the rest of the chain itself)."""
+    while task is not None:
+        await cancel_all([task])
+        if task.cancelled() or task.exception() is not None:
+            return
+        page = task.result()
+        rooms.release(page.decoded)  # decoded, never received
+        task = page.next
 
 
 def _following(

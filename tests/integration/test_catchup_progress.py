@@ -19,6 +19,7 @@ from gateway import catchup as catchup_module
 from gateway.catchup import ANSWER_LIMITS, CatchUp
 from gateway.node import Node
 from gateway.rooms import BATCH_LIMITS, Refusal, RoomService
+from gateway.store import Store
 
 from .conftest import Cluster, eventually
 
@@ -177,3 +178,75 @@ async def test_catch_up_asks_for_the_next_page_while_it_commits_this_one(
     assert len(held) == 1001
     assert duplicates == 0
     assert asked_while_receiving >= 5  # most of the ten pages were asked for ahead
+
+
+async def test_catch_up_fetches_at_most_two_pages_ahead_of_the_one_taken_in(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catchup_module, "PAGE_COUNT", 100)
+    asks = 0
+    gate = asyncio.Event()
+    ask, decode = CatchUp._ask, RoomService.decode
+
+    async def counted_ask(self: CatchUp, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        nonlocal asks
+        asks += 1
+        return await ask(self, *args, **kwargs)
+
+    async def held_decode(self: RoomService, wires: Sequence[bytes]) -> Any:
+        await gate.wait()
+        return await decode(self, wires)
+
+    monkeypatch.setattr(CatchUp, "_ask", counted_ask)
+    monkeypatch.setattr(RoomService, "decode", held_decode)
+    tsu, room = await backlog(cluster, 10, 100)
+    # No page can be decoded, so none is taken in: the first page, and the one after it
+    # (asked for as soon as the first answer said where it ended), and no more.
+    await eventually(lambda: asks == catchup_module.PAGES_AHEAD)
+    await asyncio.sleep(0.5)
+    assert asks == catchup_module.PAGES_AHEAD
+    assert tsu.rooms.vector(room) == {"mie-pref": 1}
+    gate.set()
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 1001}, timeout=30)
+    assert len(await tsu.rooms.store.history(room, 2000)) == 1001
+
+
+async def test_catch_up_takes_in_the_next_page_while_the_one_before_commits(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catchup_module, "PAGE_COUNT", 100)
+    tsu, room = await backlog(cluster, 0, 0)  # tsu knows the room; the backlog comes next
+    await cluster.stop("tsu")
+    mie = cluster.nodes["mie-pref"]
+    for chunk in range(10):
+        await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(100)])
+    async with mie.store.db.execute("DELETE FROM outbox") as _:
+        pass
+    await mie.store.db.commit()
+    gate = asyncio.Event()
+    commits: list[str] = []
+    write_all = Store.write_all
+
+    async def first_page_held(self: Store, statements: Any, **kwargs: Any) -> None:
+        envelopes = sum(len(rows) for sql, rows in statements if "INTO envelope" in sql)
+        if envelopes and self is not mie.store:
+            if not commits:
+                commits.append("held")
+                await gate.wait()
+            await write_all(self, statements, **kwargs)
+            commits.append(f"{envelopes} written")
+            return
+        await write_all(self, statements, **kwargs)
+
+    monkeypatch.setattr(Store, "write_all", first_page_held)
+    tsu = await cluster.start("tsu")
+    # While the first page's commit is held, the second is verified and applied in
+    # memory (the vector moves past it), and not committed before the first.
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 201})
+    await asyncio.sleep(0.3)
+    assert commits == ["held"]
+    gate.set()
+    await eventually(lambda: len(commits) > 2 and tsu.rooms.vector(room) == {"mie-pref": 1001})
+    assert commits[:3] == ["held", "100 written", "100 written"]
+    await eventually(lambda: sum(c == "100 written" for c in commits) == 10)
+    assert len(await tsu.rooms.store.history(room, 2000)) == 1001
