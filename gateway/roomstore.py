@@ -146,8 +146,8 @@ class RoomStore:
     async def state_envelopes(self, room: str) -> list[bytes]:
         """Accepted state envelopes of a room, in home order, to rebuild its history."""
         async with self._db.execute(
-            "SELECT wire FROM envelope WHERE room_id = ? AND kind = 'state' AND status = 1 "
-            "ORDER BY seq",
+            "SELECT wire FROM envelope INDEXED BY envelope_others WHERE room_id = ? "
+            "AND status = 1 AND kind != 'message' AND kind = 'state' ORDER BY seq",
             (room,),
         ) as cursor:
             return [bytes(row[0]) for row in await cursor.fetchall()]
@@ -155,8 +155,9 @@ class RoomStore:
     async def state_requests(self, home: str) -> list[bytes]:
         """Accepted state requests to the rooms whose home is `home`, oldest first."""
         async with self._db.execute(
-            "SELECT e.wire FROM envelope e JOIN room r ON r.room_id = e.room_id "
-            "WHERE r.home = ? AND e.kind = 'state-request' AND e.status = 1 ORDER BY e.hlc",
+            "SELECT e.wire FROM room r JOIN envelope e INDEXED BY envelope_others "
+            "ON e.room_id = r.room_id WHERE r.home = ? AND e.status = 1 "
+            "AND e.kind != 'message' AND e.kind = 'state-request' ORDER BY e.hlc",
             (home,),
         ) as cursor:
             return [bytes(row[0]) for row in await cursor.fetchall()]
@@ -164,7 +165,7 @@ class RoomStore:
     async def pending(self) -> list[bytes]:
         """Envelopes stored but still waiting for dependencies."""
         async with self._db.execute(
-            "SELECT wire FROM envelope WHERE status = 0 ORDER BY hlc"
+            "SELECT wire FROM envelope INDEXED BY envelope_pending WHERE status = 0 ORDER BY hlc"
         ) as cursor:
             return [bytes(row[0]) for row in await cursor.fetchall()]
 
@@ -425,15 +426,28 @@ class RoomStore:
     async def history(
         self, room: str, limit: int, before_hlc: int | None = None
     ) -> list[tuple[bytes, bytes]]:
-        """(id, wire) of the newest accepted envelopes of `room`, newest first."""
-        sql = "SELECT id, wire FROM envelope WHERE room_id = ? AND status = 1"
-        params: list[object] = [room]
-        if before_hlc is not None:
-            sql += " AND hlc < ?"
-            params.append(before_hlc)
-        sql += " ORDER BY hlc DESC, origin DESC, seq DESC LIMIT ?"
-        params.append(limit)
-        async with self._db.execute(sql, params) as cursor:
+        """(id, wire) of the newest accepted envelopes of `room`, newest first.
+
+        Messages and the other kinds are in two indexes (see the last migration): the
+        newest of each, merged."""
+        before = "" if before_hlc is None else " AND hlc < ?"
+        order = "ORDER BY hlc DESC, origin DESC, seq DESC"
+        part = (
+            "SELECT * FROM (SELECT id, wire, hlc, origin, seq FROM envelope INDEXED BY {index} "
+            "WHERE room_id = ? AND status = 1 AND {kind}{before} {order} LIMIT ?)"
+        )
+        sql = (
+            part.format(
+                index="envelope_messages", kind="kind = 'message'", before=before, order=order
+            )
+            + " UNION ALL "
+            + part.format(
+                index="envelope_others", kind="kind != 'message'", before=before, order=order
+            )
+            + f" {order} LIMIT ?"
+        )
+        one: list[object] = [room, *([] if before_hlc is None else [before_hlc]), limit]
+        async with self._db.execute(sql, [*one, *one, limit]) as cursor:
             return [(bytes(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
 
     async def counts(self) -> dict[str, tuple[int, int]]:
