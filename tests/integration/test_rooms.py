@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,22 +329,21 @@ def _id(wire: bytes) -> bytes:
     return Envelope.from_bytes(wire).id
 
 
-async def _unsent_batches(
-    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
-) -> tuple[Node, Node, str, list[bytes], list[bytes]]:
-    """Two signing batches of mie's in a room with tsu that tsu has not received, and
-    will receive only when a test pushes them (no outbox, no catch-up)."""
+async def _unsent(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, sends: Sequence[list[str]]
+) -> tuple[Node, Node, str, list[list[bytes]]]:
+    """Signing batches of mie's (one per send) in a room with tsu that tsu has not
+    received, and will receive only when a test pushes them (no outbox, no catch-up)."""
     mie, tsu, _ = await three_nodes(cluster)
     room = await mie.rooms.create("順番", nodes=["tsu"])
     await eventually(holds(tsu, room, 1))
     await cluster.stop("tsu")
-    first = await mie.rooms.send(room, ["一", "二"])
-    second = await mie.rooms.send(room, ["三"])
+    sent = [await mie.rooms.send(room, texts) for texts in sends]
     async with mie.store.db.execute("DELETE FROM outbox") as _:
         pass
     await mie.store.db.commit()
     wires = {
-        Envelope.from_bytes(wire).id: wire for _, wire in await mie.rooms.store.history(room, 10)
+        Envelope.from_bytes(wire).id: wire for _, wire in await mie.rooms.store.history(room, 100)
     }
 
     async def no_catch_up(self: CatchUp, *args: object, **kwargs: object) -> int:
@@ -352,7 +351,15 @@ async def _unsent_batches(
 
     monkeypatch.setattr(CatchUp, "sync_with", no_catch_up)
     tsu = await cluster.start("tsu")
-    return mie, tsu, room, [wires[i] for i in first], [wires[i] for i in second]
+    return mie, tsu, room, [[wires[i] for i in ids] for ids in sent]
+
+
+async def _unsent_batches(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Node, Node, str, list[bytes], list[bytes]]:
+    """Two such batches: two messages, then one."""
+    mie, tsu, room, (first, second) = await _unsent(cluster, monkeypatch, [["一", "二"], ["三"]])
+    return mie, tsu, room, first, second
 
 
 def _first_commit_held(
@@ -397,6 +404,28 @@ async def test_a_batch_is_processed_while_the_one_before_commits_and_committed_a
     assert commits == ["held", "written", "written"]
     texts = [e.content.body.get("text") for e in await timeline(tsu, room)]
     assert texts == [None, "一", "二", "三"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_batches_queued_behind_a_commit_share_the_next_one(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, batches = await _unsent(cluster, monkeypatch, [["一"], ["二"], ["三"], ["四"]])
+    gate, commits = _first_commit_held(tsu, monkeypatch)
+    one = asyncio.create_task(_push(mie, "tsu", batches[0]))
+    await eventually(lambda: commits == ["held"])
+    rest = [asyncio.create_task(_push(mie, "tsu", batch)) for batch in batches[1:]]
+    # All three are processed while the first commits, and wait for it.
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 5})
+    await asyncio.sleep(0.3)
+    assert not any(task.done() for task in [one, *rest])
+    gate.set()
+    answers = [await one, *[await task for task in rest]]
+    assert sum(answer["accepted"] for answer in answers) == 4
+    # The first commit, then one transaction for the three queued behind it, not three.
+    assert commits == ["held", "written", "written"]
+    texts = [e.content.body.get("text") for e in await timeline(tsu, room)]
+    assert texts == [None, "一", "二", "三", "四"]
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
