@@ -60,9 +60,7 @@ async def backlog(cluster: Cluster, chunks: int, size: int) -> tuple[Node, str]:
     await cluster.stop("tsu")
     for chunk in range(chunks):
         await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(size)])
-    async with mie.store.db.execute("DELETE FROM outbox") as _:
-        pass
-    await mie.store.db.commit()
+    await mie.store.write_all([("DELETE FROM outbox", [()])])
     return await cluster.start("tsu"), room
 
 
@@ -153,8 +151,9 @@ async def test_catch_up_asks_for_each_page_before_the_one_before_is_in(
 
     async def counted_ask(self: CatchUp, *args: Any, **kwargs: Any) -> dict[str, Any]:
         nonlocal asked, asked_ahead
-        asked_ahead += received < asked  # a page asked for earlier is not in yet
-        asked += 1
+        if self._node_id == "tsu":  # not mie's own pass, asking tsu
+            asked_ahead += received < asked  # a page asked for earlier is not in yet
+            asked += 1
         return await ask(self, *args, **kwargs)
 
     async def counted_receive(
@@ -162,8 +161,9 @@ async def test_catch_up_asks_for_each_page_before_the_one_before_is_in(
     ) -> tuple[int, int, list[Refusal]]:
         nonlocal received, duplicates
         result = await receive(self, peer, wires, **kwargs)
-        received += kwargs.get("decoded") is not None  # a page (not a push)
-        duplicates += result[1]
+        if self.node_id == "tsu":
+            received += kwargs.get("decoded") is not None  # a page (not a push)
+            duplicates += result[1]
         return result
 
     monkeypatch.setattr(CatchUp, "_ask", counted_ask)
@@ -188,7 +188,7 @@ async def test_catch_up_fetches_at_most_two_pages_ahead_of_the_one_taken_in(
 
     async def counted_ask(self: CatchUp, *args: Any, **kwargs: Any) -> dict[str, Any]:
         nonlocal asks
-        asks += 1
+        asks += self._node_id == "tsu"  # not mie's own pass, asking tsu
         return await ask(self, *args, **kwargs)
 
     async def held_decode(self: RoomService, wires: Sequence[bytes]) -> Any:
@@ -218,9 +218,7 @@ async def test_catch_up_takes_in_the_next_page_while_the_one_before_commits(
     mie = cluster.nodes["mie-pref"]
     for chunk in range(10):
         await mie.rooms.send(room, [f"{chunk}-{i}" for i in range(100)])
-    async with mie.store.db.execute("DELETE FROM outbox") as _:
-        pass
-    await mie.store.db.commit()
+    await mie.store.write_all([("DELETE FROM outbox", [()])])
     gate = asyncio.Event()
     commits: list[str] = []
     write_all = Store.write_all

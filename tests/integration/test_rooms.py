@@ -339,9 +339,7 @@ async def _unsent(
     await eventually(holds(tsu, room, 1))
     await cluster.stop("tsu")
     sent = [await mie.rooms.send(room, texts) for texts in sends]
-    async with mie.store.db.execute("DELETE FROM outbox") as _:
-        pass
-    await mie.store.db.commit()
+    await mie.store.write_all([("DELETE FROM outbox", [()])])
     wires = {
         Envelope.from_bytes(wire).id: wire for _, wire in await mie.rooms.store.history(room, 100)
     }
@@ -464,9 +462,7 @@ async def _joining_wires(cluster: Cluster) -> tuple[Node, Node, str, bytes, byte
     await cluster.stop("tsu")
     room = await mie.rooms.create("合流", nodes=["tsu"])
     await mie.rooms.send(room, ["ようこそ"])
-    async with mie.store.db.execute("DELETE FROM outbox") as _:
-        pass
-    await mie.store.db.commit()
+    await mie.store.write_all([("DELETE FROM outbox", [()])])
     wires = [wire for _, wire in await mie.rooms.store.history(room, 10)]
     state, hello = sorted(wires, key=lambda wire: Envelope.from_bytes(wire).content.seq)
     assert Envelope.from_bytes(state).content.kind is Kind.STATE
