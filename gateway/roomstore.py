@@ -327,13 +327,10 @@ class RoomStore:
         """Delete the acknowledged rows now; False if the database refused (kept pending)."""
         if not self._acks:
             return True
+        through = self._acks_gone + len(self._acks)
+        delete = "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?"
         try:
-            async with self._store.transaction(durable=False) as db:
-                through = self._acks_gone + len(self._acks)
-                await db.executemany(
-                    "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?",
-                    list(self._acks),
-                )
+            await self._store.write_all([(delete, list(self._acks))], durable=False)
         except KakehashiError as exc:
             log.warning("outbox_ack_not_written", rows=len(self._acks), code=exc.code)
             return False
