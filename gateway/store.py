@@ -588,15 +588,15 @@ class Store:
         if execute is None:
             return
 
-        async def counted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            def run() -> Any:
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    self._finished += 1  # on the database thread, its only writer
+        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._finished += 1  # on the database thread, its only writer
 
+        async def counted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             self._handed += 1
-            return await execute(run)
+            return await execute(run, fn, *args, **kwargs)
 
         db._execute = counted  # type: ignore[method-assign]
         self._inline_ready = True
