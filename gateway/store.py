@@ -61,10 +61,11 @@ _MAX_PARAMETERS = 32_766  # SQLITE_MAX_VARIABLE_NUMBER's default since SQLite 3.
 INLINE_ROWS = 32
 """A `Store.write_all` of at most this many rows commits on the event loop's own thread
 (see `Store._write_inline`)."""
-INLINE_SLOW_MS = 2.0
-"""Past this average commit time (a slow disk), small writes go to the database thread
-too, so the event loop is not held for each fsync; every `INLINE_PROBE`-th is still
-committed inline to notice when the disk is fast again."""
+INLINE_SLOW_MS = 1.0
+"""Past this average commit time (a slow or busy disk), small writes go to the database
+thread too, so that the event loop goes on with other work while the disk syncs; every
+`INLINE_PROBE`-th is still committed inline, to notice when the disk is fast again.
+Measured in docs/benchmarks.md (30 node processes sharing one disk)."""
 INLINE_PROBE = 64
 BUSY_TIMEOUT_MS = 5000
 """How long a write waits for another process's write lock (an operator's backup, say)."""
