@@ -370,6 +370,20 @@ def _insert_rows(connection: sqlite3.Connection, sql: str, rows: Sequence[Sequen
         connection.executemany(sql, rows[start:])
 
 
+async def _connect(path: Path) -> aiosqlite.Connection:
+    """The store's connection. Not only its own thread uses it: see `_write_inline`."""
+    connecting = aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        return await connecting
+    except BaseException:
+        # A failed connect stops aiosqlite's thread without waiting for it; waited for
+        # here, it cannot report to an event loop that is gone by then.
+        thread = getattr(connecting, "_thread", None)
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)
+        raise
+
+
 def _checkpoint(connection: sqlite3.Connection) -> int:
     """One passive checkpoint: how many pages of the log are now in the database file."""
     _busy, _logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -463,10 +477,7 @@ class Store:
                 hint="check --home; `kakehashi init` creates the node's home",
             )
         try:
-            # Not only its own thread uses the connection: see `_write_inline`.
-            self._db = await aiosqlite.connect(
-                self._path, isolation_level=None, check_same_thread=False
-            )
+            self._db = await _connect(self._path)
             self._count_calls(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")

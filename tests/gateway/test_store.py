@@ -257,8 +257,13 @@ async def test_invitation_update_in_a_failed_transaction_is_not_kept(store: Stor
 
 async def test_opening_a_directory_as_the_database_raises_storage_error(tmp_path: Path) -> None:
     store = Store(tmp_path)
+    before = set(threading.enumerate())
     with pytest.raises(StorageError) as caught:
         await store.open()
+    # The database thread of the failed connect is gone, not left to report to a loop
+    # that may be closed by the time it does.
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert [t for t in left if "_connection_worker_thread" in t.name] == []
     assert type(caught.value) is StorageError
     assert not isinstance(caught.value, sqlite3.Error)
     assert isinstance(caught.value.code, str)
