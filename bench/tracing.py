@@ -8,8 +8,7 @@ waits and records how long each took:
 - every aiosqlite call, split into: queued (from the event loop handing it over
   until the SQLite thread starts it), run (inside sqlite3, fsync included) and
   resume (from the result being ready until the coroutine runs again);
-- `Store.write_all` as a whole, and the small writes it commits on the event loop's
-  thread (`Store._write_inline`);
+- `Store.write_all` as a whole (hand-over, write lock, transaction, resume);
 - `Store.transaction`: entering (write lock + BEGIN IMMEDIATE), body, COMMIT;
 - the coarse async steps of sending, receiving, delivering and catching up.
 
@@ -46,8 +45,6 @@ def _record(label: str, seconds: float) -> None:
 
 
 def _sql_label(fn: Any, args: tuple[Any, ...]) -> str:
-    if args and callable(args[0]):  # the store's wrapper counting calls: the call inside
-        fn, args = args[0], args[1:]
     name = getattr(fn, "__name__", "call")
     if args and isinstance(args[0], str):
         words = " ".join(args[0].split())
@@ -128,27 +125,9 @@ def _wrap_async(
     setattr(cls, name, wrapper)
 
 
-def _wrap_inline() -> None:
-    original = getattr(Store, "_write_inline", None)
-    if original is None:
-        skipped.append("Store._write_inline")
-        return
-
-    @functools.wraps(original)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> bool:
-        started = time.perf_counter()
-        inline = bool(original(self, *args, **kwargs))
-        if inline:
-            _record("Store.write_all committed inline", time.perf_counter() - started)
-        return inline
-
-    Store._write_inline = wrapper  # type: ignore[method-assign]
-
-
 def install() -> None:
     _wrap_execute()
     _wrap_transaction()
-    _wrap_inline()
     _wrap_async(Store, "write_all")
     _wrap_async(RoomService, "_originate")
     _wrap_async(RoomService, "receive")

@@ -1,8 +1,6 @@
 """The node's durable state in SQLite (WAL): roster history, invitations, peer health, audit.
 
-One `Store` owns one aiosqlite connection (small writes are made on it from the event
-loop's thread while its own thread is idle, see `Store.write_all`). Writes that belong
-together happen in
+One `Store` owns one aiosqlite connection. Writes that belong together happen in
 one transaction (`async with store.transaction()`), so a crash leaves either the
 old or the new state, never half. Every aiosqlite/sqlite3 error is translated to
 `StorageError` here, with 'disk full' and 'locked' called out, because those are
@@ -18,7 +16,6 @@ import asyncio
 import functools
 import re
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -57,18 +54,6 @@ MULTI_ROW = 256
 """Rows one INSERT statement carries at most when `Store.write_all` joins them (see
 `_insert_rows`)."""
 _MAX_PARAMETERS = 32_766  # SQLITE_MAX_VARIABLE_NUMBER's default since SQLite 3.32
-
-INLINE_ROWS = 32
-"""A `Store.write_all` of at most this many rows commits on the event loop's own thread
-(see `Store._write_inline`)."""
-INLINE_SLOW_MS = 1.0
-"""Past this average commit time (a slow or busy disk), small writes go to the database
-thread too, so that the event loop goes on with other work while the disk syncs; every
-`INLINE_PROBE`-th is still committed inline, to notice when the disk is fast again.
-Measured in docs/benchmarks.md (30 node processes sharing one disk)."""
-INLINE_PROBE = 64
-BUSY_TIMEOUT_MS = 5000
-"""How long a write waits for another process's write lock (an operator's backup, say)."""
 
 Statements = Sequence[tuple[str, Sequence[Sequence[Any]]]]
 """Prepared writes: SQL with the rows of parameters to run it with (`Store.write_all`)."""
@@ -371,8 +356,7 @@ def _insert_rows(connection: sqlite3.Connection, sql: str, rows: Sequence[Sequen
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
-    """The store's connection. Not only its own thread uses it: see `_write_inline`."""
-    connecting = aiosqlite.connect(path, isolation_level=None, check_same_thread=False)
+    connecting = aiosqlite.connect(path, isolation_level=None)
     try:
         return await connecting
     except BaseException:
@@ -451,14 +435,6 @@ class Store:
         # instead of failing with "cannot start a transaction within a transaction".
         self._write_lock = asyncio.Lock()
         self._checkpointer: asyncio.Task[None] | None = None
-        self._handed = 0
-        """Calls handed to the database thread (counted on the event loop's thread)."""
-        self._finished = 0
-        """Calls it finished (counted on its thread): equal when it is idle."""
-        self._inline_ms = 0.0
-        """Moving average of the inline commits' duration."""
-        self._inline_skipped = 0
-        self._inline_ready = False
         self.checkpoints = 0
         """Background checkpoints that copied pages into the database file."""
 
@@ -470,7 +446,7 @@ class Store:
 
     async def open(self) -> None:
         if not self._path.parent.is_dir():
-            # Checked first: a failed aiosqlite connect leaves its worker thread behind.
+            # Checked first, to say what to do about it.
             raise StorageError(
                 f"the database directory {self._path.parent} does not exist",
                 code="database_error",
@@ -478,10 +454,9 @@ class Store:
             )
         try:
             self._db = await _connect(self._path)
-            self._count_calls(self._db)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")
-            await self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
         except (sqlite3.Error, OSError) as exc:
@@ -572,8 +547,7 @@ class Store:
 
     async def write_all(self, statements: Statements, *, durable: bool = True) -> None:
         """One transaction of prepared statements (SQL and its rows; empty ones skipped),
-        committed or rolled back as `transaction` does. A small one commits at once on
-        this thread (`_write_inline`); a larger one in one round trip to the database
+        committed or rolled back as `transaction` does, in one round trip to the database
         thread instead of one per statement: under load each round trip waits behind the
         event loop's other work, and a commit paid for every one of them."""
         todo = [(sql, rows) for sql, rows in statements if rows]
@@ -585,75 +559,11 @@ class Store:
                     await db.executemany(sql, rows)
             return
         async with self._write_lock:
-            if self._write_inline(todo, durable):
-                return
             try:
                 run = cast(Callable[..., Awaitable[None]], self.db._execute)
                 await run(_write_in_thread, self.db._conn, todo, durable)
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
-
-    def _count_calls(self, db: aiosqlite.Connection) -> None:
-        """Count the calls handed to `db`'s thread and the calls it finished, so that
-        `_write_inline` knows when the thread is idle (no call queued or running)."""
-        execute = getattr(db, "_execute", None)
-        if execute is None:
-            return
-
-        def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._finished += 1  # on the database thread, its only writer
-
-        async def counted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            self._handed += 1
-            return await execute(run, fn, *args, **kwargs)
-
-        db._execute = counted  # type: ignore[method-assign]
-        self._inline_ready = True
-
-    def _write_inline(self, todo: Statements, durable: bool) -> bool:
-        """Write lock held: commit a small write here, on the event loop's thread; False
-        if it is for the database thread instead (too many rows, the thread busy, a slow
-        disk, or another process holding the database's write lock).
-
-        Handed to the database thread, a write of a few rows waits twice for the event
-        loop (to start, and to resume after it), and the thread waits for the
-        interpreter lock after each statement while the loop runs: under 500 messages a
-        second that made a commit of one message take 1-5 ms instead of the ~0.4 ms its
-        fsync costs. Committing it inline holds the loop for that fsync and nothing else.
-
-        Only while the database thread is idle: nothing can be handed to it until this
-        returns, so the connection is still used by one thread at a time, one
-        transaction after another, and every read sees every write as before. With a
-        busy timeout of 0 for the while, the loop never waits for another process."""
-        if not self._inline_ready or self._handed != self._finished:
-            return False
-        if sum(len(rows) for _, rows in todo) > INLINE_ROWS:
-            return False
-        if self._inline_ms > INLINE_SLOW_MS:
-            self._inline_skipped += 1
-            if self._inline_skipped < INLINE_PROBE:
-                return False
-        self._inline_skipped = 0
-        connection = self.db._conn
-        started = time.perf_counter()
-        try:
-            connection.execute("PRAGMA busy_timeout=0")
-            try:
-                _write_in_thread(connection, todo, durable)
-            finally:
-                connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                raise _translate(exc) from exc
-            return False  # rolled back; the thread waits for the lock, busy timeout and all
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
-        took = (time.perf_counter() - started) * 1000
-        self._inline_ms += (took - self._inline_ms) / 8
-        return True
 
     @asynccontextmanager
     async def transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -298,13 +297,11 @@ async def test_a_database_of_an_earlier_version_gains_the_staff_tables_and_keeps
 # --------------------------------------------------------------------------- write_all
 
 
-@pytest.mark.parametrize("path", ["inline", "thread", "per statement"])
+@pytest.mark.parametrize("one_trip", [True, False])
 async def test_write_all_commits_every_statement_or_none(
-    store: Store, path: str, monkeypatch: pytest.MonkeyPatch
+    store: Store, one_trip: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "ONE_TRIP", path != "per statement")
-    monkeypatch.setattr(store_module, "INLINE_ROWS", 32 if path == "inline" else 0)
-    used = _record_connections(store, monkeypatch)
+    monkeypatch.setattr(store_module, "ONE_TRIP", one_trip)
     insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
     await store.write_all([(insert, [("a", b"1"), ("b", b"2")]), (insert, []), (insert, [])])
     with pytest.raises(StorageError):
@@ -318,119 +315,6 @@ async def test_write_all_commits_every_statement_or_none(
     assert row is not None and row[0] == 2  # FULL again after a write without fsync
     async with store.transaction() as db:  # the connection is usable, in no transaction
         await db.execute(insert, ("e", b"5"))
-    expected = {"inline": ["inline"] * 3, "thread": ["thread"] * 3, "per statement": []}
-    assert used == expected[path]
-
-
-def _on_the_loop() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _record_connections(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Which thread each `write_all` transaction ran on, in order."""
-    used: list[str] = []
-    original = store_module._write_in_thread
-
-    def recorded(connection: sqlite3.Connection, statements: object, durable: bool) -> None:
-        assert connection is store.db._conn
-        used.append("inline" if _on_the_loop() else "thread")
-        original(connection, statements, durable)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store_module, "_write_in_thread", recorded)
-    return used
-
-
-async def test_small_writes_commit_on_the_loop_while_the_database_thread_is_idle(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
-    used = _record_connections(store, monkeypatch)
-    small = [(f"s{n}", b"x") for n in range(store_module.INLINE_ROWS)]
-    large = [(f"l{n}", b"x") for n in range(store_module.INLINE_ROWS + 1)]
-    await store.write_all([(insert, small)])
-    await store.write_all([(insert, large)])
-    assert used == ["inline", "thread"]
-    # The thread is busy (a long query, say): a small write waits for it, and is not
-    # made beside it on the same connection.
-    release = threading.Event()
-    busy = asyncio.ensure_future(store.db._execute(release.wait, 10))
-    await asyncio.sleep(0)
-    waiting = asyncio.ensure_future(store.write_all([(insert, [("w", b"x")])]))
-    await asyncio.sleep(0.1)
-    assert not waiting.done()
-    release.set()
-    await asyncio.wait_for(waiting, 5.0)
-    await busy
-    assert used == ["inline", "thread", "thread"]
-    row = await store.read_one("SELECT COUNT(*) FROM meta WHERE key LIKE 's%' OR key LIKE 'l%'")
-    assert row[0] == 2 * store_module.INLINE_ROWS + 1
-
-
-async def test_a_read_left_open_between_round_trips_does_not_hide_an_inline_write(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cursor's rows are fetched in several round trips, its statement open between
-    them; a write made inline meanwhile is seen by the next read, as one made on the
-    database thread is (one connection, so no older snapshot to read from)."""
-    insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
-    await store.write_all([(insert, [(f"r{n}", b"x") for n in range(10)])])
-    used = _record_connections(store, monkeypatch)
-    async with store.db.execute("SELECT key FROM meta WHERE key LIKE 'r%'") as cursor:
-        assert len(await cursor.fetchmany(2)) == 2  # open, 8 rows to go
-        await store.write_all([(insert, [("later", b"1")])])
-        assert await store.read_one("SELECT value FROM meta WHERE key = 'later'") == (b"1",)
-        assert len(await cursor.fetchall()) == 8
-    assert used == ["inline"]
-
-
-async def test_a_small_write_waits_off_the_loop_while_another_process_writes(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another process (an operator's `sqlite3` shell, say) holds the write lock: the
-    inline attempt gives way at once, and the database thread waits for the lock."""
-    used = _record_connections(store, monkeypatch)
-    other = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO meta (key, value) VALUES ('other', x'01')")
-        writing = asyncio.ensure_future(
-            store.write_all([("INSERT INTO meta (key, value) VALUES (?, ?)", [("mine", b"2")])])
-        )
-        ticks = 0
-        for _ in range(20):  # the loop goes on running while the write waits
-            await asyncio.sleep(0.01)
-            ticks += 1
-        assert ticks == 20 and not writing.done()
-        other.execute("COMMIT")
-        await asyncio.wait_for(writing, 5.0)
-    finally:
-        other.close()
-    assert used == ["inline", "thread"]
-    rows = await store.read_all("SELECT key FROM meta WHERE key IN ('other', 'mine')")
-    assert sorted(row[0] for row in rows) == ["mine", "other"]
-
-
-async def test_on_a_slow_disk_small_writes_go_to_the_database_thread(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "INLINE_SLOW_MS", 1.0)
-    used = _record_connections(store, monkeypatch)
-    recorded = store_module._write_in_thread
-
-    def slow_fsync(connection: sqlite3.Connection, statements: object, durable: bool) -> None:
-        recorded(connection, statements, durable)  # type: ignore[arg-type]
-        if _on_the_loop():
-            time.sleep(0.01)  # each inline commit takes 10 ms
-
-    monkeypatch.setattr(store_module, "_write_in_thread", slow_fsync)
-    insert = "INSERT INTO meta (key, value) VALUES (?, ?)"
-    for n in range(2 * store_module.INLINE_PROBE):
-        await store.write_all([(insert, [(f"k{n}", b"x")])])
-    inline = [n for n, where in enumerate(used) if where == "inline"]
-    # Inline until the average passes INLINE_SLOW_MS (one 10 ms commit does, the
-    # average moving by an eighth of each), then one probe every INLINE_PROBE writes.
-    assert inline == [0, store_module.INLINE_PROBE]
-    assert (await store.read_one("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'"))[0] == len(used)
 
 
 async def test_the_log_is_copied_into_the_database_file_in_the_background(
