@@ -470,6 +470,10 @@ class Node:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        if self._rooms is not None:
+            # Batches that came in while the servers closed are written before the database
+            # closes: their senders had no answer, and send them again as duplicates.
+            await self._rooms.settle()
         self._monitoring = None
         if self._client is not None:
             await self._client.close()

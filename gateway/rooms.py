@@ -72,6 +72,8 @@ CLAIM_WAIT = 5.0
 """Longest a batch waits for envelopes another batch claimed to be processed."""
 GROUP_COMMIT = 32
 """Steps written in one transaction at most (see `RoomService._write`)."""
+COMMIT_SETTLE_SECONDS = 10.0
+"""At stop, how long the commits under way are waited for (see `RoomService.settle`)."""
 
 
 CommitWriter = Callable[[Sequence[Envelope]], "Statements"]
@@ -190,6 +192,8 @@ class RoomService:
         self._local_queue: list[_LocalRequest] = []
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._commits: set[asyncio.Task[None]] = set()
+        """Steps committing (see `_commit`): waited for, not cancelled, at stop."""
         self._unanswered: list[Envelope] = []
         self.counts = EnvelopeCounts()
         self._answered: set[bytes] = set()
@@ -491,7 +495,7 @@ class RoomService:
                                 if not future.done():
                                     future.set_exception(exc)
                     write = self._plan(step)
-                await self._write(write, step)
+                await self._commit(write, step)
             except BaseException as exc:
                 # Every caller of this round gets the failure, including those whose
                 # envelopes were not planned yet (e.g. a message too large to seal).
@@ -501,7 +505,6 @@ class RoomService:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            await self._after(step)
             for future, ids in planned:
                 if not future.done():
                     future.set_result(ids)
@@ -787,7 +790,7 @@ class RoomService:
                     step.duplicates += len(held) - len(again)
                 self._take_in(accepted, step)
                 write = self._plan(step)
-            await self._write(write, step)
+            await self._commit(write, step)
         finally:
             self._unclaim(claimed)
             if decoded_ahead is not None:
@@ -797,7 +800,6 @@ class RoomService:
         else:
             self._repeating.discard(peer)
         self._count(peer, step)
-        await self._after(step)
         return len(step.accepted), step.duplicates, step.refused
 
     def _set_aside_held(
@@ -842,9 +844,8 @@ class RoomService:
             self._take_in(mine, step)
             step.outbox.extend((destination, envelope) for envelope in decoded)
             write = self._plan(step)
-        await self._write(write, step)
+        await self._commit(write, step)
         self._count(peer, step)
-        await self._after(step)
         return len(decoded), step.refused
 
     def _count(self, peer: str, step: _Step) -> None:
@@ -938,6 +939,30 @@ class RoomService:
         self._unwritten.append(write)
         return write
 
+    async def _commit(self, write: _Write, step: _Step) -> None:
+        """Commit a planned step (`_write`), then hand what it committed on (`_after`):
+        to the senders, the listeners, the home node's answers.
+
+        Once planned, a step is in memory and in the chain of commits, so it is carried
+        through even if its caller is cancelled (a node stopping while a batch commits,
+        a catch-up pass given up): the caller stops waiting, the commit goes on. A
+        commit cut off halfway would leave memory ahead of disk, and every step planned
+        after it chained to a failure (failing with commit_failed until a restart)."""
+        task = asyncio.create_task(self._write_and_hand_on(write, step), name="room-commit")
+        self._commits.add(task)
+        task.add_done_callback(self._commit_done)
+        await asyncio.shield(task)
+
+    async def _write_and_hand_on(self, write: _Write, step: _Step) -> None:
+        await self._write(write, step)
+        await self._after(step)
+
+    def _commit_done(self, task: asyncio.Task[None]) -> None:
+        self._commits.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its caller reports it too, unless it was cancelled meanwhile.
+            log.warning("room_commit_failed", error=repr(task.exception()))
+
     async def _write(self, write: _Write, step: _Step) -> None:
         """Lock released: commit the step once the step planned before it is committed.
 
@@ -1010,10 +1035,22 @@ class RoomService:
         if not task.cancelled() and task.exception() is not None:
             log.error("room_task_failed", task=task.get_name(), error=repr(task.exception()))
 
+    async def settle(self) -> None:
+        """Wait for the steps committing to be written (see `_commit`); after
+        `COMMIT_SETTLE_SECONDS` (a disk that hangs), cancel those still waiting."""
+        if not self._commits:
+            return
+        _, pending = await asyncio.wait(set(self._commits), timeout=COMMIT_SETTLE_SECONDS)
+        if pending:
+            log.warning("room_commits_abandoned", count=len(pending))
+            await cancel_all(pending)
+
     async def stop(self) -> None:
-        """Cancel background work (state-request answers, the commit queue)."""
+        """Cancel background work (state-request answers, the commit queue) and wait for
+        the commits under way (`settle`)."""
         await cancel_all([*self._tasks, self._flusher])
         self._tasks.clear()
+        await self.settle()
         await self._decoder.stop()
 
     async def _answer_request(self, request: Envelope) -> None:

@@ -455,6 +455,70 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
+async def test_a_batch_whose_receiver_is_cancelled_while_it_commits_is_written_all_the_same(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A catch-up pass given up, or a node stopping, cancels a receive mid-commit: the
+    # batch is in memory already, so it must reach the disk, and later batches after it.
+    mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
+    gate, commits = _first_commit_held(tsu, monkeypatch)
+    one = asyncio.create_task(tsu.rooms.receive("mie-pref", first))
+    await eventually(lambda: commits == ["held"])
+    one.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await one
+    gate.set()
+    await eventually(lambda: commits == ["held", "written"])
+    assert (await _push(mie, "tsu", second))["accepted"] == 1
+    assert (await _push(mie, "tsu", first))["duplicates"] == 2
+    await cluster.stop("tsu")
+    tsu = await cluster.start("tsu")
+    assert tsu.rooms.vector(room) == {"mie-pref": 4}
+    assert texts(await timeline(tsu, room)) == ["一", "二", "三"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_a_batch_cancelled_while_it_waits_for_the_commit_before_it_is_written_after_it(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, (first, second, third) = await _unsent(
+        cluster, monkeypatch, [["一"], ["二"], ["三"]]
+    )
+    gate, commits = _first_commit_held(tsu, monkeypatch)
+    one = asyncio.create_task(_push(mie, "tsu", first))
+    await eventually(lambda: commits == ["held"])
+    two = asyncio.create_task(tsu.rooms.receive("mie-pref", second))
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 3})
+    two.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await two
+    gate.set()
+    assert (await one)["accepted"] == 1
+    await eventually(lambda: commits == ["held", "written", "written"])
+    assert (await _push(mie, "tsu", third))["accepted"] == 1
+    await cluster.stop("tsu")
+    tsu = await cluster.start("tsu")
+    assert tsu.rooms.vector(room) == {"mie-pref": 4}
+    assert texts(await timeline(tsu, room)) == ["一", "二", "三"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_a_node_stopping_waits_for_a_commit_that_hangs_only_so_long(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, first, _ = await _unsent_batches(cluster, monkeypatch)
+    _first_commit_held(tsu, monkeypatch)  # and never let go: a disk that hangs
+    monkeypatch.setattr(rooms_module, "COMMIT_SETTLE_SECONDS", 0.2)
+    one = asyncio.create_task(tsu.rooms.receive("mie-pref", first))
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 3})
+    await asyncio.wait_for(cluster.stop("tsu"), 10)
+    with pytest.raises(asyncio.CancelledError):
+        await one
+    tsu = await cluster.start("tsu")
+    assert tsu.rooms.vector(room) == {"mie-pref": 1}  # never written, so not held
+    assert (await _push(mie, "tsu", first))["accepted"] == 2
+
+
 async def _joining_wires(cluster: Cluster) -> tuple[Node, Node, str, bytes, bytes]:
     """mie adds a stopped tsu to a new room and says hello; nothing is pushed. Returns the
     running tsu, mie, the room, and the wires of the state adding tsu and of the hello."""
