@@ -979,7 +979,8 @@ class RoomService:
         waiting for all the commits before its own. Each is still done in plan order."""
         try:
             if write.after is not None:
-                await write.after
+                # Shielded: cancelling this wait must not cancel the step before it.
+                await asyncio.shield(write.after)
             if not write.taken:
                 group: list[_Write] = []
                 while self._unwritten and len(group) < GROUP_COMMIT:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 import gateway.rooms as rooms_module
 from federation import codec
@@ -506,14 +507,22 @@ async def test_a_batch_cancelled_while_it_waits_for_the_commit_before_it_is_writ
 async def test_a_node_stopping_waits_for_a_commit_that_hangs_only_so_long(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mie, tsu, room, first, _ = await _unsent_batches(cluster, monkeypatch)
+    mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
     _first_commit_held(tsu, monkeypatch)  # and never let go: a disk that hangs
     monkeypatch.setattr(rooms_module, "COMMIT_SETTLE_SECONDS", 0.2)
     one = asyncio.create_task(tsu.rooms.receive("mie-pref", first))
     await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 3})
-    await asyncio.wait_for(cluster.stop("tsu"), 10)
-    with pytest.raises(asyncio.CancelledError):
-        await one
+    two = asyncio.create_task(tsu.rooms.receive("mie-pref", second))  # waits for the first
+    await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 4})
+    with capture_logs() as logs:
+        await asyncio.wait_for(cluster.stop("tsu"), 10)
+    for task in (one, two):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    # Each ended by its own cancellation: the wait of the second did not cancel the first.
+    abandoned = [e["count"] for e in logs if e["event"] == "room_commits_abandoned"]
+    assert abandoned == [2]
+    assert not [e for e in logs if "InvalidStateError" in str(e)]
     tsu = await cluster.start("tsu")
     assert tsu.rooms.vector(room) == {"mie-pref": 1}  # never written, so not held
     assert (await _push(mie, "tsu", first))["accepted"] == 2
