@@ -456,6 +456,15 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
+async def _all_three_after_a_restart(cluster: Cluster, applied: Applied, room: str) -> None:
+    """tsu, restarted, holds mie's three messages from disk, each applied once."""
+    await cluster.stop("tsu")
+    tsu = await cluster.start("tsu")
+    assert tsu.rooms.vector(room) == {"mie-pref": 4}
+    assert texts(await timeline(tsu, room)) == ["一", "二", "三"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
 async def test_a_batch_whose_receiver_is_cancelled_while_it_commits_is_written_all_the_same(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -472,11 +481,7 @@ async def test_a_batch_whose_receiver_is_cancelled_while_it_commits_is_written_a
     await eventually(lambda: commits == ["held", "written"])
     assert (await _push(mie, "tsu", second))["accepted"] == 1
     assert (await _push(mie, "tsu", first))["duplicates"] == 2
-    await cluster.stop("tsu")
-    tsu = await cluster.start("tsu")
-    assert tsu.rooms.vector(room) == {"mie-pref": 4}
-    assert texts(await timeline(tsu, room)) == ["一", "二", "三"]
-    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+    await _all_three_after_a_restart(cluster, applied, room)
 
 
 async def test_a_batch_cancelled_while_it_waits_for_the_commit_before_it_is_written_after_it(
@@ -497,11 +502,7 @@ async def test_a_batch_cancelled_while_it_waits_for_the_commit_before_it_is_writ
     assert (await one)["accepted"] == 1
     await eventually(lambda: commits == ["held", "written", "written"])
     assert (await _push(mie, "tsu", third))["accepted"] == 1
-    await cluster.stop("tsu")
-    tsu = await cluster.start("tsu")
-    assert tsu.rooms.vector(room) == {"mie-pref": 4}
-    assert texts(await timeline(tsu, room)) == ["一", "二", "三"]
-    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+    await _all_three_after_a_restart(cluster, applied, room)
 
 
 async def test_a_node_stopping_waits_for_a_commit_that_hangs_only_so_long(
