@@ -159,6 +159,14 @@ def _places(decoded: Sequence[Decoded]) -> list[tuple[str, str, int]]:
     ]
 
 
+def _report_unawaited(task: asyncio.Task[None]) -> None:
+    """A commit whose caller was cancelled meanwhile: its failure is logged here."""
+    error = None if task.cancelled() else task.exception()
+    if error is not None:
+        code = error.code if isinstance(error, KakehashiError) else "internal_error"
+        log.warning("room_commit_failed", caller="cancelled", code=code, error=str(error))
+
+
 class RoomService:
     """Rooms of one node."""
 
@@ -950,18 +958,17 @@ class RoomService:
         after it chained to a failure (failing with commit_failed until a restart)."""
         task = asyncio.create_task(self._write_and_hand_on(write, step), name="room-commit")
         self._commits.add(task)
-        task.add_done_callback(self._commit_done)
-        await asyncio.shield(task)
+        task.add_done_callback(self._commits.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(_report_unawaited)  # no caller left to report it
+            raise
 
     async def _write_and_hand_on(self, write: _Write, step: _Step) -> None:
         await self._write(write, step)
         await self._after(step)
-
-    def _commit_done(self, task: asyncio.Task[None]) -> None:
-        self._commits.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Its caller reports it too, unless it was cancelled meanwhile.
-            log.warning("room_commit_failed", error=repr(task.exception()))
 
     async def _write(self, write: _Write, step: _Step) -> None:
         """Lock released: commit the step once the step planned before it is committed.

@@ -484,6 +484,26 @@ async def test_a_batch_whose_receiver_is_cancelled_while_it_commits_is_written_a
     await _all_three_after_a_restart(cluster, applied, room)
 
 
+async def test_a_commit_that_fails_after_its_receiver_was_cancelled_is_logged_and_undone(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room, first, second = await _unsent_batches(cluster, monkeypatch)
+    gate, commits = _first_commit_held(tsu, monkeypatch, fails=True)
+    one = asyncio.create_task(tsu.rooms.receive("mie-pref", first))
+    await eventually(lambda: commits == ["held"])
+    one.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await one
+    with capture_logs() as logs:
+        gate.set()
+        await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 1})  # memory = disk
+    failed = [e for e in logs if e["event"] == "room_commit_failed"]
+    assert [(e["caller"], e["code"]) for e in failed] == [("cancelled", "disk_full")]
+    assert (await _push(mie, "tsu", first))["accepted"] == 2
+    assert (await _push(mie, "tsu", second))["accepted"] == 1
+    await _all_three_after_a_restart(cluster, applied, room)
+
+
 async def test_a_batch_cancelled_while_it_waits_for_the_commit_before_it_is_written_after_it(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
