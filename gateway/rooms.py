@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from federation import codec
-from federation.causal import CausalBuffer, OfferStatus, hlc_receive, hlc_send, hlc_to_ms
+from federation.causal import (
+    CausalBuffer,
+    OfferStatus,
+    Vector,
+    hlc_receive,
+    hlc_send,
+    hlc_to_ms,
+)
 from federation.envelope import (
     Content,
     Envelope,
@@ -374,11 +381,12 @@ class RoomService:
         return int(self._clock() * 1000)
 
     def _content(
-        self, room: str, kind: Kind, body: dict[str, Any], sender: str, seq: int
+        self, room: str, kind: Kind, body: dict[str, Any], sender: str, seq: int, others: Vector
     ) -> Content:
+        """A new envelope's content. `others`: its dependencies on the other origins (the
+        room's vector without this node), the same for every envelope of one batch."""
         self._hlc = hlc_send(self._hlc, self._now_ms())
-        deps = {origin: s for origin, s in self._buffer.vector(room).items() if s > 0}
-        deps.pop(self.node_id, None)
+        deps = dict(others)
         if seq > 1:
             deps[self.node_id] = seq - 1
         return Content(
@@ -527,13 +535,15 @@ class RoomService:
         refused call fails alone and changes nothing; the others go ahead.
         """
         history = self._histories.get(room)
-        seq = self._buffer.vector(room).get(self.node_id, 0)
+        vector = self._buffer.vector(room)
+        seq = vector.pop(self.node_id, 0)
+        others = {origin: s for origin, s in vector.items() if s > 0}
         contents: list[Content] = []
         spans: list[tuple[asyncio.Future[list[bytes]], int, int]] = []
         for _, items, future in group:
             made = []
             for offset, (kind, body, sender) in enumerate(items, start=1):
-                made.append(self._content(room, kind, body, sender, seq + offset))
+                made.append(self._content(room, kind, body, sender, seq + offset, others))
             verdicts = [judge(history, content)[0] for content in made]
             refused = next((v for v in verdicts if v is not Verdict.ACCEPTED), None)
             if refused is not None:
@@ -886,10 +896,18 @@ class RoomService:
                 self._decide(ready, step, local=local and ready is envelope)
 
     def _decide(self, envelope: Envelope, step: _Step, *, local: bool) -> None:
+        """Apply one envelope whose dependencies are processed. `local`: made here by
+        `_plan_local`, which judged it already."""
         content = envelope.content
         history = self._histories.get(content.room)
         previous = history.current if history else None
-        verdict, new_state = judge(history, content)
+        if local and content.kind is not Kind.STATE:
+            # Accepted by `_plan_local` a moment ago. Only a state envelope's verdict
+            # depends on the room's current state; any other's depends on the state its
+            # dependencies name, which is applied and cannot change.
+            verdict, new_state = Verdict.ACCEPTED, None
+        else:
+            verdict, new_state = judge(history, content)
         if verdict is not Verdict.ACCEPTED:
             step.rows[envelope.id] = EnvelopeRow(envelope, Status.REJECTED, verdict.value)
             step.refused.append(Refusal(envelope.id, verdict.value, f"refused: {verdict.value}"))
