@@ -8,7 +8,8 @@ envelopes) is alive from planning to commit, so with the defaults it collected a
 each of the two node processes, about 8% of their event loops. Almost nothing a node
 allocates forms cycles; reference counting frees it. With a young threshold of 10,000
 the same run collected 3 and 38 times, taking 7 and 163 ms. Cyclic garbage waits a
-little longer (at most 10,000 objects, a few MB) before it is freed.
+little longer before it is freed: a node holding 1,000,000 envelopes in an outbox
+peaked at 109 MB instead of 102 MB.
 """
 
 from __future__ import annotations
