@@ -155,7 +155,9 @@ class CausalBuffer:
         means the node will apply or reject them deterministically.
         """
         content = envelope.content
-        state = self._rooms.setdefault(content.room, _Room())
+        state = self._rooms.get(content.room)
+        if state is None:  # not setdefault: that would build a _Room for every envelope
+            state = self._rooms[content.room] = _Room()
         key = (content.origin, content.seq)
         if state.vector.get(content.origin, 0) >= content.seq or key in state.pending:
             return Offer(OfferStatus.DUPLICATE)
