@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -47,14 +48,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.system)
 
 
-def require_namespaces() -> None:
-    """Skip (or fail on CI) when network namespaces cannot be made here."""
-    reason = Topology.available()
-    if reason is None:
-        return
+def unavailable(reason: str) -> NoReturn:
+    """What a system test does when this machine lacks what it needs (root, `ip`,
+    `mount`): skip, except on CI (`CI` set and non-empty), where it fails."""
     if os.environ.get("CI"):
         pytest.fail(f"system tests must run on CI, but: {reason}")
     pytest.skip(reason)
+
+
+def require_namespaces() -> None:
+    """Skip (or fail on CI) when network namespaces cannot be made here."""
+    reason = Topology.available()
+    if reason is not None:
+        unavailable(reason)
 
 
 @pytest.fixture
