@@ -319,6 +319,10 @@ class AuditLog:
                 await self._flush()
                 if self._head_due():
                     await self.sign_head()
+            except KakehashiError as exc:  # a full disk, say: one line a try, no traceback
+                log.error(
+                    "audit_write_failed", code=exc.code, error=str(exc), queued=len(self._queue)
+                )
             except Exception:  # the log must keep going; the queue is kept for the next try
                 log.exception("audit_write_failed")
                 if not self._stopping:

@@ -380,6 +380,14 @@ def _checkpoint_connection(path: Path) -> sqlite3.Connection:
     return connection
 
 
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """Undo the open transaction unless SQLite already has: on some errors (a full disk
+    at COMMIT) it rolls back by itself, and a second ROLLBACK would raise "no
+    transaction is active" in place of the error that says what happened."""
+    if db.in_transaction:
+        await db.execute("ROLLBACK")
+
+
 def _translate(exc: BaseException) -> StorageError:
     text = str(exc)
     if ("disk" in text and "full" in text) or "SQLITE_FULL" in text:
@@ -594,14 +602,14 @@ class Store:
                 try:
                     yield db
                 except BaseException as exc:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     if isinstance(exc, sqlite3.Error):
                         raise _translate(exc) from exc
                     raise
                 try:
                     await db.execute("COMMIT")
                 except sqlite3.Error as exc:
-                    await db.execute("ROLLBACK")
+                    await _rollback(db)
                     raise _translate(exc) from exc
             finally:
                 if not durable:

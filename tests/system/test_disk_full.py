@@ -18,10 +18,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from federation.envelope import Envelope, Kind
-from federation.errors import KakehashiError
+from federation.errors import KakehashiError, StorageError
 from gateway.local import LocalFederation
 from gateway.membership import create_federation
 from gateway.node import Node
+from gateway.store import Store
 from tests.integration.conftest import eventually
 from tests.system.conftest import unavailable
 
@@ -124,7 +125,10 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
             # could not write (no task died, no commit chain broke).
             refusals = [e for e in logs if e["event"] == "peer_refused"]
             assert refusals and {e["reason"] for e in refusals} == {"disk_full"}
-            assert {e["event"] for e in logs if e["log_level"] == "error"} <= {"audit_write_failed"}
+            errors = [e for e in logs if e["log_level"] == "error"]
+            assert {(e["event"], e.get("code")) for e in errors} <= {
+                ("audit_write_failed", "disk_full")
+            }
             # Every message once, in the order sent, and the same timeline on both nodes.
             at_tsu = await texts_at(tsu, room)
             assert [t for t in at_tsu if not t.startswith("津")] == sent
@@ -137,3 +141,25 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
             )
         finally:
             await asyncio.wait_for(cluster.stop_all(), 30)
+
+
+async def test_a_transaction_that_cannot_commit_on_a_full_disk_says_disk_full(
+    tmp_path: Path,
+) -> None:
+    """Every `Store.transaction` caller (accounts, audit, roster, ...) gets the typed
+    error: SQLite has rolled back by itself, and a second ROLLBACK must not replace
+    the error with "no transaction is active"."""
+    with small_disk(tmp_path / "disk") as disk:
+        async with Store(disk / "node.db") as store:
+            ballast = fill(disk)
+            with pytest.raises(StorageError) as full:
+                async with store.transaction() as db:
+                    await db.execute(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)", ("big", b"\1" * 2**20)
+                    )
+            assert full.value.code == "disk_full"
+            assert await store.get_meta("big") is None
+            ballast.unlink()
+            async with store.transaction() as db:
+                await db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", ("big", b"\1"))
+            assert await store.get_meta("big") == b"\1"
