@@ -74,6 +74,12 @@ class StorageError(KakehashiError):
 
     default_code = "storage_error"
 
+    @property
+    def status(self) -> int:
+        """The request was fine, this node could not keep it: 507 Insufficient Storage for
+        a full disk, else 503. Either way the sender may try again later."""
+        return 507 if self.code == "disk_full" else 503
+
 
 class TransportError(KakehashiError):
     """A peer could not be reached, or the connection failed during an exchange."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from federation.errors import ConfigError, KakehashiError, ProtocolError, TrustError
+from federation.errors import ConfigError, KakehashiError, ProtocolError, StorageError, TrustError
 from federation.identity import check_node_id
 from federation.invites import Approval, parse_duration
 from federation.rooms import RoomKind
@@ -52,7 +52,7 @@ def admin_app(node: Node) -> web.Application:
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except ProtocolError as exc:
+        except (ProtocolError, StorageError) as exc:
             return _error(exc.status, exc)
         except KakehashiError as exc:
             return _error(409, exc)

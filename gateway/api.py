@@ -157,7 +157,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(_TRUST_STATUS.get(exc.code, 403), exc.code, str(exc), exc.hint)
     except StorageError as exc:
         log.error("api_storage_error", code=exc.code, error=str(exc))
-        return _error(503, exc.code, "the node's storage failed; try again later")
+        return _error(exc.status, exc.code, "the node's storage failed; try again later")
     except KakehashiError as exc:
         return _error(400, exc.code, str(exc), exc.hint)
     except web.HTTPException as exc:

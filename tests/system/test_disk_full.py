@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from federation.envelope import Envelope, Kind
 from federation.errors import KakehashiError, StorageError
+from gateway.admin_client import AdminClient
 from gateway.local import LocalFederation
 from gateway.membership import create_federation
 from gateway.node import Node
@@ -116,6 +117,18 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
                 with pytest.raises(KakehashiError) as refused:
                     await tsu.rooms.send(room, ["津: 届かないはず"])
                 assert refused.value.code in {"disk_full", "commit_failed"}
+                assert tsu.rooms.vector(room) == before
+                # As the operator sees it (`kakehashi room send`): the code and what to do.
+                admin = AdminClient(tsu.home.admin_socket)
+                for _ in range(3):  # commit_failed (chained behind a failed push) says: again
+                    with pytest.raises(KakehashiError) as told:
+                        await asyncio.to_thread(
+                            admin.request, "POST", "/v1/rooms/send", {"room": room, "texts": ["津"]}
+                        )
+                    if told.value.code != "commit_failed":
+                        break
+                assert told.value.code == "disk_full"
+                assert told.value.hint == "free space, then retry"
                 assert tsu.rooms.vector(room) == before
 
                 ballast.unlink()
