@@ -117,6 +117,8 @@ class PeerMonitor:
         while True:
             try:
                 await self.round()
+            except KakehashiError as exc:  # recording the results failed (a full disk)
+                log.error("health_round_failed", code=exc.code, error=str(exc))
             except Exception:  # a round must never kill the monitor; say why and go on
                 log.exception("health_round_failed")
             # Not wait_for: on 3.11 it swallows a cancel that races a kick, and stop() hangs.
