@@ -30,6 +30,10 @@ __all__ = [
     "CERTIFICATE_WARN_DAYS",
     "CLOCK_CRITICAL_MS",
     "CLOCK_WARN_MS",
+    "DISK_CRITICAL_BYTES",
+    "DISK_CRITICAL_SHARE",
+    "DISK_WARN_BYTES",
+    "DISK_WARN_SHARE",
     "OUTBOX_CRITICAL_DEPTH",
     "OUTBOX_CRITICAL_LAG_S",
     "OUTBOX_WARN_DEPTH",
@@ -41,6 +45,7 @@ __all__ = [
     "clock_skew",
     "config_file",
     "database",
+    "disk_space",
     "key_files",
     "maintenance",
     "offline_checks",
@@ -71,6 +76,13 @@ OUTBOX_WARN_DEPTH = 10_000
 """Envelopes queued for one peer above which its outbox is a warning."""
 OUTBOX_CRITICAL_DEPTH = 100_000
 """Envelopes queued for one peer above which its outbox is critical."""
+
+DISK_WARN_SHARE = 0.10
+DISK_WARN_BYTES = 2 * 1024**3
+"""Free space on the node's filesystem under 10% or under 2 GiB is a warning."""
+DISK_CRITICAL_SHARE = 0.02
+DISK_CRITICAL_BYTES = 256 * 1024**2
+"""Under 2% or under 256 MiB is critical: a few shared files more and writes fail."""
 
 _KEY_FILES = ("signing.key", "tls.key", "federation.key", "ca.key", "token.key")
 # The authority's only, and the staff token key (made at the first login).
@@ -195,6 +207,29 @@ def database(error: str | None) -> Check:
         fix="check free disk space (`df -h`) and that the node's account owns HOME/node.db; "
         "the logs name the error",
     )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
+def disk_space(free: int, total: int) -> Check:
+    """Free space on the filesystem of the node's home (database, files, backups)."""
+    share = free / total if total else 0.0
+    detail = f"{_size(free)} free of {_size(total)} ({share:.0%})"
+    fix = (
+        "free space on the node's filesystem (old backups, logs) or give it more; when it "
+        "is full the node refuses sends and deliveries with disk_full, and peers keep "
+        "what they could not deliver until there is room"
+    )
+    if share < DISK_CRITICAL_SHARE or free < DISK_CRITICAL_BYTES:
+        return Check(check="disk", status=Severity.CRITICAL, detail=detail, fix=fix)
+    if share < DISK_WARN_SHARE or free < DISK_WARN_BYTES:
+        return Check(check="disk", status=Severity.WARN, detail=detail, fix=fix)
+    return Check(check="disk", status=Severity.OK, detail=detail)
 
 
 def maintenance(on: bool, reason: str | None, since: str | None) -> Check:

@@ -65,6 +65,36 @@ def test_certificate_warns_under_30_days_and_is_critical_under_7(
         assert "kakehashi keys rotate --tls" in check.fix
 
 
+GiB = 1024**3
+
+
+@pytest.mark.parametrize(
+    ("free", "total", "status"),
+    [
+        (200 * GiB, 500 * GiB, Severity.OK),
+        (40 * GiB, 500 * GiB, Severity.WARN),  # 8%: under a tenth
+        (1 * GiB, 8 * GiB, Severity.WARN),  # 12%, but under 2 GiB
+        (5 * GiB, 500 * GiB, Severity.CRITICAL),  # 1%
+        (200 * 1024**2, 1 * GiB, Severity.CRITICAL),  # 20%, but under 256 MiB
+        (0, 16 * 1024**2, Severity.CRITICAL),
+    ],
+)
+def test_disk_warns_under_a_tenth_or_2_gib_free_and_is_critical_under_2_percent_or_256_mib(
+    free: int, total: int, status: Severity
+) -> None:
+    check = health.disk_space(free, total)
+    assert check.status is status
+    assert (check.fix is None) == (status is Severity.OK)
+    if check.fix is not None:
+        assert "disk_full" in check.fix
+
+
+def test_disk_detail_says_how_much_is_free() -> None:
+    check = health.disk_space(40 * GiB + GiB // 2, 500 * GiB)
+    assert check.detail == "40.5 GiB free of 500.0 GiB (8%)"
+    assert health.disk_space(0, 16 * 1024**2).detail == "0 B free of 16.0 MiB (0%)"
+
+
 def test_certificate_detail_says_the_time_left_as_people_say_it() -> None:
     check = health.certificate(NOW + timedelta(days=2, hours=23, minutes=50), NOW)
     assert check.detail.startswith("certificate expires in 2 days 23 hours (2025-04-04 08:50 UTC)")

@@ -247,7 +247,7 @@ async def test_healthy_node_answers_healthz_200_listing_every_check(cluster: Clu
     assert body["status"] == "ok" and body["node_id"] == "mie-pref"
     assert body["maintenance"] == {"on": False, "reason": None, "since": None}
     checks = {c["check"]: c for c in body["checks"]}
-    assert list(checks) == ["database", "certificate", "peers", "roster", "outbox"]
+    assert list(checks) == ["database", "disk", "certificate", "peers", "roster", "outbox"]
     assert {c["status"] for c in checks.values()} == {"ok"}
     assert checks["peers"]["detail"] == "1 of 1 active peers reachable"
     assert checks["database"]["detail"] == "database is writable"
@@ -338,7 +338,7 @@ async def test_doctor_finds_nothing_wrong_with_a_healthy_node_and_exits_0(
     code, findings, human = await doctor(mie.home.root)
     assert code == 0, findings
     assert {row["status"] for row in findings.values()} == {"ok"}
-    for check in ("node", "config", "keys", "database", "certificate", "maintenance"):
+    for check in ("node", "config", "keys", "database", "disk", "certificate", "maintenance"):
         assert check in findings
     assert {"segment/default", "clock", "roster", "outbox"} <= set(findings)
     assert "no problem found" in human

@@ -24,6 +24,7 @@ from federation.envelope import Envelope, Kind
 from federation.errors import KakehashiError, StorageError
 from gateway.local import LocalFederation
 from gateway.membership import create_federation
+from gateway.monitoring import health_report
 from gateway.node import Node
 from gateway.store import Store
 from tests.integration.conftest import eventually
@@ -143,6 +144,11 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
         try:
             mie, tsu, room = await two_nodes_in_a_room(cluster)
             ballast = fill(disk)
+            # Monitoring says so before anyone sends: /healthz answers 503.
+            code, report = await health_report(tsu)
+            found = {c["check"]: c for c in report["checks"]}
+            assert (code, found["disk"]["status"]) == (503, "critical")
+            assert found["disk"]["detail"].startswith("0 B free of 16.0 MiB")
 
             with capture_logs() as logs:
                 sent = [f"{k}: {TEXT}" for k in range(MESSAGES)]
