@@ -1,8 +1,8 @@
 """A node whose disk fills up: it refuses what it cannot commit, with a typed error,
 keeps running, and takes everything in once there is space again. Nothing is lost.
 
-The receiving node's home is a small tmpfs (root only), so SQLite meets a real
-ENOSPC: no storage call is replaced.
+The full node's home is a small tmpfs (root only), so SQLite meets a real ENOSPC:
+no storage call is replaced.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def fill(disk: Path) -> Path:
     return ballast
 
 
+async def send_all(node: Node, room: str) -> list[str]:
+    """Send MESSAGES numbered messages from `node`, 500 a call; returns their texts."""
+    sent = [f"{k}: {TEXT}" for k in range(MESSAGES)]
+    for start in range(0, MESSAGES, 500):
+        await node.rooms.send(room, sent[start : start + 500])
+    return sent
+
+
 async def texts_at(node: Node, room: str) -> list[str]:
     rows = await node.rooms.store.history(room, 10**6)
     envelopes = [Envelope.from_bytes(wire) for _, wire in reversed(rows)]
@@ -151,9 +159,7 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
             assert found["disk"]["detail"].startswith("0 B free of 16.0 MiB")
 
             with capture_logs() as logs:
-                sent = [f"{k}: {TEXT}" for k in range(MESSAGES)]
-                for start in range(0, MESSAGES, 500):
-                    await mie.rooms.send(room, sent[start : start + 500])
+                sent = await send_all(mie, room)
                 await eventually(
                     lambda: any(
                         e["event"] == "delivery_failed" and e.get("code") == "disk_full"
@@ -178,8 +184,8 @@ async def test_a_full_disk_refuses_cleanly_and_loses_nothing_once_freed(tmp_path
                 ballast.unlink()
                 # On disk, not in memory: memory runs ahead while a batch commits.
                 await eventually(lambda: on_disk(tsu, room, 1 + MESSAGES + 1), timeout=60)
-            # The full node said why it refused; the only error is the audit entry it
-            # could not write (no task died, no commit chain broke).
+            # The full node said why it refused; the only errors are the typed ones of
+            # EXPECTED_ERRORS (no task died, no commit chain broke).
             refusals = [e for e in logs if e["event"] == "peer_refused"]
             reasons = {e["reason"] for e in refusals}
             assert "disk_full" in reasons
@@ -210,9 +216,7 @@ async def test_a_sender_whose_disk_fills_still_delivers_its_outbox(tmp_path: Pat
         try:
             mie, _, room = await two_nodes_in_a_room(cluster)
             await cluster.stop("tsu")
-            sent = [f"{k}: {TEXT}" for k in range(MESSAGES)]
-            for start in range(0, MESSAGES, 500):
-                await mie.rooms.send(room, sent[start : start + 500])
+            sent = await send_all(mie, room)
             assert (await mie.rooms.store.outbox_depths())["tsu"][0] == MESSAGES
             # Empty the write-ahead log's file first: SQLite reuses it once checkpointed,
             # so writes that fit in it would not yet need the full disk to grow.
