@@ -877,7 +877,8 @@ def doctor(home: str, as_json: bool) -> None:
     Asks the running node (certificate, database, clock skew and reachability per
     peer and segment, roster versions, outboxes, maintenance mode) and checks the
     home's files (config, key modes). If the node is not running, says so and checks
-    what it can offline (config, key modes, certificate expiry from the file).
+    what it can offline (config, key modes, certificate expiry from the file, free
+    disk space).
     Exit code 0 when every check is ok, 1 when any warns or is critical.
     """
     from .health import Check, Severity, offline_checks

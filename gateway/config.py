@@ -144,6 +144,28 @@ def resolve_home(home: str | Path | None) -> Home:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiskThresholds:
+    """When the free space on the node's filesystem is a warning, or critical, in the
+    health checks: under a share of the whole or under a size, whichever comes first
+    ([health] disk_warn_free_percent, disk_warn_free_mib, disk_critical_free_percent,
+    disk_critical_free_mib)."""
+
+    warn_percent: float = 10.0
+    warn_mib: int = 2048
+    critical_percent: float = 2.0
+    """At 0 free, sends and deliveries are refused (disk_full): a few files more from here."""
+    critical_mib: int = 256
+
+
+_DISK_FIELDS = {
+    "disk_warn_free_percent": "warn_percent",
+    "disk_warn_free_mib": "warn_mib",
+    "disk_critical_free_percent": "critical_percent",
+    "disk_critical_free_mib": "critical_mib",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     """Settings of one node, as read from its config.toml."""
 
@@ -161,6 +183,8 @@ class NodeConfig:
     """Published endpoint per network segment, sorted by segment."""
     health_interval: float = 5.0
     """Seconds between health checks of each peer."""
+    disk: DiskThresholds = DiskThresholds()
+    """Free disk space below which the health checks warn or are critical ([health])."""
     request_timeout: float = 10.0
     """Seconds before a request to a peer is abandoned."""
     retry_cap: float = 30.0
@@ -337,6 +361,7 @@ def load_config(home: Home) -> NodeConfig:
             f"{path}: field 'health.request_timeout_seconds' must be positive",
             code="config_bad_field",
         )
+    disk = _disk_thresholds(health, path)
     delivery = raw.get("delivery", {})
     if not isinstance(delivery, dict):
         raise ConfigError(f"{path}: [delivery] must be a table", code="config_bad_field")
@@ -386,6 +411,7 @@ def load_config(home: Home) -> NodeConfig:
         endpoints=parse_endpoints(segments, f"{path} [segments]"),
         health_interval=float(interval),
         request_timeout=float(timeout),
+        disk=disk,
         log_format=log_format,
         log_level=log_level,
         retry_cap=float(retry_cap),
@@ -403,6 +429,34 @@ def load_config(home: Home) -> NodeConfig:
         files_max_upload_mb=max_upload_mb,
         extra={key: value for key, value in raw.items() if key not in known},
     )
+
+
+def _disk_thresholds(health: dict[str, Any], path: Path) -> DiskThresholds:
+    """[health] disk_*: percents 0-100, sizes in MiB from 0, critical not above warn."""
+    defaults = DiskThresholds()
+    values: dict[str, Any] = {}
+    for name, attribute in _DISK_FIELDS.items():
+        percent = name.endswith("percent")
+        default = getattr(defaults, attribute)
+        value = _optional(health, "health", name, (int, float) if percent else int, path, default)
+        if not 0 <= value <= (100 if percent else 2**40):
+            raise ConfigError(
+                f"{path}: field 'health.{name}' must be "
+                + ("a percentage, 0-100" if percent else "a size in MiB, 0 or more"),
+                code="config_bad_field",
+            )
+        values[attribute] = float(value) if percent else value
+    thresholds = DiskThresholds(**values)
+    if (
+        thresholds.critical_percent > thresholds.warn_percent
+        or thresholds.critical_mib > thresholds.warn_mib
+    ):
+        raise ConfigError(
+            f"{path}: [health] the disk_critical_free_* thresholds must not be above the "
+            "disk_warn_free_* ones",
+            code="config_bad_field",
+        )
+    return thresholds
 
 
 def _api_section(
@@ -455,6 +509,10 @@ def write_config(home: Home, config: NodeConfig) -> None:
             "catch_up_interval_seconds": config.catch_up_interval,
         },
     }
+    for name, attribute in _DISK_FIELDS.items():
+        value = getattr(config.disk, attribute)
+        if value != getattr(DiskThresholds(), attribute):
+            document["health"][name] = value
     if not config.decode_helper:
         document["delivery"]["decode_helper"] = False
     if config.code is not None:

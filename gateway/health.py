@@ -13,6 +13,7 @@ left: every problem names the peer, segment or file, and a fix they can type.
 
 from __future__ import annotations
 
+import shutil
 import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,17 +24,14 @@ from typing import Any
 from federation.errors import KakehashiError
 
 from . import tls
-from .config import Home, load_config
+from .config import DiskThresholds, Home, load_config
 
 __all__ = [
     "CERTIFICATE_CRITICAL_DAYS",
     "CERTIFICATE_WARN_DAYS",
     "CLOCK_CRITICAL_MS",
     "CLOCK_WARN_MS",
-    "DISK_CRITICAL_BYTES",
-    "DISK_CRITICAL_SHARE",
-    "DISK_WARN_BYTES",
-    "DISK_WARN_SHARE",
+    "DISK_DEFAULTS",
     "OUTBOX_CRITICAL_DEPTH",
     "OUTBOX_CRITICAL_LAG_S",
     "OUTBOX_WARN_DEPTH",
@@ -46,6 +44,7 @@ __all__ = [
     "config_file",
     "database",
     "disk_space",
+    "home_disk",
     "key_files",
     "maintenance",
     "offline_checks",
@@ -77,12 +76,9 @@ OUTBOX_WARN_DEPTH = 10_000
 OUTBOX_CRITICAL_DEPTH = 100_000
 """Envelopes queued for one peer above which its outbox is critical."""
 
-DISK_WARN_SHARE = 0.10
-DISK_WARN_BYTES = 2 * 1024**3
-"""Free space on the node's filesystem under 10% or under 2 GiB is a warning."""
-DISK_CRITICAL_SHARE = 0.02
-DISK_CRITICAL_BYTES = 256 * 1024**2
-"""Under 2% or under 256 MiB is critical: a few shared files more and writes fail."""
+
+DISK_DEFAULTS = DiskThresholds()
+"""Free space under 10% or 2 GiB is a warning; under 2% or 256 MiB critical."""
 
 _KEY_FILES = ("signing.key", "tls.key", "federation.key", "ca.key", "token.key")
 # The authority's only, and the staff token key (made at the first login).
@@ -216,8 +212,10 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def disk_space(free: int, total: int) -> Check:
-    """Free space on the filesystem of the node's home (database, files, backups)."""
+def disk_space(free: int, total: int, limits: DiskThresholds = DISK_DEFAULTS) -> Check:
+    """Free space on the filesystem of the node's home (database, files, backups): a
+    warning, or critical, under a share of the whole or under a size (`limits`; by
+    default under 10% or 2 GiB, and under 2% or 256 MiB)."""
     share = free / total if total else 0.0
     detail = f"{_size(free)} free of {_size(total)} ({share:.0%})"
     fix = (
@@ -225,11 +223,18 @@ def disk_space(free: int, total: int) -> Check:
         "is full the node refuses sends and deliveries with disk_full, and peers keep "
         "what they could not deliver until there is room"
     )
-    if share < DISK_CRITICAL_SHARE or free < DISK_CRITICAL_BYTES:
+    mib = 1024**2
+    if share * 100 < limits.critical_percent or free < limits.critical_mib * mib:
         return Check(check="disk", status=Severity.CRITICAL, detail=detail, fix=fix)
-    if share < DISK_WARN_SHARE or free < DISK_WARN_BYTES:
+    if share * 100 < limits.warn_percent or free < limits.warn_mib * mib:
         return Check(check="disk", status=Severity.WARN, detail=detail, fix=fix)
     return Check(check="disk", status=Severity.OK, detail=detail)
+
+
+def home_disk(home: Home, limits: DiskThresholds = DISK_DEFAULTS) -> Check:
+    """`disk_space` of the filesystem holding the node's database."""
+    usage = shutil.disk_usage(home.database.parent)
+    return disk_space(usage.free, usage.total, limits)
 
 
 def maintenance(on: bool, reason: str | None, since: str | None) -> Check:
@@ -585,4 +590,9 @@ def offline_checks(home: Home, now: datetime, *, running: bool) -> list[Check]:
     checks = [config_file(home), *key_files(home)]
     if not running:
         checks.append(certificate_file(home, now))
+        try:
+            limits = load_config(home).disk
+        except KakehashiError:
+            limits = DISK_DEFAULTS  # the config check above says what is wrong with it
+        checks.append(home_disk(home, limits))  # a full disk can keep a node from starting
     return checks

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -113,11 +112,6 @@ async def _database(node: Node) -> Check:
     return health.database(None)
 
 
-def _disk(node: Node) -> Check:
-    usage = shutil.disk_usage(node.home.database.parent)
-    return health.disk_space(usage.free, usage.total)
-
-
 def _certificate(node: Node) -> Check:
     certificate = tls.load_certificate_pem(node.home.tls_cert.read_bytes())
     return health.certificate(
@@ -143,7 +137,7 @@ async def health_report(node: Node) -> tuple[int, dict[str, Any]]:
     views = await node.peer_report()
     checks = [
         await _database(node),
-        _disk(node),
+        health.home_disk(node.home, node.config.disk),
         _certificate(node),
         health.peers_reachable(views),
         health.roster(node.roster.version, _seen_versions(node, views), node.roster.authority),
@@ -171,7 +165,7 @@ async def diagnosis(node: Node) -> list[Check]:
             f"up {uptime} s)",
         ),
         await _database(node),
-        _disk(node),
+        health.home_disk(node.home, node.config.disk),
         _certificate(node),
         health.maintenance(mode["on"], mode["reason"], mode["since"]),
         *health.segments([e.segment for e in node.config.endpoints], views),

@@ -17,7 +17,14 @@ import pytest
 import tomli_w
 
 from federation.errors import ConfigError
-from gateway.config import Home, NodeConfig, load_config, resolve_home, write_config
+from gateway.config import (
+    DiskThresholds,
+    Home,
+    NodeConfig,
+    load_config,
+    resolve_home,
+    write_config,
+)
 from gateway.membership import init_home
 
 
@@ -191,6 +198,64 @@ async def test_bad_files_max_upload_names_the_field(home: Home, value: object) -
     _edit(home, lambda doc: doc.update({"files": {"max_upload_mb": value}}))
     error = _load_error(home)
     assert "'files.max_upload_mb'" in str(error)
+    assert error.code == "config_bad_field"
+
+
+async def test_disk_thresholds_default_to_10_percent_2_gib_and_2_percent_256_mib(
+    home: Home,
+) -> None:
+    assert load_config(home).disk == DiskThresholds(
+        warn_percent=10.0, warn_mib=2048, critical_percent=2.0, critical_mib=256
+    )
+    assert not any(k.startswith("disk") for k in tomllib.loads(home.config.read_text())["health"])
+
+
+async def test_disk_thresholds_are_read_and_written_back(home: Home) -> None:
+    fields = {"disk_warn_free_percent": 5, "disk_warn_free_mib": 10240}
+    fields |= {"disk_critical_free_percent": 0.5, "disk_critical_free_mib": 1024}
+    _edit(home, lambda doc: doc["health"].update(fields))
+    config = load_config(home)
+    assert config.disk == DiskThresholds(
+        warn_percent=5.0, warn_mib=10240, critical_percent=0.5, critical_mib=1024
+    )
+    write_config(home, config)
+    assert load_config(home) == config
+    assert tomllib.loads(home.config.read_text())["health"]["disk_warn_free_mib"] == 10240
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("disk_warn_free_percent", 101, "a percentage, 0-100"),
+        ("disk_critical_free_percent", -1, "a percentage, 0-100"),
+        ("disk_warn_free_percent", "10%", "must be an integer or a number"),
+        ("disk_warn_free_mib", -5, "a size in MiB, 0 or more"),
+        ("disk_critical_free_mib", 1.5, "must be an integer"),
+        ("disk_critical_free_mib", True, "must be an integer"),
+    ],
+)
+async def test_bad_disk_threshold_names_the_field(
+    home: Home, name: str, value: object, says: str
+) -> None:
+    _edit(home, lambda doc: doc["health"].update({name: value}))
+    error = _load_error(home)
+    assert f"'health.{name}'" in str(error) and says in str(error), str(error)
+    assert error.code == "config_bad_field"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"disk_critical_free_percent": 20},  # above the default warning at 10%
+        {"disk_warn_free_mib": 100, "disk_critical_free_mib": 200},
+    ],
+)
+async def test_disk_critical_threshold_above_the_warning_is_refused(
+    home: Home, fields: dict[str, int]
+) -> None:
+    _edit(home, lambda doc: doc["health"].update(fields))
+    error = _load_error(home)
+    assert "must not be above" in str(error) and str(home.config) in str(error)
     assert error.code == "config_bad_field"
 
 

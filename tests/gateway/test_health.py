@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway import health
-from gateway.config import Home
+from gateway.config import DiskThresholds, Home
 from gateway.health import Check, Severity
 from gateway.membership import init_home
 
@@ -87,6 +87,30 @@ def test_disk_warns_under_a_tenth_or_2_gib_free_and_is_critical_under_2_percent_
     assert (check.fix is None) == (status is Severity.OK)
     if check.fix is not None:
         assert "disk_full" in check.fix
+
+
+@pytest.mark.parametrize(
+    ("free", "total", "status"),
+    [
+        (80 * GiB, 200 * GiB, Severity.OK),  # 40% and over 64 GiB
+        (20 * GiB, 100 * GiB, Severity.WARN),  # 20%: under a quarter
+        (60 * GiB, 1000 * GiB, Severity.WARN),  # 6%, and under 64 GiB
+        (4 * GiB, 100 * GiB, Severity.CRITICAL),  # under 5%
+        (9 * GiB, 1000 * GiB, Severity.CRITICAL),  # 0.9%, and under 10 GiB
+    ],
+)
+def test_disk_thresholds_given_replace_the_defaults(
+    free: int, total: int, status: Severity
+) -> None:
+    limits = DiskThresholds(
+        warn_percent=25, warn_mib=64 * 1024, critical_percent=5, critical_mib=10240
+    )
+    assert health.disk_space(free, total, limits).status is status
+
+
+def test_disk_thresholds_of_zero_never_warn() -> None:
+    none = DiskThresholds(warn_percent=0, warn_mib=0, critical_percent=0, critical_mib=0)
+    assert health.disk_space(0, 16 * 1024**2, none).status is Severity.OK
 
 
 def test_disk_detail_says_how_much_is_free() -> None:

@@ -26,7 +26,7 @@ from federation import codec
 from federation.envelope import Envelope
 from federation.errors import KakehashiError
 from gateway import tls
-from gateway.config import load_config, write_config
+from gateway.config import DiskThresholds, load_config, write_config
 from gateway.membership import create_federation
 from gateway.node import Node
 from gateway.transport import FEDERATION_PREFIX
@@ -121,6 +121,11 @@ async def pair(cluster: Cluster, **changes: Any) -> tuple[Node, Node]:
     await eventually(lambda: mie.roster.version == tsu.roster.version == 2, timeout=30)
     await eventually(lambda: up(mie, "tsu") and up(tsu, "mie-pref"), timeout=30)
     return mie, tsu
+
+
+ANY_DISK = DiskThresholds(warn_percent=0, warn_mib=0, critical_percent=0, critical_mib=0)
+"""Disk thresholds no disk falls under: where a test expects every check ok, the free space
+of the machine it runs on must not decide it (the disk check has tests of its own)."""
 
 
 def up(node: Node, peer: str) -> bool:
@@ -240,7 +245,7 @@ async def test_metrics_count_refused_requests_and_refused_envelopes_by_reason(
 
 
 async def test_healthy_node_answers_healthz_200_listing_every_check(cluster: Cluster) -> None:
-    mie, _ = await pair(cluster)
+    mie, _ = await pair(cluster, disk=ANY_DISK)
     await eventually(lambda: mie.monitor.roster_version("tsu") == 2, timeout=30)
     status, body = await healthz(mie)
     assert status == 200, body
@@ -251,6 +256,34 @@ async def test_healthy_node_answers_healthz_200_listing_every_check(cluster: Clu
     assert {c["status"] for c in checks.values()} == {"ok"}
     assert checks["peers"]["detail"] == "1 of 1 active peers reachable"
     assert checks["database"]["detail"] == "database is writable"
+
+
+async def test_disk_thresholds_in_the_config_decide_the_disk_check_of_healthz_and_doctor(
+    cluster: Cluster,
+) -> None:
+    # Warn under 100% free: any disk holding this node's files is under it.
+    warn = DiskThresholds(warn_percent=100, warn_mib=0, critical_percent=0, critical_mib=0)
+    mie, _ = await pair(cluster, disk=warn)
+    status, body = await healthz(mie)
+    disk = {c["check"]: c for c in body["checks"]}["disk"]
+    assert (status, body["status"], disk["status"]) == (200, "warn", "warn"), body
+    assert "free of" in disk["detail"] and "disk_full" in disk["fix"]
+    code, findings, _ = await doctor(mie.home.root)
+    assert code == 1 and findings["disk"]["status"] == "warn"
+    # Critical under 100% free as well: /healthz takes the node out of rotation.
+    await cluster.stop("mie-pref")
+    configure(cluster, "mie-pref", disk=dataclasses.replace(warn, critical_percent=100))
+    mie = await cluster.start("mie-pref")
+    status, body = await healthz(mie)
+    disk = {c["check"]: c for c in body["checks"]}["disk"]
+    assert (status, body["status"], disk["status"]) == (503, "critical", "critical"), body
+    code, findings, _ = await doctor(mie.home.root)
+    assert code == 1 and findings["disk"]["status"] == "critical"
+    # Stopped, doctor checks the disk from the files, with the thresholds of the config.
+    await cluster.stop("mie-pref")
+    code, findings, _ = await doctor(mie.home.root)
+    assert findings["node"]["status"] == "critical"
+    assert findings["disk"]["status"] == "critical" and "free of" in findings["disk"]["detail"]
 
 
 async def test_maintenance_mode_drains_healthz_survives_restart_and_lifts(
@@ -333,7 +366,7 @@ async def test_a_node_refuses_to_start_when_its_monitoring_port_is_taken(
 async def test_doctor_finds_nothing_wrong_with_a_healthy_node_and_exits_0(
     cluster: Cluster,
 ) -> None:
-    mie, _ = await pair(cluster)
+    mie, _ = await pair(cluster, disk=ANY_DISK)
     await eventually(lambda: mie.monitor.roster_version("tsu") == 2, timeout=30)
     code, findings, human = await doctor(mie.home.root)
     assert code == 0, findings
