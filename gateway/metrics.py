@@ -15,6 +15,7 @@ one consistent reading.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -79,6 +80,17 @@ class _NodeCollector(Collector):
             "kakehashi_certificate_expiry_timestamp_seconds",
             "Unix time at which this node's TLS certificate expires.",
             certificate.not_valid_after_utc.timestamp(),
+        )
+        disk = shutil.disk_usage(node.home.database.parent)
+        yield GaugeMetricFamily(
+            "kakehashi_disk_free_bytes",
+            "Free space on the filesystem of this node's database (sends fail at 0).",
+            disk.free,
+        )
+        yield GaugeMetricFamily(
+            "kakehashi_disk_size_bytes",
+            "Size of the filesystem of this node's database.",
+            disk.total,
         )
         yield GaugeMetricFamily(
             "kakehashi_peers_up",

@@ -12,6 +12,7 @@ import dataclasses
 import http.client
 import json
 import re
+import shutil
 import socket
 import ssl
 import urllib.error
@@ -170,6 +171,9 @@ async def test_metrics_show_a_stopped_peers_outbox_growing_and_delivery_after_it
     assert value(text, "kakehashi_roster_version") == 2
     assert value(text, "kakehashi_peer_up", peer="tsu") == 1
     assert value(text, "kakehashi_peers_up") == 1
+    free, size = value(text, "kakehashi_disk_free_bytes"), value(text, "kakehashi_disk_size_bytes")
+    usage = shutil.disk_usage(mie.home.root)
+    assert size == usage.total and free is not None and abs(free - usage.free) < 256 * 1024**2
 
     await cluster.stop("tsu")
     await mie.rooms.send(room, ["一", "二", "三"])
