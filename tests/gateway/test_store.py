@@ -88,6 +88,17 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
         assert await store.latest_roster() == b"signed-v1"
 
 
+async def test_the_nodes_connection_has_its_page_cache_size_at_every_open(
+    tmp_path: Path,
+) -> None:
+    # A per-connection setting, not stored in the file: it must be set at every open.
+    for _ in range(2):
+        async with Store(tmp_path / "node.db") as store:
+            async with store.db.execute("PRAGMA cache_size") as cursor:
+                row = await cursor.fetchone()
+            assert row is not None and row[0] == -store_module.CACHE_MIB * 1024
+
+
 async def test_closed_store_raises_storage_error_store_closed(tmp_path: Path) -> None:
     store = Store(tmp_path / "node.db")
     with pytest.raises(StorageError) as caught:
