@@ -512,18 +512,17 @@ class Envelope:
                     "inclusion path must be a list of 32-byte hashes", code="bad_envelope"
                 )
         content = Content.from_bytes(content_bytes)
-        # Built field by field (what the frozen dataclass's __init__ does, less its
-        # keyword handling): this runs once per received envelope.
-        envelope: Envelope = _new(cls)
-        _set_content_bytes(envelope, content_bytes)
-        _set_content(envelope, content)
-        _set_signature(envelope, signature)
-        _set_index(envelope, index)
-        _set_size(envelope, size)
-        _set_path(envelope, tuple(path))
-        _set_id(envelope, _sha256(content_bytes).digest())
-        _set_wire(envelope, data)
-        return envelope
+        return _filled(
+            _new(cls),
+            content_bytes,
+            content,
+            signature,
+            index,
+            size,
+            tuple(path),
+            _sha256(content_bytes).digest(),
+            data,
+        )
 
     @classmethod
     def from_screened(cls, data: bytes, envelope_id: bytes) -> Envelope:
@@ -588,6 +587,31 @@ assert set(_ENVELOPE_FIELDS) == {f.name for f in fields(Envelope)}
     _set_id,
     _set_wire,
 ) = (Envelope.__dict__[name].__set__ for name in _ENVELOPE_FIELDS)
+
+
+def _filled(
+    envelope: Envelope,
+    content_bytes: bytes,
+    content: Content,
+    signature: bytes,
+    index: int,
+    size: int,
+    path: tuple[bytes, ...],
+    envelope_id: bytes,
+    wire: bytes = b"",
+) -> Envelope:
+    """A new, still empty envelope given its fields, checked or computed by the caller:
+    what the frozen dataclass's `__init__` does, less its keyword handling and one
+    `object.__setattr__` per field. Runs once per envelope sealed or received."""
+    _set_content_bytes(envelope, content_bytes)
+    _set_content(envelope, content)
+    _set_signature(envelope, signature)
+    _set_index(envelope, index)
+    _set_size(envelope, size)
+    _set_path(envelope, path)
+    _set_id(envelope, envelope_id)
+    _set_wire(envelope, wire)
+    return envelope
 
 
 Screened = bytes | tuple[str, str, int]
@@ -705,15 +729,7 @@ def seal_batch(contents: Sequence[Content], key: SigningKey) -> list[Envelope]:
     paths = _paths(levels)
     size = len(contents)
     envelopes = [
-        Envelope(
-            content_bytes=data,
-            content=content,
-            signature=signature,
-            index=index,
-            size=size,
-            path=paths[index],
-            id=ids[index],
-        )
+        _filled(_new(Envelope), data, content, signature, index, size, paths[index], ids[index])
         for index, (data, content) in enumerate(zip(encoded, contents, strict=True))
     ]
     for envelope in envelopes:
