@@ -142,18 +142,18 @@ def merkle_root(ids: Sequence[bytes]) -> bytes:
 
 def _paths(levels: Sequence[Sequence[bytes]]) -> list[tuple[bytes, ...]]:
     """Inclusion path (sibling hashes, leaf upwards) of every leaf of a built tree; a node
-    promoted without a sibling adds nothing (as `root_from_path` walks it)."""
-    below_root = levels[:-1]
-    paths = []
-    for index in range(len(levels[0])):
-        path = []
-        position = index
-        for level in below_root:
-            sibling = position ^ 1
-            if sibling < len(level):
-                path.append(level[sibling])
-            position >>= 1
-        paths.append(tuple(path))
+    promoted without a sibling adds nothing (as `root_from_path` walks it).
+
+    Built from the root down: a node's path is its sibling, then its parent's path, so
+    each level costs one tuple per node instead of a walk up the tree per leaf."""
+    paths: list[tuple[bytes, ...]] = [()]  # the root's
+    for level in reversed(levels[:-1]):
+        width = len(level)
+        above = paths
+        paths = [
+            (level[node ^ 1], *above[node >> 1]) if node ^ 1 < width else above[node >> 1]
+            for node in range(width)
+        ]
     return paths
 
 

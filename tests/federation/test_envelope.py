@@ -164,7 +164,7 @@ def test_merkle_root_and_paths_match_an_independent_rfc_6962_reference(n: int) -
         assert root_from_path(ids[m], m, n, rfc6962_path(m, ids)) == rfc6962_root(ids)
 
 
-@pytest.mark.parametrize("n", [3, 5, 6, 7, 13])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8, 13, 31, 33, 100])
 def test_sealed_batch_signs_the_rfc_6962_root_and_carries_rfc_6962_paths(n: int) -> None:
     envelopes = seal_batch(chain(n), KEY)
     ids = [env.id for env in envelopes]
