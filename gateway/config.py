@@ -148,12 +148,12 @@ class DiskThresholds:
     """When the free space on the node's filesystem is a warning, or critical, in the
     health checks: under a share of the whole or under a size, whichever comes first
     ([health] disk_warn_free_percent, disk_warn_free_mib, disk_critical_free_percent,
-    disk_critical_free_mib)."""
+    disk_critical_free_mib). Critical leaves room for a few files more: at 0 free, sends
+    and deliveries are refused with disk_full."""
 
     warn_percent: float = 10.0
     warn_mib: int = 2048
     critical_percent: float = 2.0
-    """At 0 free, sends and deliveries are refused (disk_full): a few files more from here."""
     critical_mib: int = 256
 
 
