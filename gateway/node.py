@@ -65,9 +65,17 @@ from .outbox import DeliverySettings, Outbox
 from .peers import PeerMonitor, is_up
 from .rooms import BATCH_LIMITS, RoomService
 from .store import Store
+from .stream import STREAM_ROUTE, PeerStreams, StreamServer
 from .tasks import cancel_all
 from .timeline import Timeline
-from .transport import FEDERATION_PREFIX, MSGPACK, PEER, PeerClient, federation_app
+from .transport import (
+    FEDERATION_PREFIX,
+    MAX_BATCH_REQUEST_BYTES,
+    MSGPACK,
+    PEER,
+    PeerClient,
+    federation_app,
+)
 from .webclient import web_client_routes
 
 __all__ = ["Node"]
@@ -99,6 +107,12 @@ class Node:
         self._audit_started = False
         self._signed: SignedRoster | None = None
         self._client: PeerClient | None = None
+        self._streams: PeerStreams | None = None
+        self._stream_server = StreamServer(
+            self,
+            {"/envelopes": self._receive_batch, "/relay": self._relay_batch},
+            max_frame_bytes=MAX_BATCH_REQUEST_BYTES,
+        )
         self._monitor: PeerMonitor | None = None
         self._rooms: RoomService | None = None
         self._outbox: Outbox | None = None
@@ -150,6 +164,17 @@ class Node:
     def client(self) -> PeerClient:
         assert self._client is not None
         return self._client
+
+    @property
+    def streams(self) -> PeerStreams:
+        """This node's streams to peers (batches go on them; POST when a peer has none)."""
+        assert self._streams is not None
+        return self._streams
+
+    @property
+    def stream_server(self) -> StreamServer:
+        """The streams peers hold open to this node."""
+        return self._stream_server
 
     @property
     def rooms(self) -> RoomService:
@@ -304,9 +329,10 @@ class Node:
             on_enqueued=lambda queued: self.outbox.enqueued(queued),
             decoder=Decoder(use_helper=self.config.decode_helper),
         )
+        self._streams = PeerStreams(self._client)
         self._outbox = Outbox(
             store=self._rooms.store,
-            client=self._client,
+            streams=self._streams,
             roster=lambda: self.roster,
             router=self.route,
             settings=DeliverySettings(
@@ -361,7 +387,9 @@ class Node:
             on_refused=self._refused_by,
         )
         await self._files.start()
-        federation = web.AppRunner(federation_app(self), access_log=None, shutdown_timeout=2.0)
+        app = federation_app(self)
+        app.on_shutdown.append(self._stream_server.shutdown)
+        federation = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await federation.setup()
         self._runners.append(federation)
         try:
@@ -475,6 +503,9 @@ class Node:
             # closes: their senders had no answer, and send them again as duplicates.
             await self._rooms.settle()
         self._monitoring = None
+        if self._streams is not None:
+            await self._streams.close()
+            self._streams = None
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -723,6 +754,7 @@ class Node:
             web.post(f"{FEDERATION_PREFIX}/envelopes", self._handle_envelopes),
             web.post(f"{FEDERATION_PREFIX}/sync", self._handle_sync),
             web.post(f"{FEDERATION_PREFIX}/relay", self._handle_relay),
+            web.get(STREAM_ROUTE, self._stream_server.handle),
             web.get(f"{FEDERATION_PREFIX}/files/{{sha256}}", self._handle_file),
         ]
 
@@ -829,8 +861,12 @@ class Node:
 
     async def _handle_envelopes(self, request: web.Request) -> web.Response:
         """A batch pushed by a peer; answered only after it is durably committed."""
-        peer = request[PEER]
-        body = codec.decode_map(await request.read(), BATCH_LIMITS, canonical=False)
+        answer = await self._receive_batch(request[PEER], await request.read())
+        return web.Response(body=answer, content_type=MSGPACK)
+
+    async def _receive_batch(self, peer: RosterEntry, raw: bytes) -> bytes:
+        """The work of `/envelopes`, by POST or on a stream: the answer's body."""
+        body = codec.decode_map(raw, BATCH_LIMITS, canonical=False)
         wires = body.get("envelopes")
         if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
             raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
@@ -848,15 +884,19 @@ class Node:
             "duplicates": duplicates,
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
-        return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+        return codec.encode_frame(answer)
 
     async def _handle_relay(self, request: web.Request) -> web.Response:
         """As a relay: verify a batch for another node, queue it durably, then acknowledge."""
-        peer = request[PEER]
+        answer = await self._relay_batch(request[PEER], await request.read())
+        return web.Response(body=answer, content_type=MSGPACK)
+
+    async def _relay_batch(self, peer: RosterEntry, raw: bytes) -> bytes:
+        """The work of `/relay`, by POST or on a stream: the answer's body."""
         me = self.roster.member(self.node_id)
         if me is None or not me.relay:
             raise TrustError(f"{self.node_id} is not a relay in the roster", code="not_a_relay")
-        body = codec.decode_map(await request.read(), BATCH_LIMITS, canonical=False)
+        body = codec.decode_map(raw, BATCH_LIMITS, canonical=False)
         wires, destination = body.get("envelopes"), body.get("to")
         if not isinstance(wires, list) or not all(isinstance(w, bytes) for w in wires):
             raise ProtocolError("envelopes must be a list of encoded envelopes", code="bad_batch")
@@ -878,7 +918,7 @@ class Node:
             "duplicates": duplicates,
             "refused": [[r.envelope_id, r.code] for r in refused],
         }
-        return web.Response(body=codec.encode_frame(answer), content_type=MSGPACK)
+        return codec.encode_frame(answer)
 
     async def _handle_file(self, request: web.Request) -> web.StreamResponse:
         """A file's bytes (Range honoured), to a member node of a room that shares it."""

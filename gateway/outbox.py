@@ -41,8 +41,8 @@ from federation.roster import Roster
 from federation.routing import Route
 
 from .roomstore import OutboxBatch, Queued, RoomStore
+from .stream import PeerStreams
 from .tasks import cancel_all
-from .transport import PeerClient
 
 __all__ = ["DeliverySettings", "Outbox"]
 
@@ -301,7 +301,7 @@ class _Sender:
         path = "/envelopes"
         if not route.direct:
             path, body["to"] = "/relay", self.peer  # framing maps keep sorted keys
-        response = await self.outbox.client.request(hop, "POST", path, codec.encode_frame(body))
+        response = await self.outbox.streams.exchange(hop, path, codec.encode_frame(body))
         return codec.decode_map(response.body, canonical=False)
 
 
@@ -318,13 +318,13 @@ class Outbox:
         self,
         *,
         store: RoomStore,
-        client: PeerClient,
+        streams: PeerStreams,
         roster: Callable[[], Roster],
         router: Callable[[str], Route | None],
         settings: DeliverySettings | None = None,
     ) -> None:
         self.store = store
-        self.client = client
+        self.streams = streams
         self.roster = roster
         self.router = router
         self.settings = settings or DeliverySettings()

@@ -304,7 +304,29 @@ class PeerClient:
         # handshakes anew.
         self._pins: dict[tuple[bytes, ...], AnyFingerprint] = {}
 
-    def _pin(self, fingerprints: tuple[bytes, ...]) -> AnyFingerprint:
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session every request to peers goes through."""
+        return self._session
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout:
+        return self._timeout
+
+    def roster_version(self) -> int:
+        """This node's roster version now, as requests announce it."""
+        return self._roster_version()
+
+    def published(self, peer: RosterEntry) -> tuple[bytes, ...]:
+        """The certificate fingerprints `peer` may present now (two during a rotation)."""
+        return peer.certificates(int(self._clock()))
+
+    def pin(self, fingerprints: tuple[bytes, ...]) -> AnyFingerprint:
+        """The pin accepting `fingerprints`: one object per set, so connections are reused."""
         pin = self._pins.get(fingerprints)
         if pin is None:
             pin = self._pins[fingerprints] = AnyFingerprint(fingerprints)
@@ -349,7 +371,7 @@ class PeerClient:
                 url,
                 data=body,
                 headers=sent,
-                ssl=self._pin(peer.certificates(int(self._clock()))),
+                ssl=self.pin(self.published(peer)),
                 timeout=self._timeout
                 if time_limit is None
                 else aiohttp.ClientTimeout(total=time_limit, connect=self._timeout.connect),

@@ -21,6 +21,7 @@ from federation.invites import (
 )
 from federation.roster import Endpoint, PublishedKey, Roster, RosterEntry, sign_roster
 from federation.signing import SigningKey
+from gateway.stream import answer_frame, request_frame
 from gateway.transport import error_body
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -134,3 +135,16 @@ def test_join_messages_and_refusals_match_their_schemas(federation_key: SigningK
     validate("join-reply", admitted.to_bytes())
     refusal = validate("error", error_body("token_reused", "already used", None))
     assert refusal["error"] == "token_reused"
+
+
+def test_stream_frames_match_their_schema() -> None:
+    batch = codec.encode_frame({"envelopes": [b"\x01\x02"]})
+    request = validate("stream-frame", request_frame(7, "/envelopes", batch, 3))
+    assert (request["id"], request["path"], request["roster"]) == (7, "/envelopes", 3)
+    assert bytes.fromhex(request["body"]) == batch
+    refusal = error_body("peer_suspended", "tsu is suspended", None)
+    answer = validate("stream-frame", answer_frame(7, 403, refusal, 4))
+    assert (answer["id"], answer["status"], answer["roster"]) == (7, 403, 4)
+    validate("error", bytes.fromhex(answer["body"]))
+    with pytest.raises(jsonschema.ValidationError):  # a frame is one or the other, whole
+        validate("stream-frame", codec.encode_frame({"body": b"", "id": 7, "roster": 4}))

@@ -1,7 +1,8 @@
 """Envelopes a node must not take: each is refused with its reason, and the node goes on serving.
 
-Every batch here is crafted by hand and POSTed over real mutual TLS to a running node's
-`/federation/v1/envelopes`, through the sending node's own `PeerClient`. Each test checks
+Every batch here is crafted by hand and sent over real mutual TLS to a running node's
+`/federation/v1/envelopes`, through the sending node's own client: once as a POST, once as
+a frame on the node's stream (each test runs for both). Each test checks
 the `refused` entry of the answer (or the HTTP-level refusal), the logged reason, that the
 envelope is not in the receiver's timeline, and that a valid envelope sent afterwards is
 accepted.
@@ -46,13 +47,15 @@ class Setup:
     mie: Node
     tsu: Node
     ise: Node
+    via: str
+    """"post" or "stream": how batches are sent."""
 
     def key(self, node_id: str) -> SigningKey:
         return SigningKey.from_pem(self.cluster.home(node_id).signing_key.read_bytes())
 
 
-@pytest.fixture
-async def setup(cluster: Cluster) -> AsyncIterator[Setup]:
+@pytest.fixture(params=["post", "stream"])
+async def setup(cluster: Cluster, request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     mie = await cluster.authority()
     tsu = await cluster.member("tsu", "津市", "242012")
     ise = await cluster.member("ise", "伊勢市", "242039")
@@ -60,7 +63,7 @@ async def setup(cluster: Cluster) -> AsyncIterator[Setup]:
     room = await mie.rooms.create("防災", nodes=["tsu"])
     await mie.rooms.send(room, ["ようこそ"])
     await eventually(lambda: tsu.rooms.vector(room).get("mie-pref") == 2)
-    yield Setup(cluster, room, mie, tsu, ise)
+    yield Setup(cluster, room, mie, tsu, ise, request.param)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -109,14 +112,24 @@ def seal_raw(content_bytes: bytes, key: SigningKey) -> bytes:
     return codec.encode({"c": content_bytes, "sig": signature, "i": 0, "n": 1, "p": []})
 
 
-async def post(sender: Node, receiver: Node, wires: Sequence[bytes]) -> dict[str, Any]:
-    """POST a batch as `sender` (its PeerClient, its certificate) to `receiver`."""
+async def send_raw(s: Setup, sender: Node, receiver: Node, body: bytes) -> bytes:
+    """Send a batch body as `sender` (its client, its certificate) to `receiver`, the way
+    `s.via` says; the answer's body."""
     entry = sender.roster.member(receiver.node_id)
     assert entry is not None
-    body = codec.encode({"envelopes": list(wires)})
-    response = await sender.client.request(entry, "POST", "/envelopes", body)
+    if s.via == "stream":
+        response = await sender.streams.exchange(entry, "/envelopes", body)
+        assert sender.streams.is_open(receiver.node_id)
+    else:
+        response = await sender.client.request(entry, "POST", "/envelopes", body)
     assert response.status == 200
-    return codec.decode_map(response.body)
+    return response.body
+
+
+async def post(s: Setup, sender: Node, receiver: Node, wires: Sequence[bytes]) -> dict[str, Any]:
+    """Send a batch of `wires`; the decoded answer."""
+    body = codec.encode({"envelopes": list(wires)})
+    return codec.decode_map(await send_raw(s, sender, receiver, body))
 
 
 def logged(logs: list[dict[str, Any]], reason: str) -> list[dict[str, Any]]:
@@ -135,7 +148,7 @@ async def assert_refused(
     """POST one envelope to mie-pref: refused with `code`, logged, not in the timeline.
     Returns the logged refusal events."""
     with capture_logs() as logs:
-        answer = await post(sender or s.tsu, s.mie, [wire])
+        answer = await post(s, sender or s.tsu, s.mie, [wire])
     assert answer["accepted"] == 0
     assert answer["refused"] == [[envelope_id, code]], answer
     events = logged(logs, code)
@@ -150,7 +163,7 @@ async def assert_refused(
 async def assert_still_serving(s: Setup) -> None:
     """A valid envelope from tsu, sent the same way afterwards, is accepted into the timeline."""
     (valid,) = seal_batch([content(s.mie, s.room, "tsu", s.key("tsu"))], s.key("tsu"))
-    answer = await post(s.tsu, s.mie, [valid.to_bytes()])
+    answer = await post(s, s.tsu, s.mie, [valid.to_bytes()])
     assert (answer["accepted"], answer["refused"]) == (1, [])
     assert valid.id in await timeline_ids(s.mie, s.room)
 
@@ -194,7 +207,7 @@ async def test_envelope_with_an_altered_inclusion_path_is_refused(setup: Setup) 
     tampered = dataclasses.replace(genuine, path=path, wire=b"")
     await assert_refused(s, tampered.to_bytes(), "bad_envelope_signature", envelope_id=genuine.id)
     # The untampered envelope of the same batch is still good: the refusal was the path's.
-    answer = await post(s.tsu, s.mie, [genuine.to_bytes()])
+    answer = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
     assert (answer["accepted"], answer["refused"]) == (1, [])
 
 
@@ -258,7 +271,7 @@ async def test_envelope_over_64_kib_is_refused_as_envelope_too_large(setup: Setu
     assert len(wire) > 64 * 1024
     with capture_logs() as logs:
         try:
-            answer = await post(s.tsu, s.mie, [wire])
+            answer = await post(s, s.tsu, s.mie, [wire])
         except KakehashiError as exc:  # refused as a whole request
             assert exc.code == "envelope_too_large"
             assert [e for e in logs if e.get("reason") == "envelope_too_large"]
@@ -276,7 +289,7 @@ async def test_bytes_that_are_not_msgpack_in_the_list_are_refused_and_the_rest_a
     s = setup
     (valid,) = seal_batch([content(s.mie, s.room, "tsu", s.key("tsu"))], s.key("tsu"))
     with capture_logs() as logs:
-        answer = await post(s.tsu, s.mie, [b"\xc1\x00 not an envelope", valid.to_bytes()])
+        answer = await post(s, s.tsu, s.mie, [b"\xc1\x00 not an envelope", valid.to_bytes()])
     assert answer["refused"] == [[b"", "malformed_msgpack"]]
     assert answer["accepted"] == 1
     assert len(logged(logs, "malformed_msgpack")) == 1
@@ -307,10 +320,8 @@ async def test_envelope_for_a_room_the_receiver_does_not_know_is_refused(setup: 
 
 async def test_batch_body_that_is_not_msgpack_is_refused_with_http_400(setup: Setup) -> None:
     s = setup
-    entry = s.tsu.roster.member("mie-pref")
-    assert entry is not None
     with capture_logs() as logs, pytest.raises(ProtocolError) as refused:
-        await s.tsu.client.request(entry, "POST", "/envelopes", b"\xc1 this is not msgpack")
+        await send_raw(s, s.tsu, s.mie, b"\xc1 this is not msgpack")
     assert refused.value.code == "malformed_msgpack"
     assert refused.value.status == 400
     events = [e for e in logs if e["event"] == "peer_refused"]
