@@ -131,6 +131,15 @@ class _NodeCollector(Collector):
             if version is not None:
                 peer_roster.add_metric([peer], version)
         yield from (up, offset, rtt, peer_roster)
+        streams = GaugeMetricFamily(
+            "kakehashi_peer_stream_open",
+            "1 while this node's stream of batches to the peer is open (batches go by POST "
+            "to a peer without one).",
+            labels=["peer"],
+        )
+        for view in peers:
+            streams.add_metric([view["node_id"]], 1.0 if view["stream"] else 0.0)
+        yield streams
 
         depth = GaugeMetricFamily(
             "kakehashi_outbox_depth", "Envelopes queued for delivery to the peer.", labels=["peer"]

@@ -1070,6 +1070,7 @@ class Node:
                     "health": state,
                     "segments": list(member.segments),
                     "relay": member.relay,
+                    "stream": self._streams is not None and self._streams.is_open(member.node_id),
                     "route": None
                     if route is None
                     else "direct"

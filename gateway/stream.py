@@ -252,8 +252,8 @@ class StreamServer:
                 raise ProtocolError(f"no stream route {path!r}", code="unknown_route", status=404)
             answer = await handler(entry, body)
         except KakehashiError as exc:
-            status = 403 if isinstance(exc, TrustError) else getattr(exc, "status", 400)
-            close = isinstance(exc, TrustError)
+            status = getattr(exc, "status", 400)  # as the federation app answers a POST
+            close = status in (401, 403)  # as a refused POST closes its connection
             service.record_refusal(
                 exc.code, peer=node_id, path=FEDERATION_PREFIX + path, message=str(exc)
             )

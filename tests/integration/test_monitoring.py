@@ -171,6 +171,7 @@ async def test_metrics_show_a_stopped_peers_outbox_growing_and_delivery_after_it
     assert value(text, "kakehashi_roster_version") == 2
     assert value(text, "kakehashi_peer_up", peer="tsu") == 1
     assert value(text, "kakehashi_peers_up") == 1
+    assert value(text, "kakehashi_peer_stream_open", peer="tsu") == 1  # batches went on it
     free, size = value(text, "kakehashi_disk_free_bytes"), value(text, "kakehashi_disk_size_bytes")
     usage = shutil.disk_usage(mie.home.root)
     assert size == usage.total and free is not None and abs(free - usage.free) < 256 * 1024**2
@@ -188,6 +189,7 @@ async def test_metrics_show_a_stopped_peers_outbox_growing_and_delivery_after_it
     await eventually(
         lambda: _metric_is(mie, "kakehashi_peer_up", 0, peer="tsu"), timeout=30, interval=0.3
     )
+    assert value(await scrape(mie), "kakehashi_peer_stream_open", peer="tsu") == 0
 
     tsu = await cluster.start("tsu")
     await eventually(lambda: drained(7), timeout=60, interval=0.3)

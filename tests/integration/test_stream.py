@@ -74,6 +74,8 @@ async def test_messages_go_on_one_stream_each_way(pair: tuple[Cluster, str]) -> 
     await eventually(lambda: tsu.rooms.vector(room).get("mie-pref") == 22)
     assert mie.streams.is_open("tsu") and tsu.streams.is_open("mie-pref")
     assert (mie.stream_server.open_count, tsu.stream_server.open_count) == (1, 1)
+    views = {view["node_id"]: view for view in mie.peer_views()}
+    assert views["tsu"]["stream"] and not views["mie-pref"]["stream"]
     assert mie.outbox.stats("tsu").delivered == 22
     assert tsu.outbox.stats("mie-pref").delivered == 20
 
