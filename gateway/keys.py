@@ -11,7 +11,8 @@ authority) rotate the federation key. All online, with no downtime.
   certificate and publishes its fingerprint as current, the replaced one still
   accepted for `overlap` seconds, so connections opened with either work while the
   roster spreads. The node then loads the new certificate into its server and
-  client contexts (new handshakes use it; open ones go on).
+  client contexts (new handshakes use it; open ones go on), and opens new streams
+  to its peers, the old ones closing once their batches are answered.
 - Federation key (authority only): see `Authority.rotate_federation_key`; nodes
   that were offline fetch the chain of versions that announced each new key.
 
@@ -232,6 +233,7 @@ class KeyManager:
             await self._wait_for(published, "the new certificate")
             previous = tls.fingerprint(tls.load_certificate_pem(self._home.tls_cert.read_bytes()))
             self._install(key, cert_pem)
+            node.certificate_changed()
             await node.audit.append(
                 "certificate_switched",
                 fingerprint=fingerprint.hex()[:16],

@@ -783,6 +783,12 @@ class Node:
                 self.roster.version + 1, self.roster.member(self.roster.authority)
             )
 
+    def certificate_changed(self) -> None:
+        """This node presents a new certificate from now on: streams opened with the old
+        one are replaced, before the roster stops accepting it."""
+        if self._streams is not None:
+            self._streams.renew()
+
     def now(self) -> float:
         return self.clock()
 

@@ -288,6 +288,9 @@ class _Stream:
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[tuple[int, bytes, int]]] = {}
         self.closed = False
+        self.retiring = False
+        """Replaced (this node's certificate changed): closes once nothing waits on it."""
+        self.closer: asyncio.Task[None] | None = None
         self.reader = asyncio.create_task(self._read(), name=f"stream-{peer}")
 
     async def _read(self) -> None:
@@ -343,6 +346,17 @@ class _Stream:
             ) from exc
         finally:
             self.waiting.pop(ident, None)
+            if self.retiring:
+                self._close_when_idle()
+
+    def retire(self) -> None:
+        """Take no new exchange; close once the ones on their way have their answers."""
+        self.retiring = True
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        if not self.waiting and self.closer is None:
+            self.closer = asyncio.create_task(self.close(), name=f"stream-close-{self.peer}")
 
     async def close(self) -> None:
         self.fail("closed")
@@ -359,6 +373,7 @@ class PeerStreams:
     def __init__(self, client: PeerClient) -> None:
         self._client = client
         self._streams: dict[str, _Stream] = {}
+        self._retired: list[_Stream] = []
         self._opening: dict[str, asyncio.Lock] = {}
         self._no_stream_until: dict[str, float] = {}
 
@@ -411,7 +426,11 @@ class PeerStreams:
             if stream is not None and not stream.closed and stream.key == key:
                 return stream
             if stream is not None and not stream.closed:
-                await self._drop(peer.node_id, stream, "endpoint or certificate changed")
+                # The peer moved or rotated its certificate: what is on its way on the old
+                # stream is answered there (its certificate is accepted during the overlap).
+                del self._streams[peer.node_id]
+                self._retire(stream)
+                log.info("stream_replaced", peer=peer.node_id)
             ws = await self._connect(peer, url, fingerprints)
             if ws is None:
                 return None
@@ -469,8 +488,28 @@ class PeerStreams:
         log.info("stream_dropped", peer=peer, reason=reason)
         await stream.close()
 
+    def renew(self) -> None:
+        """This node's certificate changed: the next exchange with each peer opens a new
+        stream (a handshake with the new certificate); the open ones carry on with what
+        they carry, then close. Left open, a stream would present the replaced certificate
+        until the roster stops accepting it, and its next batch would be refused."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            self._retire(stream)
+        if streams:
+            log.info("streams_renewed", count=len(streams))
+
+    def _retire(self, stream: _Stream) -> None:
+        self._retired = [old for old in self._retired if not old.closed]
+        stream.retire()
+        self._retired.append(stream)
+
     async def close(self) -> None:
         """Close every stream (the node is stopping)."""
         streams, self._streams = self._streams, {}
-        for stream in streams.values():
+        for stream in [*streams.values(), *self._retired]:
             await stream.close()
+            if stream.closer is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await stream.closer
+        self._retired.clear()

@@ -93,6 +93,8 @@ async def test_tls_rotation_during_a_transfer_loses_nothing(cluster: Cluster) ->
     _mie, tsu, ise = await three(cluster)
     room = await tsu.rooms.create("大量送信", nodes=["ise"])
     await eventually(lambda: ise.rooms.state(room) is not None)
+    await ise.rooms.send(room, ["切替前"])  # ise's stream to tsu: tsu's old certificate
+    await eventually(lambda: ise.streams.is_open("tsu"))
     old_context = tls.client_context(tsu.home.tls_cert, tsu.home.tls_key, tsu.home.ca_cert)
     old_fingerprint = tls.fingerprint(tls.load_certificate_pem(tsu.home.tls_cert.read_bytes()))
 
@@ -105,7 +107,7 @@ async def test_tls_rotation_during_a_transfer_loses_nothing(cluster: Cluster) ->
     await asyncio.sleep(0.2)
     summary = await tsu.keys.rotate_tls()
     await sending
-    await holds(ise, room, 3001, timeout=60)
+    await holds(ise, room, 3002, timeout=60)
     new_fingerprint = bytes.fromhex(summary["fingerprint"])
     assert new_fingerprint != old_fingerprint
     await eventually(lambda: ise.roster.member("tsu").tls_fingerprint == new_fingerprint)  # type: ignore[union-attr]
@@ -133,6 +135,18 @@ async def test_tls_rotation_during_a_transfer_loses_nothing(cluster: Cluster) ->
     cluster.clocks["ise"].offset = 2 * 86400.0
     status, answer = await health_with(old_context)
     assert (status, answer["error"]) == (403, "certificate_replaced")
+    # tsu's batches went on a stream opened after the switch, with the new certificate:
+    # past the overlap they still go through, without a refused delivery.
+    assert tsu.streams.is_open("ise")
+    failures = tsu.outbox.stats("ise").failures  # type: ignore[union-attr]
+    await tsu.rooms.send(room, ["切替後"])
+    await holds(ise, room, 3003, timeout=30)
+    assert tsu.outbox.stats("ise").failures == failures  # type: ignore[union-attr]
+    # ise's stream, pinned to tsu's old certificate, was replaced when the roster changed.
+    failures = ise.outbox.stats("tsu").failures  # type: ignore[union-attr]
+    await ise.rooms.send(room, ["受信側も"])
+    await holds(tsu, room, 3004, timeout=30)
+    assert ise.outbox.stats("tsu").failures == failures  # type: ignore[union-attr]
 
 
 async def test_certificate_due_for_renewal_is_renewed_at_start(cluster: Cluster) -> None:
