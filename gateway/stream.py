@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -65,6 +64,7 @@ from .transport import (
     FederationService,
     PeerClient,
     PeerResponse,
+    client_errors,
     error_body,
     raise_for_error,
 )
@@ -442,45 +442,26 @@ class PeerStreams:
         self, peer: RosterEntry, url: str, fingerprints: tuple[bytes, ...]
     ) -> aiohttp.ClientWebSocketResponse | None:
         target = f"{url}{STREAM_ROUTE}"
-        try:
-            return await self._client.session.ws_connect(
-                target,
-                ssl=self._client.pin(fingerprints),
-                headers={
-                    HEADER_NODE: self._client.node_id,
-                    HEADER_ROSTER: str(self._client.roster_version()),
-                },
-                max_msg_size=MAX_BATCH_REQUEST_BYTES,
-                compress=0,
-                heartbeat=HEARTBEAT_S,
-                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 404:
-                # A peer of an older version: POSTs serve it until it is tried again.
-                self._no_stream_until[peer.node_id] = time.monotonic() + FALLBACK_S
-                log.info("stream_not_offered", peer=peer.node_id, retry_in_s=FALLBACK_S)
-            return None  # the POST that follows carries the typed refusal, if any
-        except aiohttp.ServerFingerprintMismatch as exc:
-            raise TrustError(
-                f"the server at {url} is not {peer.node_id} (certificate fingerprint differs)",
-                code="server_certificate_mismatch",
-            ) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TrustError(
-                f"the server at {url} has no certificate from the federation CA",
-                code="untrusted_server",
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-            raise TransportError(
-                f"{peer.node_id} unreachable at {url}: {reason}", code="peer_unreachable"
-            ) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
-            raise TransportError(
-                f"{peer.node_id} unreachable at {url}: {exc or type(exc).__name__}",
-                code="peer_unreachable",
-            ) from exc
+        with client_errors(peer.node_id, url):
+            try:
+                return await self._client.session.ws_connect(
+                    target,
+                    ssl=self._client.pin(fingerprints),
+                    headers={
+                        HEADER_NODE: self._client.node_id,
+                        HEADER_ROSTER: str(self._client.roster_version()),
+                    },
+                    max_msg_size=MAX_BATCH_REQUEST_BYTES,
+                    compress=0,
+                    heartbeat=HEARTBEAT_S,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status == 404:
+                    # A peer of an older version: POSTs serve it until it is tried again.
+                    self._no_stream_until[peer.node_id] = time.monotonic() + FALLBACK_S
+                    log.info("stream_not_offered", peer=peer.node_id, retry_in_s=FALLBACK_S)
+                return None  # the POST that follows carries the typed refusal, if any
 
     async def _drop(self, peer: str, stream: _Stream, reason: str) -> None:
         if self._streams.get(peer) is stream:

@@ -21,10 +21,11 @@ Every request and response carries the sender's roster version
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -49,6 +50,7 @@ __all__ = [
     "PeerClient",
     "PeerResponse",
     "PinnedConnector",
+    "client_errors",
     "error_body",
     "federation_app",
     "raise_for_error",
@@ -230,6 +232,33 @@ async def _check_peer(request: web.Request, service: FederationService) -> web.R
     return None
 
 
+@contextlib.contextmanager
+def client_errors(peer: str, url: str) -> Iterator[None]:
+    """Translate aiohttp's client errors on a request to `peer` at `url` into typed ones."""
+    try:
+        yield
+    except aiohttp.ServerFingerprintMismatch as exc:
+        raise TrustError(
+            f"the server at {url} is not {peer} (certificate fingerprint differs)",
+            code="server_certificate_mismatch",
+        ) from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise TrustError(
+            f"the server at {url} has no certificate from the federation CA",
+            code="untrusted_server",
+        ) from exc
+    except aiohttp.ClientConnectorError as exc:
+        reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
+        raise TransportError(
+            f"{peer} unreachable at {url}: {reason}", code="peer_unreachable"
+        ) from exc
+    except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+        raise TransportError(
+            f"{peer} unreachable at {url}: {exc or type(exc).__name__}",
+            code="peer_unreachable",
+        ) from exc
+
+
 class AnyFingerprint(aiohttp.Fingerprint):
     """A pin that accepts any of a peer's published certificates (two during a rotation)."""
 
@@ -365,7 +394,7 @@ class PeerClient:
         if body is not None:
             sent["Content-Type"] = MSGPACK
         started = time.perf_counter()
-        try:
+        with client_errors(peer.node_id, url):
             async with self._session.request(
                 method,
                 url,
@@ -380,26 +409,6 @@ class PeerClient:
                 status = response.status
                 version = response.headers.get(HEADER_ROSTER, "0")
                 answer_headers = CIMultiDict(response.headers)
-        except aiohttp.ServerFingerprintMismatch as exc:
-            raise TrustError(
-                f"the server at {url} is not {peer.node_id} (certificate fingerprint differs)",
-                code="server_certificate_mismatch",
-            ) from exc
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TrustError(
-                f"the server at {url} has no certificate from the federation CA",
-                code="untrusted_server",
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc.os_error) or type(exc.os_error).__name__
-            raise TransportError(
-                f"{peer.node_id} unreachable at {url}: {reason}", code="peer_unreachable"
-            ) from exc
-        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
-            raise TransportError(
-                f"{peer.node_id} unreachable at {url}: {exc or type(exc).__name__}",
-                code="peer_unreachable",
-            ) from exc
         rtt_ms = (time.perf_counter() - started) * 1000
         if status >= 300:
             raise_for_error(status, payload)
