@@ -29,10 +29,11 @@ a well-formed request, or is larger than the largest POST, closes the stream and
 is counted as a refusal.
 
 Client (`PeerStreams`): a stream per peer, opened on first use and reused; a new
-one when the peer's endpoint or published certificates change. Answers are matched
-to requests by id. When the stream breaks or an answer is late, every exchange on
-it fails with `TransportError` (as a broken connection fails a POST), the stream is
-closed, and the next exchange opens a new one. A peer that does not offer the
+one when the peer's endpoint or published certificates change, or this node's own
+certificate does (the old stream closes once its exchanges are answered). Answers
+are matched to requests by id. When the stream breaks or an answer is late, every
+exchange on it fails with `TransportError` (as a broken connection fails a POST),
+the stream is closed, and the next exchange opens a new one. A peer that does not offer the
 stream (404 on the upgrade: an older version) is sent POSTs for `FALLBACK_S`; any
 other refusal of the upgrade sends this exchange as a POST, whose answer carries
 the typed refusal.
@@ -73,6 +74,7 @@ __all__ = [
     "FALLBACK_S",
     "MAX_FRAMES_IN_FLIGHT",
     "STREAM_PATH",
+    "STREAM_ROUTE",
     "FrameHandler",
     "PeerStreams",
     "StreamServer",
@@ -289,7 +291,7 @@ class _Stream:
         self.waiting: dict[int, asyncio.Future[tuple[int, bytes, int]]] = {}
         self.closed = False
         self.retiring = False
-        """Replaced (this node's certificate changed): closes once nothing waits on it."""
+        """Replaced (a certificate or endpoint changed): closes once nothing waits on it."""
         self.closer: asyncio.Task[None] | None = None
         self.reader = asyncio.create_task(self._read(), name=f"stream-{peer}")
 
