@@ -194,6 +194,9 @@ class NodeConfig:
     decode_helper: bool = True
     """Screen large incoming batches (catch-up pages, full pushes) in a helper process,
     on another core ([delivery] decode_helper); off: all decoding in the node's process."""
+    streams: bool = True
+    """Send batches to peers on a long-lived stream each ([delivery] streams); off: one
+    HTTPS request per batch (for networks whose proxies break WebSocket upgrades)."""
     restore_timeout: float = 60.0
     """After a restore from backup: longest wait, in seconds, for peers to answer the first
     catch-up pass before local sends are allowed anyway (see `kakehashi restore`)."""
@@ -238,7 +241,9 @@ def _field(
             code="config_missing_field",
             hint=f"add `{name} = ...` under [{section}]",
         )
-    if not isinstance(value, kind) or isinstance(value, bool):  # TOML true is not a number
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in kinds):
+        # TOML true is an int to Python, but not a number here
         raise ConfigError(
             f"{path}: field '{section}.{name}' must be {_kind_name(kind)}, "
             f"not {type(value).__name__}",
@@ -373,6 +378,7 @@ def load_config(home: Home) -> NodeConfig:
         delivery, "delivery", "restore_catch_up_timeout_seconds", (int, float), path, 60.0
     )
     decode_helper = _optional(delivery, "delivery", "decode_helper", bool, path, True)
+    streams = _optional(delivery, "delivery", "streams", bool, path, True)
     if retry_cap < 0.2 or catch_up <= 0 or restore_timeout < 0:
         raise ConfigError(
             f"{path}: [delivery] retry_cap_seconds must be >= 0.2, "
@@ -418,6 +424,7 @@ def load_config(home: Home) -> NodeConfig:
         catch_up_interval=float(catch_up),
         restore_timeout=float(restore_timeout),
         decode_helper=decode_helper,
+        streams=streams,
         certificate_days=certificate_days,
         renew_before_days=renew_before,
         monitoring_listen=None
@@ -515,6 +522,8 @@ def write_config(home: Home, config: NodeConfig) -> None:
             document["health"][name] = value
     if not config.decode_helper:
         document["delivery"]["decode_helper"] = False
+    if not config.streams:
+        document["delivery"]["streams"] = False
     if config.code is not None:
         document["node"]["code"] = config.code
     if config.certificate_days != 365:

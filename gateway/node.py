@@ -329,7 +329,7 @@ class Node:
             on_enqueued=lambda queued: self.outbox.enqueued(queued),
             decoder=Decoder(use_helper=self.config.decode_helper),
         )
-        self._streams = PeerStreams(self._client)
+        self._streams = PeerStreams(self._client, enabled=self.config.streams)
         self._outbox = Outbox(
             store=self._rooms.store,
             streams=self._streams,

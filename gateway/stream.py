@@ -33,10 +33,11 @@ one when the peer's endpoint or published certificates change, or this node's ow
 certificate does (the old stream closes once its exchanges are answered). Answers
 are matched to requests by id. When the stream breaks or an answer is late, every
 exchange on it fails with `TransportError` (as a broken connection fails a POST),
-the stream is closed, and the next exchange opens a new one. A peer that does not offer the
-stream (404 on the upgrade: an older version) is sent POSTs for `FALLBACK_S`; any
-other refusal of the upgrade sends this exchange as a POST, whose answer carries
-the typed refusal.
+the stream is closed, and the next exchange opens a new one. A refused upgrade makes
+that exchange a POST, whose answer carries the typed refusal, if any; a peer that
+does not offer the stream (404 from an older version, or any other refusal that is
+not one of trust, e.g. from a proxy that does not pass upgrades) is sent POSTs for
+`FALLBACK_S`. `[delivery] streams = false` sends POSTs only.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ MAX_FRAMES_IN_FLIGHT = 4
 FRAME_OVERHEAD = 1024
 """Bytes a frame may add to the body it carries (id, path, roster version)."""
 FALLBACK_S = 300.0
-"""How long a peer without the stream is sent POSTs before the stream is tried again."""
+"""How long a peer whose upgrade failed is sent POSTs before the stream is tried again."""
 HEARTBEAT_S = 30.0
 """Ping interval: a stream whose peer stopped answering is closed within 1.5 times this."""
 
@@ -372,8 +373,9 @@ class _Stream:
 class PeerStreams:
     """The client side: exchanges with peers on their streams, by POST when there is none."""
 
-    def __init__(self, client: PeerClient) -> None:
+    def __init__(self, client: PeerClient, *, enabled: bool = True) -> None:
         self._client = client
+        self._enabled = enabled
         self._streams: dict[str, _Stream] = {}
         self._retired: list[_Stream] = []
         self._opening: dict[str, asyncio.Lock] = {}
@@ -390,7 +392,7 @@ class PeerStreams:
         Refusals raise their typed error, a broken stream or a late answer
         `TransportError`; a peer not reached through a stream now is sent a POST."""
         stream = None
-        if self._no_stream_until.get(peer.node_id, 0.0) <= time.monotonic():
+        if self._enabled and self._no_stream_until.get(peer.node_id, 0.0) <= time.monotonic():
             stream = await self._stream(peer)
         if stream is None:
             return await self._client.request(peer, "POST", path, body)
@@ -459,11 +461,20 @@ class PeerStreams:
                     timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
                 )
             except aiohttp.WSServerHandshakeError as exc:
-                if exc.status == 404:
-                    # A peer of an older version: POSTs serve it until it is tried again.
+                # The POST that follows carries the typed refusal, if any. A refusal of trust
+                # (401/403) is the peer's answer to this node, not to streams: the stream is
+                # tried again as soon as it is lifted.
+                if exc.status not in (401, 403):
+                    # A peer of an older version (404), or a proxy that does not pass
+                    # upgrades: POSTs serve it until the stream is tried again.
                     self._no_stream_until[peer.node_id] = time.monotonic() + FALLBACK_S
-                    log.info("stream_not_offered", peer=peer.node_id, retry_in_s=FALLBACK_S)
-                return None  # the POST that follows carries the typed refusal, if any
+                    log.info(
+                        "stream_not_offered",
+                        peer=peer.node_id,
+                        status=exc.status,
+                        retry_in_s=FALLBACK_S,
+                    )
+                return None
 
     async def _drop(self, peer: str, stream: _Stream, reason: str) -> None:
         if self._streams.get(peer) is stream:

@@ -201,6 +201,40 @@ async def test_bad_files_max_upload_names_the_field(home: Home, value: object) -
     assert error.code == "config_bad_field"
 
 
+async def test_decode_helper_off_is_read_and_written_back(home: Home) -> None:
+    assert load_config(home).decode_helper is True
+    _edit(home, lambda doc: doc["delivery"].update({"decode_helper": False}))
+    config = load_config(home)  # a TOML boolean where a boolean is expected
+    assert config.decode_helper is False
+    write_config(home, config)
+    assert load_config(home) == config
+
+
+@pytest.mark.parametrize(("field", "value"), [("retry_cap_seconds", True), ("decode_helper", 1)])
+async def test_a_boolean_is_not_a_number_and_a_number_not_a_boolean(
+    home: Home, field: str, value: object
+) -> None:
+    _edit(home, lambda doc: doc["delivery"].update({field: value}))
+    error = _load_error(home)
+    assert f"'delivery.{field}'" in str(error)
+    assert error.code == "config_bad_field"
+
+
+async def test_streams_are_on_by_default_and_off_is_read_and_written_back(home: Home) -> None:
+    assert load_config(home).streams is True
+    assert "streams" not in tomllib.loads(home.config.read_text())["delivery"]
+    _edit(home, lambda doc: doc["delivery"].update({"streams": False}))
+    config = load_config(home)
+    assert config.streams is False
+    write_config(home, config)
+    assert load_config(home) == config
+    assert tomllib.loads(home.config.read_text())["delivery"]["streams"] is False
+    _edit(home, lambda doc: doc["delivery"].update({"streams": "no"}))
+    error = _load_error(home)
+    assert "'delivery.streams'" in str(error)
+    assert error.code == "config_bad_field"
+
+
 async def test_disk_thresholds_default_to_10_percent_2_gib_and_2_percent_256_mib(
     home: Home,
 ) -> None:

@@ -9,6 +9,7 @@ serve, a peer that offers no stream, and a peer that restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +23,7 @@ from federation import codec
 from federation.errors import ProtocolError, TrustError
 from federation.roster import MemberStatus
 from gateway import tls
+from gateway.config import load_config, write_config
 from gateway.node import Node
 from gateway.stream import STREAM_ROUTE
 from gateway.transport import HEADER_NODE, MAX_BATCH_REQUEST_BYTES
@@ -210,3 +212,22 @@ async def test_a_stream_broken_by_a_restart_is_opened_again_and_nothing_is_lost(
     history = await tsu.rooms.store.history(room, 100)
     assert len(history) == len({envelope_id for envelope_id, _ in history})
     assert history == await mie.rooms.store.history(room, 100)
+
+
+async def test_a_node_configured_without_streams_sends_posts(cluster: Cluster) -> None:
+    mie = await cluster.authority()
+    await cluster.member("tsu", "津市", "242012")
+    await cluster.stop("tsu")
+    config = load_config(cluster.home("tsu"))
+    write_config(cluster.home("tsu"), dataclasses.replace(config, streams=False))
+    tsu = await cluster.start("tsu")
+    await eventually(lambda: {node.roster.version for node in cluster.nodes.values()} == {2})
+    room = await mie.rooms.create("防災", nodes=["tsu"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+    await tsu.rooms.send(room, [f"POST {i}" for i in range(5)])
+    await eventually(lambda: mie.rooms.vector(room).get("tsu") == 5)
+    assert not tsu.streams.is_open("mie-pref")
+    assert tsu.outbox.stats("mie-pref").failures == 0
+    assert mie.stream_server.open_count == 0
+    # tsu still serves the stream mie-pref opened to it (the room's creation went on it).
+    assert mie.streams.is_open("tsu") and tsu.stream_server.open_count == 1
