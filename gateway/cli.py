@@ -423,13 +423,19 @@ def peer_list(home: str, as_json: bool) -> None:
             row["status"],
             f"[{colours.get(health, 'yellow')}]{health}[/]",
             ",".join(row["segments"]),
-            "-" if row["self"] else row.get("route") or "none",
+            "-" if row["self"] else _route_cell(row),
             "-" if row["self"] else _ago(row["last_contact"]),
             "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms",
             str(row.get("outbox", 0)),
             f"{row['delivery_lag_s']:.1f} s" if row.get("outbox") else "-",
         )
     out.print(table)
+
+
+def _route_cell(row: dict[str, Any]) -> str:
+    """How batches reach a peer: the route, and "stream" while they go on one."""
+    route = row.get("route") or "none"
+    return f"{route}, stream" if row.get("stream") else route
 
 
 @cli.group()

@@ -10,6 +10,7 @@ serve, a peer that offers no stream, and a peer that restarts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.stream import STREAM_ROUTE
 from gateway.transport import HEADER_NODE, MAX_BATCH_REQUEST_BYTES
 
 from .conftest import Cluster, eventually
+from .test_admin import cli
 
 pytestmark = pytest.mark.integration
 
@@ -76,8 +78,11 @@ async def test_messages_go_on_one_stream_each_way(pair: tuple[Cluster, str]) -> 
     await eventually(lambda: tsu.rooms.vector(room).get("mie-pref") == 22)
     assert mie.streams.is_open("tsu") and tsu.streams.is_open("mie-pref")
     assert (mie.stream_server.open_count, tsu.stream_server.open_count) == (1, 1)
-    views = {view["node_id"]: view for view in mie.peer_views()}
-    assert views["tsu"]["stream"] and not views["mie-pref"]["stream"]
+    code, out, _ = await cli("peer", "list", "--home", str(mie.home.root), "--json")
+    rows = {row["node_id"]: row for row in json.loads(out)}
+    assert code == 0 and rows["tsu"]["stream"] and not rows["mie-pref"]["stream"]
+    code, out, _ = await cli("peer", "list", "--home", str(mie.home.root))
+    assert code == 0 and "stream" in out  # the route column: "direct, stream"
     assert mie.outbox.stats("tsu").delivered == 22
     assert tsu.outbox.stats("mie-pref").delivered == 20
 
