@@ -95,11 +95,6 @@ FALLBACK_S = 300.0
 HEARTBEAT_S = 30.0
 """Ping interval: a stream whose peer stopped answering is closed within 1.5 times this."""
 
-ANSWER_LIMITS = codec.Limits(
-    max_bytes=MAX_BATCH_REQUEST_BYTES, max_depth=1, max_bin=MAX_BATCH_REQUEST_BYTES, max_map=8
-)
-"""An answer frame: its body is decoded (and bounded again) by whoever asked."""
-
 FrameHandler = Callable[[RosterEntry, bytes], Awaitable[bytes]]
 """A route's work on a stream: the authenticated peer and the body, to the answer's body."""
 
@@ -117,8 +112,12 @@ def answer_frame(ident: int, status: int, body: bytes, roster: int) -> bytes:
 
 
 def _frame_limits(max_bytes: int) -> codec.Limits:
-    """A request frame: a flat map whose body is decoded (and bounded again) by its route."""
+    """A frame: a flat map whose body is decoded (and bounded again) by whoever reads it
+    (the route for a request, the asker for an answer)."""
     return codec.Limits(max_bytes=max_bytes, max_depth=1, max_bin=max_bytes, max_map=8)
+
+
+ANSWER_LIMITS = _frame_limits(MAX_BATCH_REQUEST_BYTES)
 
 
 class StreamServer:
