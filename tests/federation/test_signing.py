@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from federation.errors import ConfigError, TrustError
 from federation.signing import SigningKey, public_key_id, verify_signature
@@ -30,6 +30,46 @@ def test_signature_by_a_key_verifies_with_its_public_key() -> None:
     signature = key.sign(MESSAGE)
     assert len(signature) == 64
     verify_signature(key.public_raw, signature, MESSAGE)  # does not raise
+
+
+def test_signature_is_rfc_8032_ed25519() -> None:
+    # RFC 8032, section 7.1, TEST 2: a one-byte message.
+    key = SigningKey(
+        Ed25519PrivateKey.from_private_bytes(
+            bytes.fromhex("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+        )
+    )
+    assert key.public_raw.hex() == (
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
+    )
+    signature = bytes.fromhex(
+        "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+        "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"
+    )
+    assert key.sign(b"\x72") == signature
+    verify_signature(key.public_raw, signature, b"\x72")
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_signatures_agree_with_cryptography_both_ways(seed: int) -> None:
+    # Signing and verifying go through libsodium, keys through `cryptography`: a node
+    # whose peers sign or verify with either must agree with them on every signature.
+    key = key_from_seed(seed)
+    message = MESSAGE * seed
+    ours = key.sign(message)
+    assert ours == key.private.sign(message)
+    Ed25519PublicKey.from_public_bytes(key.public_raw).verify(ours, message)
+    verify_signature(key.public_raw, key.private.sign(message), message)
+
+
+def test_a_small_order_public_key_verifies_nothing() -> None:
+    # The identity point as a public key, and a signature whose R is the identity and S
+    # is zero: the verification equation holds for every message. OpenSSL (through
+    # `cryptography`) accepts it; a node must not.
+    identity = bytes([1]) + bytes(31)
+    forged = identity + bytes(32)
+    for message in (MESSAGE, b"", b"any other message"):
+        assert refused_signature(identity, forged, message).code == "bad_signature"
 
 
 def test_generated_keys_are_distinct_and_sign() -> None:
