@@ -27,6 +27,7 @@ from federation.invites import Approval, parse_duration
 from federation.rooms import RoomKind
 from federation.roster import MemberStatus
 
+from .admin_client import HISTORY_LIMIT
 from .config import parse_endpoints
 from .monitoring import diagnosis, monitoring_routes
 from .staff import StaffRole
@@ -236,7 +237,7 @@ def admin_app(node: Node) -> web.Application:
         except ValueError as exc:
             raise ProtocolError("limit must be a number", code="bad_request") from exc
         room = request.query.get("room", "")
-        return web.json_response(await node.history_view(room, max(1, min(limit, 100_000))))
+        return web.json_response(await node.history_view(room, max(1, min(limit, HISTORY_LIMIT))))
 
     async def doctor(request: web.Request) -> web.Response:
         return web.json_response([check.to_json() for check in await diagnosis(node)])

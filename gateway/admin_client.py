@@ -14,7 +14,10 @@ from typing import Any
 
 from federation.errors import ConfigError, TransportError
 
-__all__ = ["AdminClient"]
+__all__ = ["HISTORY_LIMIT", "AdminClient"]
+
+HISTORY_LIMIT = 100_000
+"""Most timeline entries one `/v1/rooms/history` request returns."""
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

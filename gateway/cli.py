@@ -34,7 +34,7 @@ from rich.table import Table
 from federation.errors import ConfigError, KakehashiError
 
 from . import logging as node_logging
-from .admin_client import AdminClient
+from .admin_client import HISTORY_LIMIT, AdminClient
 from .config import load_config, resolve_home
 
 __all__ = ["main"]
@@ -688,7 +688,13 @@ def room_send(home: str, room_id: str, text: str, as_json: bool) -> None:
 @room.command("history")
 @home_option
 @click.argument("room_id", metavar="ROOM")
-@click.option("--limit", default=50, show_default=True, help="Newest N entries.")
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(1, HISTORY_LIMIT),
+    help="Newest N entries.",
+)
 @json_option
 def room_history(home: str, room_id: str, limit: int, as_json: bool) -> None:
     """The room's timeline as this node holds it (oldest first)."""

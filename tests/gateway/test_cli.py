@@ -146,6 +146,19 @@ def test_peer_list_without_home_or_environment_is_click_missing_option_exit_2(
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("limit", ["0", "-3", "100001"])
+def test_room_history_limit_outside_1_to_100000_is_a_usage_error_before_any_request(
+    tmp_path: Path, limit: str
+) -> None:
+    # No node runs at this home: the range is checked before the CLI asks one.
+    result = kakehashi("room", "history", "--home", tmp_path, "!r:tsu", "--limit", limit)
+    assert result.code == 2
+    assert f"Invalid value for '--limit': {limit} is not in the range 1<=x<=100000" in (
+        result.stderr
+    )
+    assert result.stdout == ""
+
+
 def test_init_with_wrong_check_digit_exits_1_and_names_the_expected_code(
     tmp_path: Path,
 ) -> None:
