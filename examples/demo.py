@@ -58,6 +58,14 @@ def kakehashi(*args: str, capture: bool = False) -> str:
     return result.stdout if capture else ""
 
 
+def answers(home: str | Path) -> bool:
+    """A node runs on `home` and answers `kakehashi status`."""
+    probe = subprocess.run(
+        [KAKEHASHI, "status", "--home", str(home), "--json"], capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
 def step(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
 
@@ -137,12 +145,7 @@ class Demo:
         while time.monotonic() < deadline:
             if self.processes[node_id].poll() is not None:
                 raise SystemExit(f"demo: node {node_id} exited; see {self.base / node_id}.log")
-            probe = subprocess.run(
-                [KAKEHASHI, "status", "--home", self.home(node_id), "--json"],
-                capture_output=True,
-                check=False,
-            )
-            if probe.returncode == 0:
+            if answers(self.home(node_id)):
                 return
             time.sleep(0.2)
         raise SystemExit(f"demo: node {node_id} did not start; see {self.base / node_id}.log")
@@ -240,6 +243,14 @@ def main() -> None:
     parser.add_argument("--dir", default=str(ROOT / ".demo"), help="where the node homes go")
     args = parser.parse_args()
     base = Path(args.dir)
+    # Wiping the homes of running nodes would leave them serving from deleted files,
+    # and their shutdown would remove the new nodes' admin sockets.
+    running = [home.name for home in sorted(base.glob("*/")) if answers(home)]
+    if running:
+        raise SystemExit(
+            f"demo: nodes of an earlier demo still run in {base} ({', '.join(running)}); "
+            "stop that demo (Ctrl-C) first, or give another --dir"
+        )
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     demo = Demo(base)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,49 @@ def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_p
         assert "Traceback" not in log
         for key in (home / "keys").iterdir():
             assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+
+
+def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) -> None:
+    # A demo started while an earlier one still runs in the same directory (two
+    # terminals) must not delete the homes of running nodes.
+    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+    kakehashi = str(Path(sys.executable).parent / "kakehashi")
+    home = tmp_path / "mie-pref"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    init = [kakehashi, "init", "--home", str(home), "--node-id", "mie-pref", "--name", "三重県"]
+    init += ["--code", "240001", "--listen", f"127.0.0.1:{port}"]
+    subprocess.run(init, check=True, capture_output=True, env=env, timeout=60)
+    create = [kakehashi, "federation", "create", "--home", str(home), "--name", "三重県 市町連携"]
+    subprocess.run(create, check=True, capture_output=True, env=env, timeout=60)
+    node = subprocess.Popen(
+        [kakehashi, "run", "--home", str(home)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        status = [kakehashi, "status", "--home", str(home), "--json"]
+        deadline = time.monotonic() + 30
+        while subprocess.run(status, capture_output=True, env=env).returncode != 0:
+            assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.2)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "demo.py"), "--once", "--dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "nodes of an earlier demo still run" in result.stderr
+        assert "(mie-pref)" in result.stderr
+        assert result.stdout == ""  # refused before anything was made
+        assert node.poll() is None
+        assert subprocess.run(status, capture_output=True, env=env).returncode == 0
+        assert (home / "config.toml").exists()
+    finally:
+        node.terminate()
+        node.wait(timeout=30)
