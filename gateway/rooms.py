@@ -54,7 +54,15 @@ from federation.envelope import (
 )
 from federation.errors import KakehashiError, ProtocolError, StorageError, TrustError
 from federation.identity import check_node_id
-from federation.rooms import RoomHistory, RoomKind, RoomState, Verdict, decide_request, judge
+from federation.rooms import (
+    RoomHistory,
+    RoomKind,
+    RoomState,
+    Verdict,
+    check_body,
+    decide_request,
+    judge,
+)
 from federation.roster import MemberStatus, PublishedKey, Roster, RosterEntry
 from federation.signing import SigningKey
 
@@ -164,6 +172,21 @@ def _places(decoded: Sequence[Decoded]) -> list[tuple[str, str, int]]:
         for e in decoded
         if not isinstance(e, ProtocolError)
     ]
+
+
+def _refusal(verdict: Verdict, made: Sequence[Content]) -> TrustError:
+    """Why a local send is refused. `judge` keeps only the verdict; for a bad body, the
+    rule it breaks is found again here, off the path of accepted sends."""
+    reason = verdict.value
+    if verdict is Verdict.BAD_BODY:
+        for content in made:
+            try:
+                creation = content.kind is Kind.STATE and content.seq == 1  # as `judge` does
+                check_body(content.kind, content.body, creation=creation)
+            except ProtocolError as exc:
+                reason = str(exc)
+                break
+    return TrustError(f"refused by the room's rules: {reason}", code=verdict.value)
 
 
 def _report_unawaited(task: asyncio.Task[None]) -> None:
@@ -547,9 +570,7 @@ class RoomService:
             verdicts = [judge(history, content)[0] for content in made]
             refused = next((v for v in verdicts if v is not Verdict.ACCEPTED), None)
             if refused is not None:
-                future.set_exception(
-                    TrustError(f"refused by the room's rules: {refused.value}", code=refused.value)
-                )
+                future.set_exception(_refusal(refused, made))
                 continue
             spans.append((future, len(contents), len(contents) + len(made)))
             contents.extend(made)

@@ -687,6 +687,12 @@ async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_r
     room = created["room_id"]
     assert room.startswith("!") and room.endswith(":mie-pref")
 
+    # A refused send says which rule it breaks, not only the verdict's code.
+    code, out, err = await cli("room", "send", "--home", home, room, "")
+    assert code == 1
+    assert "refused by the room's rules: body field 'text' must be text of 1-" in err
+    assert err.rstrip().endswith("(bad_body)")
+
     lines = [f"連絡 {k:02d}: 異常なし" for k in range(50)]
     code, out, err = await cli("room", "send", "--home", home, room, "-", stdin="\n".join(lines))
     assert code == 0, err
