@@ -249,7 +249,8 @@ def main() -> None:
     if running:
         raise SystemExit(
             f"demo: nodes of an earlier demo still run in {base} ({', '.join(running)}); "
-            "stop that demo (Ctrl-C) first, or give another --dir"
+            "stop that demo with Ctrl-C in its terminal (if it is gone: "
+            f"pkill -f 'kakehashi run --home {base}/'), or give another --dir"
         )
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)

@@ -88,6 +88,8 @@ def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) 
         assert result.returncode == 1, result.stdout + result.stderr
         assert "nodes of an earlier demo still run" in result.stderr
         assert "(mie-pref)" in result.stderr
+        # What to do when the earlier demo's terminal is gone: a command that stops them.
+        assert f"pkill -f 'kakehashi run --home {tmp_path}/'" in result.stderr
         assert result.stdout == ""  # refused before anything was made
         assert node.poll() is None
         assert subprocess.run(status, capture_output=True, env=env).returncode == 0
