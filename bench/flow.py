@@ -42,7 +42,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -659,15 +659,27 @@ def outbox_rss(sizes: Sizes, base: Baselines, prof: Profiler) -> list[dict[str, 
 
 def _closed_loop(a: Worker, to: Worker, room: str, count: int, tag: str) -> list[float]:
     """One message at a time from `a`, the next after `to` committed it: ms each."""
-    samples = []
+    [samples] = _closed_loops(a, [(to, room)], count, tag)
+    return samples
+
+
+def _closed_loops(
+    a: Worker, paths: Sequence[tuple[Worker, str]], count: int, tag: str
+) -> list[list[float]]:
+    """`_closed_loop` along several paths (destination, room), taking turns message by
+    message, so that every path meets the same host: on a shared machine the other work
+    changes within seconds, and paths measured one after the other would compare
+    different moments. Ms each, per path."""
+    samples: list[list[float]] = [[] for _ in paths]
     for index in range(count + 10):
-        issued = time.monotonic()
-        prefix = _send(a, room, [baseline.text(f"{tag}-{index}")])[0][:16]
-        at = to.wait_ids([prefix], 30.0).get(prefix)
-        if at is None:
-            raise NodeFailed(f"{tag}: message {index} did not reach {to.node_id}")
-        if index >= 10:
-            samples.append((at - issued) * 1000)
+        for (to, room), out in zip(paths, samples, strict=True):
+            issued = time.monotonic()
+            prefix = _send(a, room, [baseline.text(f"{tag}-{index}")])[0][:16]
+            at = to.wait_ids([prefix], 30.0).get(prefix)
+            if at is None:
+                raise NodeFailed(f"{tag}: message {index} did not reach {to.node_id}")
+            if index >= 10:
+                out.append((at - issued) * 1000)
     return samples
 
 
@@ -716,9 +728,13 @@ def relay(sizes: Sizes, base: Baselines, prof: Profiler) -> list[dict[str, Any]]
             route = a.admin.request("GET", f"/v1/route?node_id={b_id}")["route"]
             if route is None or route["path"] != [relay_id, b_id]:
                 raise NodeFailed(f"{a_id} -> {b_id} is not routed through {relay_id}: {route}")
-            progress(f"relay latency: one message at a time, {a_id} -> {c_id} direct, then via")
-            direct_ms = _closed_loop(a, c, direct_room, 200, "lat-direct")
-            relayed_ms = _closed_loop(a, b, relayed_room, 200, "lat-relay")
+            progress(
+                f"relay latency: one message at a time, {a_id} -> {c_id} direct and {a_id} -> "
+                f"{b_id} via {relay_id} in turns"
+            )
+            direct_ms, relayed_ms = _closed_loops(
+                a, [(c, direct_room), (b, relayed_room)], 200, "lat"
+            )
             progress(
                 f"relay latency p50/p99 ms: direct {statistics.median(direct_ms):.2f}/"
                 f"{percentile(direct_ms, 0.99):.2f}, via {relay_id} "
