@@ -654,7 +654,7 @@ def room_send(home: str, room_id: str, text: str, as_json: bool) -> None:
         return
     ids: list[str] = []
     chunk: list[str] = []
-    read = 0
+    first = 0  # the input line number of chunk[0]
 
     def flush() -> None:
         try:
@@ -662,19 +662,21 @@ def room_send(home: str, room_id: str, text: str, as_json: bool) -> None:
                 client.request("POST", "/v1/rooms/send", {"room": room_id, "texts": chunk})["ids"]
             )
         except KakehashiError as exc:
-            # Say exactly what is stored, so a script resends only the rest.
+            # A chunk is one transaction: stored whole or not at all. Say exactly what is
+            # stored, so a script resends only the rest (blank lines are not messages).
             exc.hint = (
-                f"the first {len(ids)} of the {read} lines read were sent and are stored; "
-                f"resend from line {len(ids) + 1}"
+                f"{len(ids)} messages, from the lines before line {first}, were sent and are "
+                f"stored; resend from line {first}"
             )
             raise
         chunk.clear()
 
-    for line in sys.stdin:
+    for number, line in enumerate(sys.stdin, start=1):
         line = line.rstrip("\n")
         if line:
+            if not chunk:
+                first = number
             chunk.append(line)
-            read += 1
         if len(chunk) >= 1000:
             flush()
     if chunk:

@@ -729,6 +729,29 @@ async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_r
     assert [row["nodes"] for row in json.loads(out)] == [["ise", "mie-pref", "tsu"]]
 
 
+async def test_cli_send_from_stdin_refused_partway_names_the_input_line_to_resend_from(
+    cluster: Cluster,
+) -> None:
+    mie = await cluster.authority()
+    home = str(mie.home.root)
+    code, out, err = await cli("room", "create", "--home", home, "一括送信", "--json")
+    assert code == 0, err
+    room = json.loads(out)["room_id"]
+    # 1,000 messages with a blank line after each (blank lines are not sent): the first
+    # request. The second holds a line too large for an envelope, and is refused whole.
+    lines = [line for k in range(1000) for line in (f"連絡 {k}", "")]
+    lines += ["次の分 0", "あ" * 30_000, "次の分 2"]
+    code, out, err = await cli("room", "send", "--home", home, room, "-", stdin="\n".join(lines))
+    assert code == 1
+    assert "(envelope_too_large)" in err
+    assert (
+        "1000 messages, from the lines before line 2001, were sent and are stored; "
+        "resend from line 2001"
+    ) in err
+    assert lines[2000] == "次の分 0"  # line 2001 of the input
+    assert (await mie.rooms.store.counts())[room][0] == 1 + 1000  # the creation, the first 1,000
+
+
 async def test_small_batches_from_memory_and_from_the_outbox_deliver_everything_once(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
