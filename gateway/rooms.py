@@ -577,7 +577,15 @@ class RoomService:
             seq += len(made)
         if not contents:
             return []
-        envelopes = seal_batch(contents, self._key)
+        try:
+            envelopes = seal_batch(contents, self._key)
+        except ProtocolError as exc:
+            if exc.code != "envelope_too_large" or len(spans) == 1:
+                raise
+            # A message too large to seal must fail its own call only, not the calls that
+            # happened to share its signing batch: plan them one by one (rare; nothing of
+            # this round has entered memory yet).
+            return self._plan_local_each(room, group, step)
         if room_home(room) == self.node_id and room not in self._homes:
             step.new_rooms[room] = self.node_id
         self._process(envelopes, step, local=True)
@@ -585,6 +593,21 @@ class RoomService:
             (future, [envelope.id for envelope in envelopes[start:end]])
             for future, start, end in spans
         ]
+
+    def _plan_local_each(
+        self, room: str, group: Sequence[_LocalRequest], step: _Step
+    ) -> list[tuple[asyncio.Future[list[bytes]], list[bytes]]]:
+        """`_plan_local` for each call of `group` alone; a call that fails gets its error."""
+        planned: list[tuple[asyncio.Future[list[bytes]], list[bytes]]] = []
+        for request in group:
+            future = request[2]
+            if future.done():  # refused by the room's rules already
+                continue
+            try:
+                planned.extend(self._plan_local(room, [request], step))
+            except KakehashiError as exc:
+                future.set_exception(exc)
+        return planned
 
     # from peers ---------------------------------------------------------------------
 

@@ -752,6 +752,29 @@ async def test_cli_send_from_stdin_refused_partway_names_the_input_line_to_resen
     assert (await mie.rooms.store.counts())[room][0] == 1 + 1000  # the creation, the first 1,000
 
 
+async def test_a_message_too_large_fails_only_its_own_send_not_those_sealed_with_it(
+    cluster: Cluster,
+) -> None:
+    """Sends to one room that arrive together share a signing batch; one of them too large
+    to seal must fail alone, and the others keep gapless sequence numbers."""
+    mie = await cluster.authority()
+    room = await mie.rooms.create("同時送信")
+    ok, big, two = await asyncio.gather(
+        mie.rooms.send(room, ["了解"]),
+        mie.rooms.send(room, ["あ" * 30_000]),
+        mie.rooms.send(room, ["確認しました", "以上"]),
+        return_exceptions=True,
+    )
+    assert isinstance(big, KakehashiError) and big.code == "envelope_too_large"
+    assert isinstance(ok, list) and len(ok) == 1
+    assert isinstance(two, list) and len(two) == 2
+    envelopes = await timeline(mie, room)
+    assert [e.content.body.get("text") for e in envelopes] == [None, "了解", "確認しました", "以上"]
+    assert [e.content.seq for e in envelopes] == [1, 2, 3, 4]
+    assert [e.id for e in envelopes[1:]] == [*ok, *two]
+    assert mie.rooms.vector(room) == {"mie-pref": 4}
+
+
 async def test_small_batches_from_memory_and_from_the_outbox_deliver_everything_once(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
