@@ -564,6 +564,8 @@ class RoomService:
         contents: list[Content] = []
         spans: list[tuple[asyncio.Future[list[bytes]], int, int]] = []
         for _, items, future in group:
+            if future.done():
+                continue  # its caller stopped waiting (cancelled) before it was planned: not sent
             made = []
             for offset, (kind, body, sender) in enumerate(items, start=1):
                 made.append(self._content(room, kind, body, sender, seq + offset, others))
@@ -601,7 +603,7 @@ class RoomService:
         planned: list[tuple[asyncio.Future[list[bytes]], list[bytes]]] = []
         for request in group:
             future = request[2]
-            if future.done():  # refused by the room's rules already
+            if future.done():  # refused by the room's rules already, or its caller is gone
                 continue
             try:
                 planned.extend(self._plan_local(room, [request], step))

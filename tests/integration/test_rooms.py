@@ -775,6 +775,25 @@ async def test_a_message_too_large_fails_only_its_own_send_not_those_sealed_with
     assert mie.rooms.vector(room) == {"mie-pref": 4}
 
 
+async def test_a_refused_send_whose_caller_gave_up_does_not_fail_the_others(
+    cluster: Cluster,
+) -> None:
+    """A caller may stop waiting (cancelled) before its send is planned. Its refusal then
+    has nowhere to go, and must not become the error of the sends planned with it."""
+    mie = await cluster.authority()
+    room = await mie.rooms.create("取り消し")
+    gone = asyncio.create_task(mie.rooms.send(room, [""]))  # refused: empty text
+    kept = asyncio.create_task(mie.rooms.send(room, ["届きました"]))
+    await asyncio.sleep(0)  # both are queued for the same round, not yet planned
+    gone.cancel()
+    [sent] = await kept
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    envelopes = await timeline(mie, room)
+    assert [e.id for e in envelopes[1:]] == [sent]
+    assert envelopes[1].content.body["text"] == "届きました"
+
+
 async def test_small_batches_from_memory_and_from_the_outbox_deliver_everything_once(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
