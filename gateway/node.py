@@ -33,6 +33,7 @@ from federation.causal import hlc_to_ms
 from federation.envelope import Envelope, Kind, check_room_id, room_home
 from federation.errors import ConfigError, KakehashiError, ProtocolError, TrustError
 from federation.roster import (
+    MemberStatus,
     Roster,
     RosterChange,
     RosterEntry,
@@ -640,10 +641,14 @@ class Node:
             self.monitor.kick()
         for node_id in change.status_changed:
             entry = signed.roster.member(node_id)
-            if entry is not None and entry.active and self._outbox is not None:
+            if entry is None or self._outbox is None:
+                continue
+            if entry.active:
                 # Resumed: what was kept for it goes now, not after the backoff.
                 self._outbox.retry_now(node_id)
                 self._outbox.wake(node_id)
+            elif entry.status is MemberStatus.REVOKED:
+                self._outbox.drop(node_id)  # for good: what was kept for it never goes
         return change
 
     async def _verify_held(self, signed: SignedRoster) -> None:

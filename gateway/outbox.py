@@ -37,7 +37,7 @@ import structlog
 from federation import codec
 from federation.backoff import Backoff
 from federation.errors import KakehashiError, TransportError, TrustError
-from federation.roster import Roster
+from federation.roster import MemberStatus, Roster
 from federation.routing import Route
 
 from .roomstore import OutboxBatch, Queued, RoomStore
@@ -330,6 +330,7 @@ class Outbox:
         self.settings = settings or DeliverySettings()
         self._senders: dict[str, _Sender] = {}
         self._down: set[str] = set()
+        self._dropping: set[asyncio.Task[None]] = set()
         self._stopped = False
 
     @property
@@ -346,9 +347,40 @@ class Outbox:
         self._down.discard(relay)
 
     async def start(self) -> None:
-        """Resume delivery of everything left queued by a previous run."""
+        """Resume delivery of everything left queued by a previous run (and forget what is
+        queued for revoked nodes)."""
         for peer in await self.store.outbox_peers():
-            self.wake(peer)
+            if self._revoked(peer):
+                await self._drop_queued(peer)
+            else:
+                self.wake(peer)
+
+    def _revoked(self, peer: str) -> bool:
+        entry = self.roster().member(peer)
+        return entry is not None and entry.status is MemberStatus.REVOKED
+
+    def drop(self, peer: str) -> None:
+        """`peer` is revoked, for good: stop its sender and forget what is queued for it.
+        (A suspended peer keeps its queue, delivered when it is resumed.)"""
+        if self._stopped:
+            return
+        sender = self._senders.pop(peer, None)
+        tasks = [asyncio.create_task(self._drop_queued(peer), name=f"drop-{peer}")]
+        if sender is not None and sender.task is not None and not sender.task.done():
+            sender.task.cancel()
+            tasks.append(sender.task)  # `stop` waits for it to end
+        for task in tasks:
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+
+    async def _drop_queued(self, peer: str) -> None:
+        try:
+            count = await self.store.drop_outbox(peer)
+        except KakehashiError as exc:  # left for the next start, which drops it again
+            log.warning("outbox_drop_failed", peer=peer, code=exc.code, error=str(exc))
+            return
+        if count:
+            log.info("outbox_dropped", peer=peer, envelopes=count, reason="revoked")
 
     def wake(self, peer: str) -> None:
         if self._stopped:
@@ -367,6 +399,10 @@ class Outbox:
         if self._stopped:
             return
         for peer, rows in queued.items():
+            if self._revoked(peer):
+                # Planned before the revocation reached this node: never sent.
+                self.drop(peer)
+                continue
             sender = self._senders.get(peer)
             if sender is None:
                 sender = self._senders[peer] = _Sender(self, peer)
@@ -387,5 +423,5 @@ class Outbox:
 
     async def stop(self) -> None:
         self._stopped = True
-        await cancel_all(sender.task for sender in self._senders.values())
+        await cancel_all([*(sender.task for sender in self._senders.values()), *self._dropping])
         await self.store.stop_acks()

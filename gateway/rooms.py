@@ -438,9 +438,7 @@ class RoomService:
         are its first users (`login@node`), with those roles."""
         self.require_caught_up()
         for node in nodes:
-            check_node_id(node)
-            if self._roster().member(node) is None:
-                raise TrustError(f"{node!r} is not a member of the federation", code="unknown_peer")
+            self._require_addable(node)
         room = f"!{secrets.token_urlsafe(12).replace('-', 'x').replace('_', 'y')}:{self.node_id}"
         check_room_id(room)
         body: dict[str, Any] = {
@@ -488,11 +486,25 @@ class RoomService:
 
     async def invite(self, room: str, node_id: str) -> str:
         """Add a node to a room: directly at the home node, by request elsewhere."""
-        check_node_id(node_id)
-        if self._roster().member(node_id) is None:
-            raise TrustError(f"{node_id!r} is not a member of the federation", code="unknown_peer")
+        self._require_addable(node_id)
         result = await self.change(room, {"add_nodes": [node_id]})
         return "added" if result == "changed" else "requested"
+
+    def _revoked(self, node: str) -> bool:
+        entry = self._roster().member(node)
+        return entry is not None and entry.status is MemberStatus.REVOKED
+
+    def _require_addable(self, node: str) -> None:
+        """`node` may be made a member of a room: in the federation, and not revoked (a
+        suspended node may, and receives the room when it is resumed)."""
+        check_node_id(node)
+        entry = self._roster().member(node)
+        if entry is None:
+            raise TrustError(f"{node!r} is not a member of the federation", code="unknown_peer")
+        if entry.status is MemberStatus.REVOKED:
+            raise TrustError(
+                f"{node!r} is revoked: it can no longer be added to a room", code="peer_revoked"
+            )
 
     def _require_member(self, room: str) -> RoomState:
         check_room_id(room)
@@ -968,7 +980,8 @@ class RoomService:
                 # Our own refused envelope still fills its seq: every member must see it
                 # (and refuse it alike), or they would wait for that seq forever.
                 for peer in sorted(previous.nodes - {self.node_id}):
-                    step.outbox.append((peer, envelope))
+                    if not self._revoked(peer):
+                        step.outbox.append((peer, envelope))
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)
@@ -986,7 +999,8 @@ class RoomService:
             if new_state is not None and previous is not None:
                 members |= previous.nodes
             for peer in sorted(members - {self.node_id}):
-                step.outbox.append((peer, envelope))
+                if not self._revoked(peer):  # revoked for good: nothing more is sent to it
+                    step.outbox.append((peer, envelope))
         if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
             step.requests.append(envelope)
 

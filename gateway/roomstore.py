@@ -355,6 +355,19 @@ class RoomStore:
         self._ack_task = None
         await self._write_acks()
 
+    async def drop_outbox(self, peer: str) -> int:
+        """Forget everything queued for `peer` (revoked: nothing is sent to it any more);
+        how many envelopes that was. Without an fsync: rows back after a power cut are
+        dropped again at the next start."""
+        await self.flush_acks()
+        async with self._db.execute("SELECT COUNT(*) FROM outbox WHERE peer = ?", (peer,)) as cur:
+            row = await cur.fetchone()
+        count = int(row[0]) if row else 0
+        if count:
+            delete = "DELETE FROM outbox WHERE peer = ?"
+            await self._store.write_all([(delete, [(peer,)])], durable=False)
+        return count
+
     async def outbox_peers(self) -> list[str]:
         await self.flush_acks()
         async with self._db.execute("SELECT DISTINCT peer FROM outbox") as cursor:

@@ -24,6 +24,7 @@ import gateway.rooms as rooms_module
 from federation import codec
 from federation.envelope import Envelope, Kind
 from federation.errors import KakehashiError, ProtocolError, StorageError
+from federation.roster import MemberStatus
 from gateway.catchup import CatchUp
 from gateway.node import Node
 from gateway.outbox import DeliverySettings, _Sender
@@ -792,6 +793,46 @@ async def test_a_refused_send_whose_caller_gave_up_does_not_fail_the_others(
     envelopes = await timeline(mie, room)
     assert [e.id for e in envelopes[1:]] == [sent]
     assert envelopes[1].content.body["text"] == "届きました"
+
+
+async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dropped(
+    cluster: Cluster,
+) -> None:
+    """Revocation is final: every node forgets what it kept queued for the revoked node,
+    queues nothing more for it, and refuses to add it to a room. The others go on."""
+    mie, tsu, ise = await three_nodes(cluster)
+    assert mie.authority is not None
+    room = await mie.rooms.create("合併前", nodes=["tsu", "ise"])
+    await eventually(holds(ise, room, 1))
+    await cluster.stop("ise")
+    await mie.rooms.send(room, ["停止中 1", "停止中 2"])
+    await tsu.rooms.send(room, ["停止中 3"])
+    await eventually(holds(tsu, room, 4))
+    assert (await mie.rooms.store.outbox_depths())["ise"][0] == 2
+    assert (await tsu.rooms.store.outbox_depths())["ise"][0] == 1
+
+    await mie.authority.set_status("ise", MemberStatus.REVOKED, "市町村合併")
+    await eventually(lambda: tsu.roster.member("ise").status is MemberStatus.REVOKED)  # type: ignore[union-attr]
+
+    async def nothing_queued_for_ise() -> bool:
+        depths = [await node.rooms.store.outbox_depths() for node in (mie, tsu)]
+        return all("ise" not in depth for depth in depths)
+
+    await eventually(nothing_queued_for_ise)
+    await mie.rooms.send(room, ["失効後"])
+    await eventually(holds(tsu, room, 5))
+    assert await nothing_queued_for_ise()
+    with pytest.raises(KakehashiError) as refused:
+        await mie.rooms.invite(await mie.rooms.create("新しい部屋"), "ise")
+    assert refused.value.code == "peer_revoked"
+    with pytest.raises(KakehashiError) as refused:
+        await tsu.rooms.create("町の部屋", nodes=["ise"])
+    assert refused.value.code == "peer_revoked"
+    # A restart does not bring the queue back, nor start a sender for it.
+    await cluster.stop("mie-pref")
+    mie = await cluster.start("mie-pref")
+    assert "ise" not in await mie.rooms.store.outbox_depths()
+    assert mie.outbox.stats("ise") is None
 
 
 async def test_small_batches_from_memory_and_from_the_outbox_deliver_everything_once(
