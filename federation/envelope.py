@@ -58,7 +58,10 @@ __all__ = [
 
 ENVELOPE_VERSION = 1
 MAX_ENVELOPE_BYTES = 64 * 1024
-MAX_DEPS = 128  # origins in one room's causal frontier; rooms span at most a few dozen nodes
+MAX_DEPS = 512
+"""Origins in one room's causal frontier (every origin that has sent in the room, also
+nodes removed since): twice `federation.rooms.MAX_ROOM_NODES`, so that a room at its
+largest still has room for the nodes that left it. Each costs an envelope about 40 bytes."""
 MAX_PATH = 40  # a batch of up to 2**40 envelopes; far beyond any real batch
 SIGNING_CONTEXT = b"kakehashi/envelope-batch/v1\x00"
 _CONTENT_FIELDS = (

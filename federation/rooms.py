@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 MAX_TEXT = 32 * 1024
+MAX_ROOM_NODES = 256
+"""Nodes in one room at most: every node of the largest prefecture (Hokkaido: 179
+municipalities and the prefecture) fits. A state change beyond it is refused
+(`bad_state_change`), since every envelope names each origin of its room."""
 MAX_SENDER_NAME = 100
 _HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 """Characters a display name may not hold (mirrored in the body schemas)."""
@@ -122,6 +126,7 @@ class Verdict(StrEnum):
     UNKNOWN_ROOM = "unknown_room"
     BAD_BODY = "bad_body"
     BAD_STATE_CHANGE = "bad_state_change"
+    """A state change whose room would span more than `MAX_ROOM_NODES` nodes."""
 
 
 def _text(body: Mapping[str, Any], name: str, *, required: bool, limit: int = MAX_TEXT) -> None:
@@ -327,7 +332,7 @@ def judge(history: RoomHistory | None, content: Content) -> tuple[Verdict, RoomS
     except ProtocolError:
         return Verdict.BAD_BODY, None
     if creation:
-        return Verdict.ACCEPTED, apply_state(None, content)
+        return _within_limits(apply_state(None, content))
     if history is None or history.current is None:
         return Verdict.UNKNOWN_ROOM, None
     state = history.state_at(content.deps.get(home, 0))
@@ -341,7 +346,7 @@ def judge(history: RoomHistory | None, content: Content) -> tuple[Verdict, RoomS
         if content.sender not in state.users:
             return Verdict.SENDER_NOT_MEMBER, None
     if content.kind is Kind.STATE:
-        return Verdict.ACCEPTED, apply_state(history.current, content)
+        return _within_limits(apply_state(history.current, content))
     if (
         state.kind is RoomKind.ANNOUNCEMENT
         and content.kind is Kind.MESSAGE
@@ -350,6 +355,12 @@ def judge(history: RoomHistory | None, content: Content) -> tuple[Verdict, RoomS
     ):
         return Verdict.NOT_ALLOWED_TO_POST, None
     return Verdict.ACCEPTED, None
+
+
+def _within_limits(state: RoomState) -> tuple[Verdict, RoomState | None]:
+    if len(state.nodes) > MAX_ROOM_NODES:
+        return Verdict.BAD_STATE_CHANGE, None
+    return Verdict.ACCEPTED, state
 
 
 def decide_request(current: RoomState, content: Content) -> dict[str, Any] | None:

@@ -55,6 +55,7 @@ from federation.envelope import (
 from federation.errors import KakehashiError, ProtocolError, StorageError, TrustError
 from federation.identity import check_node_id
 from federation.rooms import (
+    MAX_ROOM_NODES,
     RoomHistory,
     RoomKind,
     RoomState,
@@ -178,7 +179,9 @@ def _refusal(verdict: Verdict, made: Sequence[Content]) -> TrustError:
     """Why a local send is refused. `judge` keeps only the verdict; for a bad body, the
     rule it breaks is found again here, off the path of accepted sends."""
     reason = verdict.value
-    if verdict is Verdict.BAD_BODY:
+    if verdict is Verdict.BAD_STATE_CHANGE:
+        reason = f"a room spans at most {MAX_ROOM_NODES} nodes"
+    elif verdict is Verdict.BAD_BODY:
         for content in made:
             try:
                 creation = content.kind is Kind.STATE and content.seq == 1  # as `judge` does

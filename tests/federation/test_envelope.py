@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import federation.envelope as envelope_module
 from federation import codec
 from federation.envelope import (
+    MAX_DEPS,
     MAX_ENVELOPE_BYTES,
     SIGNING_CONTEXT,
     Content,
@@ -529,10 +530,20 @@ def test_dependencies_that_follow_the_rules_are_accepted(
 
 
 def test_too_many_dependencies_are_refused() -> None:
-    deps = {f"n{i:03d}": 1 for i in range(128)} | {HOME: 1}
+    deps = {f"n{i:03d}": 1 for i in range(MAX_DEPS)} | {HOME: 1}
     with pytest.raises(ProtocolError) as info:
         content(1, origin="tsu", deps=deps)
     assert info.value.code == "bad_envelope"
+
+
+def test_an_envelope_can_depend_on_every_node_of_the_largest_prefecture() -> None:
+    # A Hokkaido-wide room where every town has posted: 179 towns and the prefecture.
+    deps = {f"town-{n:03d}": n for n in range(1, 179)} | {HOME: 7}
+    made = content(1, origin="tsu", deps=deps)
+    [sealed] = seal_batch([made], KEY)
+    decoded = Envelope.from_bytes(sealed.to_bytes())
+    assert decoded.content.deps == deps
+    assert len(sealed.to_bytes()) < 16 * 1024
 
 
 def test_dependency_on_an_invalid_node_id_is_refused() -> None:

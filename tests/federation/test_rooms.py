@@ -9,6 +9,7 @@ import pytest
 from federation.envelope import Content, Kind
 from federation.errors import ProtocolError
 from federation.rooms import (
+    MAX_ROOM_NODES,
     Role,
     RoomHistory,
     RoomKind,
@@ -115,6 +116,30 @@ def test_first_home_state_envelope_creates_the_room() -> None:
         "sato@ise": Role.ADMIN,
     }
     assert state.home == HOME
+
+
+def test_a_room_spans_every_node_of_the_largest_prefecture_and_no_more_than_the_limit() -> None:
+    # Hokkaido: 179 municipalities and the prefecture, all in one room.
+    towns = [f"town-{n:03d}" for n in range(1, 180)]
+    hokkaido = history_of(creation({"name": "全道連絡室", "add_nodes": towns}))
+    assert hokkaido.current is not None and len(hokkaido.current.nodes) == 180
+    # Up to the limit in later changes (at most 256 nodes named per change).
+    more = [f"extra-{n:03d}" for n in range(MAX_ROOM_NODES - 180)]
+    full = make(HOME, 2, Kind.STATE, {"add_nodes": more})
+    result, state = judge(hokkaido, full)
+    assert result is Verdict.ACCEPTED and state is not None
+    assert len(state.nodes) == MAX_ROOM_NODES
+    hokkaido.add(state)
+    # One more is refused: every envelope of the room names each of its origins.
+    one_more = make(HOME, 3, Kind.STATE, {"add_nodes": ["one-more"]}, home_seq=2)
+    result, state = judge(hokkaido, one_more)
+    assert (result, state) == (Verdict.BAD_STATE_CHANGE, None)
+    # So is a creation beyond it, and a change that removes as many as it adds is not.
+    too_big = creation({"name": "大きすぎ", "add_nodes": [f"n-{n:03d}" for n in range(256)]})
+    assert verdict(None, too_big) is Verdict.BAD_STATE_CHANGE
+    swap_body = {"add_nodes": ["one-more"], "remove_nodes": ["extra-000"]}
+    swap = make(HOME, 3, Kind.STATE, swap_body, home_seq=2)
+    assert verdict(hokkaido, swap) is Verdict.ACCEPTED
 
 
 def test_creation_keeps_the_home_node_even_if_the_body_removes_it() -> None:
