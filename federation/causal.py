@@ -28,6 +28,7 @@ from enum import StrEnum
 from .envelope import Envelope
 
 __all__ = [
+    "MAX_CLOCK_AHEAD_MS",
     "CausalBuffer",
     "Offer",
     "OfferStatus",
@@ -46,9 +47,21 @@ def hlc_send(last: int, now_ms: int) -> int:
     return max(last + 1, now_ms << 16)
 
 
-def hlc_receive(last: int, remote: int) -> int:
-    """The clock after seeing a remote timestamp (the next send will be after it)."""
-    return max(last, remote)
+MAX_CLOCK_AHEAD_MS = 5 * 60 * 1000
+"""How far ahead of this node's own clock a timestamp seen from another node can move it.
+
+A node whose clock is wrong (hours or years ahead: a server without NTP on a closed
+network) signs envelopes with its own time. Followed without a bound, every node
+would send with that time from then on: wrong times on every message, and keys
+judged at that time, so valid keys would look expired. Within the bound, clocks
+that differ by minutes still order replies after what they answer."""
+
+
+def hlc_receive(last: int, remote: int, now_ms: int) -> int:
+    """The clock after seeing a remote timestamp: the next send will be after it, unless
+    it is more than `MAX_CLOCK_AHEAD_MS` ahead of `now_ms` (physical time here); then
+    the clock moves only that far. Never backwards."""
+    return max(last, min(remote, (now_ms + MAX_CLOCK_AHEAD_MS) << 16))
 
 
 def hlc_to_ms(hlc: int) -> int:

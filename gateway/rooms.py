@@ -298,7 +298,9 @@ class RoomService:
             # Stored pending envelopes wait again; none can be ready, or it would
             # have been processed before it was written.
             self._buffer.offer(envelope)
-        self._hlc = await self._rooms.max_hlc()
+        highest, own = await self._rooms.max_hlc(self.node_id)
+        # Never below our own last timestamp; others' only as far as `hlc_receive` follows.
+        self._hlc = max(own, hlc_receive(0, highest, self._now_ms()))
 
     def resume(self) -> None:
         """Answer the state requests a previous run committed but did not answer."""
@@ -935,8 +937,9 @@ class RoomService:
 
     def _take_in(self, decoded: Sequence[Envelope], step: _Step) -> None:
         """Advance the clock past, note the rooms of, and process envelopes from a peer."""
+        now_ms = self._now_ms()
         for envelope in decoded:
-            self._hlc = hlc_receive(self._hlc, envelope.content.hlc)
+            self._hlc = hlc_receive(self._hlc, envelope.content.hlc, now_ms)
             if envelope.content.room not in self._homes:
                 step.new_rooms[envelope.content.room] = room_home(envelope.content.room)
         self._process(decoded, step, local=False)

@@ -169,10 +169,15 @@ class RoomStore:
         ) as cursor:
             return [bytes(row[0]) for row in await cursor.fetchall()]
 
-    async def max_hlc(self) -> int:
-        async with self._db.execute("SELECT COALESCE(MAX(hlc), 0) FROM envelope") as cursor:
+    async def max_hlc(self, origin: str) -> tuple[int, int]:
+        """The highest timestamp stored, and the highest of `origin`'s (0 if none)."""
+        query = (
+            "SELECT COALESCE(MAX(hlc), 0), COALESCE(MAX(CASE WHEN origin = ? THEN hlc END), 0) "
+            "FROM envelope"
+        )
+        async with self._db.execute(query, (origin,)) as cursor:
             row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     # writing -----------------------------------------------------------------
 

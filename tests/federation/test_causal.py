@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from federation.causal import (
+    MAX_CLOCK_AHEAD_MS,
     CausalBuffer,
     OfferStatus,
     hlc_receive,
@@ -98,18 +99,32 @@ def test_hlc_send_is_strictly_increasing_and_never_behind_the_wall_clock(
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(last=st.integers(0, 2**60), remote=st.integers(0, 2**60), now=st.integers(0, 2**40))
-def test_hlc_receive_keeps_the_next_send_after_everything_seen(
+def test_hlc_receive_keeps_the_next_send_after_everything_seen_within_the_bound(
     last: int, remote: int, now: int
 ) -> None:
-    clock = hlc_receive(last, remote)
-    assert clock >= last
-    assert clock >= remote
-    assert hlc_send(clock, now) > remote
+    clock = hlc_receive(last, remote, now)
+    bound = (now + MAX_CLOCK_AHEAD_MS) << 16
+    assert clock >= last  # never backwards
+    assert clock <= max(last, bound)  # never pulled further ahead than the bound
+    if remote <= bound:
+        assert clock >= remote
+        assert hlc_send(clock, now) > remote
 
 
 def test_hlc_receive_ignores_an_older_remote_time() -> None:
-    assert hlc_receive(500, 100) == 500
-    assert hlc_receive(100, 500) == 500
+    now = 1_800_000_000_000
+    assert hlc_receive(500, 100, now) == 500
+    assert hlc_receive(100, 500, now) == 500
+
+
+def test_a_node_with_a_clock_years_ahead_moves_the_others_only_minutes_ahead() -> None:
+    now = 1_795_000_000_000  # 2026-11, in unix ms
+    wrong = (now + 10 * 365 * 86_400_000) << 16  # a server whose clock says 2036
+    clock = hlc_receive(now << 16, wrong, now)
+    assert hlc_to_ms(clock) == now + MAX_CLOCK_AHEAD_MS
+    # A peer a minute ahead is followed exactly: a reply still sorts after it.
+    minute_ahead = (now + 60_000) << 16 | 5
+    assert hlc_send(hlc_receive(now << 16, minute_ahead, now), now) > minute_ahead
 
 
 # --- CausalBuffer ----------------------------------------------------------------------------

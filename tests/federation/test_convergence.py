@@ -61,9 +61,9 @@ class SimNode:
     clock: int = 0
     unsealed: list[Content] = field(default_factory=list)
 
-    def receive(self, env: Envelope) -> None:
+    def receive(self, env: Envelope, now_ms: int) -> None:
         self.buffer.offer(env)
-        self.clock = hlc_receive(self.clock, env.content.hlc)
+        self.clock = hlc_receive(self.clock, env.content.hlc, now_ms)
 
     def compose(self, kind: Kind, body: dict[str, Any], sender: str, now_ms: int) -> Content:
         self.seq += 1
@@ -146,13 +146,13 @@ def make_history(data: st.DataObject) -> History:
     made.append(sims[HOME].compose(Kind.STATE, CREATION_BODY, "", now))
     sealed.extend(sims[HOME].seal())
     for node in MEMBERS:
-        sims[node].receive(sealed[0])
+        sims[node].receive(sealed[0], now)
 
     for _ in range(data.draw(st.integers(1, 24), label="steps")):
         sim = sims[data.draw(st.sampled_from(NODES), label="sender")]
         if sealed:
             for index in data.draw(st.lists(st.integers(0, len(sealed) - 1), max_size=8)):
-                sim.receive(sealed[index])
+                sim.receive(sealed[index], now)
         now += data.draw(st.integers(-50, 50))  # wall clocks disagree and step back
         kind, body, sender = _action(data, sim)
         made.append(sim.compose(kind, body, sender, now))
@@ -256,11 +256,11 @@ def test_a_fixed_history_shows_verdicts_depend_on_the_state_each_sender_saw() ->
     home, tsu = SimNode(HOME), SimNode("tsu")
     creation = home.compose(Kind.STATE, CREATION_BODY, "", NOW_MS)
     (sealed_creation,) = home.seal()
-    tsu.receive(sealed_creation)
+    tsu.receive(sealed_creation, NOW_MS)
     before = tsu.compose(Kind.MESSAGE, {"text": "a"}, staff("tsu"), NOW_MS + 1)
     removal = home.compose(Kind.STATE, {"remove_users": [staff("tsu")]}, "", NOW_MS + 2)
     (sealed_removal,) = home.seal()
-    tsu.receive(sealed_removal)
+    tsu.receive(sealed_removal, NOW_MS + 2)
     after = tsu.compose(Kind.MESSAGE, {"text": "b"}, staff("tsu"), NOW_MS + 3)
     sealed_tsu = tsu.seal()
     verdicts = reference_verdicts([creation, before, removal, after])

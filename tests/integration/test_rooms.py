@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from structlog.testing import capture_logs
 
 import gateway.rooms as rooms_module
 from federation import codec
+from federation.causal import MAX_CLOCK_AHEAD_MS, hlc_to_ms
 from federation.envelope import Envelope, Kind
 from federation.errors import KakehashiError, ProtocolError, StorageError
 from federation.roster import MemberStatus
@@ -833,6 +835,25 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
     mie = await cluster.start("mie-pref")
     assert "ise" not in await mie.rooms.store.outbox_depths()
     assert mie.outbox.stats("ise") is None
+
+
+async def test_a_peer_whose_clock_is_days_ahead_does_not_carry_the_others_clocks_along(
+    cluster: Cluster,
+) -> None:
+    """A server without NTP signs with its own wrong time; the others keep theirs."""
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("時計", nodes=["tsu", "ise"])
+    await eventually(holds(tsu, room, 1))
+    cluster.clocks["tsu"].offset = 2 * 86_400  # two days ahead
+    [ahead] = await tsu.rooms.send(room, ["未来の時刻で送信"])
+    await eventually(holds(mie, room, 2))
+    [reply] = await mie.rooms.send(room, ["返信"])
+    await eventually(holds(ise, room, 3))
+    now_ms = time.time() * 1000
+    stamps = {e.id: hlc_to_ms(e.content.hlc) for e in await timeline(ise, room)}
+    assert stamps[ahead] > now_ms + 86_400_000  # tsu's own (wrong) time, as signed
+    assert stamps[reply] <= now_ms + MAX_CLOCK_AHEAD_MS  # mie moved at most that far,
+    assert stamps[reply] < now_ms + 3_600_000  # which is minutes, not days
 
 
 async def test_small_batches_from_memory_and_from_the_outbox_deliver_everything_once(
