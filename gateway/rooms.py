@@ -175,13 +175,21 @@ def _places(decoded: Sequence[Decoded]) -> list[tuple[str, str, int]]:
     ]
 
 
+_REASONS = {
+    Verdict.ORIGIN_NOT_MEMBER: "this node is not a member of the room",
+    Verdict.SENDER_NOT_MEMBER: "the sender is not a member of the room",
+    Verdict.NOT_ALLOWED_TO_POST: "only the room's admins post in an announcement room",
+    Verdict.UNKNOWN_ROOM: "this node does not know the room",
+    Verdict.BAD_STATE_CHANGE: f"a room spans at most {MAX_ROOM_NODES} nodes",
+}
+"""What a refusal of a local send tells its caller, beside the verdict's code."""
+
+
 def _refusal(verdict: Verdict, made: Sequence[Content]) -> TrustError:
     """Why a local send is refused. `judge` keeps only the verdict; for a bad body, the
     rule it breaks is found again here, off the path of accepted sends."""
-    reason = verdict.value
-    if verdict is Verdict.BAD_STATE_CHANGE:
-        reason = f"a room spans at most {MAX_ROOM_NODES} nodes"
-    elif verdict is Verdict.BAD_BODY:
+    reason = _REASONS.get(verdict, verdict.value)
+    if verdict is Verdict.BAD_BODY:
         for content in made:
             try:
                 creation = content.kind is Kind.STATE and content.seq == 1  # as `judge` does

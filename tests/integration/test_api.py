@@ -281,6 +281,7 @@ async def test_announcement_room_takes_posts_from_admins_only_and_counts_reads_p
     )
     refused = await suzuki.post(f"/rooms/{room}/messages", {"text": "質問です"}, expect=403)
     assert refused["error"] == "not_allowed_to_post"
+    assert "only the room's admins post in an announcement room" in refused["message"]
     refused = await sato.post(f"/rooms/{room}/messages", {"text": "質問です"}, expect=403)
     assert refused["error"] == "not_allowed_to_post"
     notice = await tanaka.post(
