@@ -337,6 +337,11 @@ class Roster:
         """The entry for `node_id`, if it is a member (whatever its status)."""
         return self._by_id.get(node_id)
 
+    def revoked(self, node_id: str) -> bool:
+        """Whether `node_id` is a member revoked for good: nothing is sent to it any more."""
+        entry = self._by_id.get(node_id)
+        return entry is not None and entry.status is MemberStatus.REVOKED
+
     def active_member(self, node_id: str) -> RosterEntry:
         """The entry for `node_id`, or `TrustError` if unknown, suspended or revoked."""
         entry = self.member(node_id)

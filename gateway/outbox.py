@@ -37,7 +37,7 @@ import structlog
 from federation import codec
 from federation.backoff import Backoff
 from federation.errors import KakehashiError, TransportError, TrustError
-from federation.roster import MemberStatus, Roster
+from federation.roster import Roster
 from federation.routing import Route
 
 from .roomstore import OutboxBatch, Queued, RoomStore
@@ -350,14 +350,10 @@ class Outbox:
         """Resume delivery of everything left queued by a previous run (and forget what is
         queued for revoked nodes)."""
         for peer in await self.store.outbox_peers():
-            if self._revoked(peer):
+            if self.roster().revoked(peer):
                 await self._drop_queued(peer)
             else:
                 self.wake(peer)
-
-    def _revoked(self, peer: str) -> bool:
-        entry = self.roster().member(peer)
-        return entry is not None and entry.status is MemberStatus.REVOKED
 
     def drop(self, peer: str) -> None:
         """`peer` is revoked, for good: stop its sender and forget what is queued for it.
@@ -399,7 +395,7 @@ class Outbox:
         if self._stopped:
             return
         for peer, rows in queued.items():
-            if self._revoked(peer):
+            if self.roster().revoked(peer):
                 # Planned before the revocation reached this node: never sent.
                 self.drop(peer)
                 continue

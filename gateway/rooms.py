@@ -503,10 +503,6 @@ class RoomService:
         result = await self.change(room, {"add_nodes": [node_id]})
         return "added" if result == "changed" else "requested"
 
-    def _revoked(self, node: str) -> bool:
-        entry = self._roster().member(node)
-        return entry is not None and entry.status is MemberStatus.REVOKED
-
     def _require_addable(self, node: str) -> None:
         """`node` may be made a member of a room: in the federation, and not revoked (a
         suspended node may, and receives the room when it is resumed)."""
@@ -994,7 +990,7 @@ class RoomService:
                 # Our own refused envelope still fills its seq: every member must see it
                 # (and refuse it alike), or they would wait for that seq forever.
                 for peer in sorted(previous.nodes - {self.node_id}):
-                    if not self._revoked(peer):
+                    if not self._roster().revoked(peer):
                         step.outbox.append((peer, envelope))
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
@@ -1013,7 +1009,7 @@ class RoomService:
             if new_state is not None and previous is not None:
                 members |= previous.nodes
             for peer in sorted(members - {self.node_id}):
-                if not self._revoked(peer):  # revoked for good: nothing more is sent to it
+                if not self._roster().revoked(peer):  # revoked for good: nothing more is sent to it
                     step.outbox.append((peer, envelope))
         if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
             step.requests.append(envelope)
