@@ -49,6 +49,8 @@ __all__ = ["DeliverySettings", "Outbox"]
 log = structlog.get_logger("kakehashi.outbox")
 
 TAIL_BATCHES = 2
+EAGER_ROWS = 64
+"""Rows that go to a peer while another batch is on its way to it, at most (see `_loop`)."""
 """Rows a sender keeps in memory at most, in full batches: beyond that it reads the outbox."""
 
 
@@ -198,26 +200,43 @@ class _Sender:
     async def _loop(self, in_flight: deque[_InFlight]) -> None:
         settings = self.outbox.settings
         after = self.acked_through  # the last row posted (acknowledged or on its way)
+        answered = True  # an answer came (or nothing is on its way): fill the window
         while True:
             self.new_data.clear()
             # Keep up to `window` batches on the way: the receiver verifies the next one
             # while it commits this one. Each is acknowledged by its own position range.
-            while len(in_flight) < settings.window:
+            # While one is on its way, a few rows just committed (messages coming one at a
+            # time) go at once; many wait for the answer and go as one large batch, which
+            # costs the receiver one commit instead of several.
+            while len(in_flight) < settings.window and (
+                answered or not in_flight or self._few_waiting()
+            ):
                 batch = await self._next_batch(after)
                 if batch is None:
                     break
                 route = self.outbox.router(self.peer)
                 task = asyncio.create_task(self._post(route, batch.wires), name="post-batch")
+                task.add_done_callback(self._answered)
                 in_flight.append(_InFlight(batch, route, task, time.perf_counter()))
                 after = batch.last_pos
+            answered = False
             if not in_flight:
                 # Nothing queued: sleep until woken. A wake between the read and the
                 # wait is not lost, because the flag was cleared before the read.
                 await self.new_data.wait()
                 continue
-            flight = in_flight.popleft()
+            flight = in_flight[0]
+            if not flight.task.done():
+                if len(in_flight) < settings.window:
+                    # Room for another batch: woken by rows just committed (posted at
+                    # once if few) or by an answer (the flag is set by both).
+                    await self.new_data.wait()
+                    continue
+                await asyncio.wait((flight.task,))
+            in_flight.popleft()
+            answered = True
             try:
-                answer = await flight.task
+                answer = flight.task.result()
             except KakehashiError as exc:
                 # Everything after it goes again from the oldest row not acknowledged
                 # (a later batch that did arrive is dropped there as duplicates).
@@ -261,6 +280,14 @@ class _Sender:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self.retry.wait()
+
+    def _answered(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        self.new_data.set()
+
+    def _few_waiting(self) -> bool:
+        """Rows committed since the last batch are in memory, and few enough to post
+        while another batch is on its way."""
+        return self.tail_state is _Tail.SERVING and 0 < len(self.tail) <= EAGER_ROWS
 
     def _delivered(self, flight: _InFlight, answer: dict[str, Any]) -> None:
         batch, route = flight.batch, flight.route

@@ -431,6 +431,47 @@ async def test_batches_queued_behind_a_commit_share_the_next_one(
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
+async def test_while_a_batch_awaits_its_answer_a_few_new_rows_go_at_once_and_many_wait(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message sent while the previous batch is on its way goes at once (it does not
+    wait for that batch's answer); a large amount waits, to go as one batch."""
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    await eventually(lambda: {node.roster.version for node in cluster.nodes.values()} == {2})
+    room = await mie.rooms.create("即時", nodes=["tsu"])
+    await eventually(holds(tsu, room, 1))
+    received: list[int] = []  # envelopes per batch tsu was given
+    receive = tsu.rooms.receive
+
+    async def counted(peer: str, wires: Sequence[bytes], **kwargs: Any) -> Any:
+        received.append(len(wires))
+        return await receive(peer, wires, **kwargs)
+
+    monkeypatch.setattr(tsu.rooms, "receive", counted)
+    # Many: while the first batch's commit (and so its answer) is held, 100 rows wait.
+    gate, commits = _first_commit_held(tsu, monkeypatch)
+    await mie.rooms.send(room, ["一"])
+    await eventually(lambda: commits == ["held"])
+    await mie.rooms.send(room, [f"多 {k}" for k in range(100)])
+    await asyncio.sleep(0.3)
+    assert received == [1]
+    gate.set()
+    await eventually(holds(tsu, room, 102))
+    assert received == [1, 100]
+    # Few: one message while the batch before it is held goes without waiting.
+    gate, commits = _first_commit_held(tsu, monkeypatch)
+    await mie.rooms.send(room, ["二"])
+    await eventually(lambda: commits == ["held"])
+    await mie.rooms.send(room, ["三"])
+    await eventually(lambda: received == [1, 100, 1, 1])
+    assert not await holds(tsu, room, 103)()  # neither is committed: the first is held
+    gate.set()
+    await eventually(holds(tsu, room, 104))
+    texts = [e.content.body.get("text") for e in await timeline(tsu, room)]
+    assert texts[-2:] == ["二", "三"]
+
+
 async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_follows_disk(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
