@@ -18,16 +18,24 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), "--once", "--dir", str(tmp_path)],
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+
+
+def run_demo(directory: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`examples/demo.py --once` with its homes in `directory`."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--once", "--dir", str(directory)],
         capture_output=True,
         text=True,
-        timeout=180,
-        env=env,
+        timeout=timeout,
+        env=_env(),
         check=False,
     )
+
+
+def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
     for node_id in ("mie-pref", "tsu", "yokkaichi", "ise"):
@@ -54,7 +62,7 @@ def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_p
 def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) -> None:
     # A demo started while an earlier one still runs in the same directory (two
     # terminals) must not delete the homes of running nodes.
-    env = {k: v for k, v in os.environ.items() if k != "KAKEHASHI_HOME"}
+    env = _env()
     kakehashi = str(Path(sys.executable).parent / "kakehashi")
     home = tmp_path / "mie-pref"
     with socket.socket() as probe:
@@ -77,14 +85,7 @@ def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) 
         while subprocess.run(status, capture_output=True, env=env).returncode != 0:
             assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
             time.sleep(0.2)
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "demo.py"), "--once", "--dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-            check=False,
-        )
+        result = run_demo(tmp_path, timeout=60)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "nodes of an earlier demo still run" in result.stderr
         assert "(mie-pref)" in result.stderr
