@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import stat
 import subprocess
@@ -32,6 +33,21 @@ def run_demo(directory: Path, timeout: float) -> subprocess.CompletedProcess[str
         env=_env(),
         check=False,
     )
+
+
+def _wait_for_log_event(node: subprocess.Popen[bytes], event: str, *, timeout: float) -> None:
+    """Read the node's log (JSON lines on standard error) until it logs `event`."""
+    assert node.stderr is not None
+    deadline = time.monotonic() + timeout
+    logged = b""
+    while f'"event": "{event}"'.encode() not in logged:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {event} within {timeout} s: {logged[-2000:]!r}"
+        readable, _, _ = select.select([node.stderr], [], [], left)
+        if readable:
+            chunk = os.read(node.stderr.fileno(), 65536)
+            assert chunk, f"the node exited before {event}: {logged[-2000:]!r}"
+            logged += chunk
 
 
 def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_path: Path) -> None:
@@ -76,15 +92,12 @@ def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) 
     node = subprocess.Popen(
         [kakehashi, "run", "--home", str(home)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=env,
     )
     try:
+        _wait_for_log_event(node, "node_started", timeout=30)
         status = [kakehashi, "status", "--home", str(home), "--json"]
-        deadline = time.monotonic() + 30
-        while subprocess.run(status, capture_output=True, env=env).returncode != 0:
-            assert node.poll() is None and time.monotonic() < deadline, "the node did not start"
-            time.sleep(0.2)
         result = run_demo(tmp_path, timeout=60)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "nodes of an earlier demo still run" in result.stderr
