@@ -341,8 +341,12 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
         )
     try:
         db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open {path} to read: {exc}", code="database_error") from exc
+    try:
         db.execute("PRAGMA query_only=ON")
     except sqlite3.Error as exc:
+        db.close()
         raise StorageError(f"cannot open {path} to read: {exc}", code="database_error") from exc
     return db
 

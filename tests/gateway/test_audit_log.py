@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,8 @@ async def test_refusal_records_keep_only_known_fields_and_redact_tokens(
     (record,) = records_of(tmp_path / "node.db")
     assert record.field_map["message"] == "token [redacted] was used"
     assert "token" not in record.field_map and "authorization" not in record.field_map
-    raw = sqlite3.connect(tmp_path / "node.db").execute("SELECT fields FROM audit").fetchall()
+    with closing(sqlite3.connect(tmp_path / "node.db")) as db:
+        raw = db.execute("SELECT fields FROM audit").fetchall()
     assert not any(token.encode()[:40] in bytes(row[0]) for row in raw)
 
 

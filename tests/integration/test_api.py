@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,7 @@ async def test_a_name_for_another_towns_user_is_refused_and_never_shown(towns: T
     detail = await tanaka.get(f"/rooms/{room}")
     assert {m["display_name"] for m in detail["members"]} >= {"鈴木次郎"}
     assert "偽の鈴木" not in {m["display_name"] for m in detail["members"]}
-    with sqlite3.connect(towns.federation.home("tsu").database) as db:
+    with closing(sqlite3.connect(towns.federation.home("tsu").database)) as db:
         stored = dict(db.execute("SELECT user_id, display_name FROM remote_user").fetchall())
     assert stored == {"suzuki@ise": "鈴木次郎"}
 
@@ -549,7 +550,8 @@ async def test_read_state_lost_in_a_crash_is_rebuilt_from_the_envelopes_at_start
     await eventually(read_at_tsu, timeout=15)
     # As if tsu crashed after committing the envelopes but before indexing them.
     await towns.federation.stop("tsu")
-    with sqlite3.connect(towns.federation.home("tsu").database) as db:
+    database = towns.federation.home("tsu").database
+    with closing(sqlite3.connect(database, isolation_level=None)) as db:  # autocommit
         for table in ("receipt", "read_marker", "relation"):
             db.execute(f"DELETE FROM {table}")
     await towns.federation.start("tsu")

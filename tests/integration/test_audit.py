@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ async def test_audit_show_lists_a_join_suspend_and_resume_at_the_authority(
     text = json.dumps(everything, ensure_ascii=False)
     signature = token.rsplit(".", 1)[1]
     assert signature not in text and token.split(".")[1] not in text
-    with sqlite3.connect(home.database) as db:
+    with closing(sqlite3.connect(home.database)) as db:
         blobs = b"".join(bytes(row[0]) for row in db.execute("SELECT fields FROM audit"))
     assert signature.encode() not in blobs
     code, out, _ = await cli("audit", "show", "--home", str(home.root))
