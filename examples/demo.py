@@ -245,12 +245,13 @@ def main() -> None:
     base = Path(args.dir)
     # Wiping the homes of running nodes would leave them serving from deleted files,
     # and their shutdown would remove the new nodes' admin sockets.
-    running = [home.name for home in sorted(base.glob("*/")) if answers(home)]
+    running = [home for home in sorted(base.glob("*/")) if answers(home)]
     if running:
+        stops = "; ".join(f"kakehashi stop --home {home}" for home in running)
         raise SystemExit(
-            f"demo: nodes of an earlier demo still run in {base} ({', '.join(running)}); "
-            "stop that demo with Ctrl-C in its terminal (if it is gone: "
-            f"pkill -f 'kakehashi run --home {base}/'), or give another --dir"
+            f"demo: nodes of an earlier demo still run in {base} "
+            f"({', '.join(home.name for home in running)}); stop that demo with Ctrl-C in "
+            f"its terminal (if it is gone: {stops}), or give another --dir"
         )
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)

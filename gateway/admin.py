@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiohttp import web
 
 from federation.errors import ConfigError, KakehashiError, ProtocolError, StorageError, TrustError
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["admin_app", "claim_admin_socket", "node_answers", "serve_admin", "user_routes"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = structlog.get_logger("kakehashi.admin")
 
 
 def _error(status: int, exc: KakehashiError) -> web.Response:
@@ -223,6 +226,17 @@ def admin_app(node: Node) -> web.Application:
             {"room_id": data["room"], "node_id": data["node_id"], "result": result}
         )
 
+    async def stop(request: web.Request) -> web.Response:
+        log.info("stop_requested", node=node.node_id, via="admin socket")
+        node.stop_requested.set()  # `kakehashi run` stops the node after this answer
+        return web.json_response({"node_id": node.node_id, "pid": os.getpid()})
+
+    async def room_remove(request: web.Request) -> web.Response:
+        data = await body(request)
+        room, node_id = str(data.get("room", "")), str(data.get("node_id", ""))
+        result = await node.rooms.remove_node(room, node_id)
+        return web.json_response({"room_id": room, "node_id": node_id, "result": result})
+
     async def room_send(request: web.Request) -> web.Response:
         data = await body(request)
         texts = data.get("texts")
@@ -276,6 +290,8 @@ def admin_app(node: Node) -> web.Application:
             web.get("/v1/rooms", rooms),
             web.post("/v1/rooms", room_create),
             web.post("/v1/rooms/invite", room_invite),
+            web.post("/v1/rooms/remove", room_remove),
+            web.post("/v1/stop", stop),
             web.post("/v1/rooms/send", room_send),
             web.get("/v1/rooms/history", room_history),
         ]

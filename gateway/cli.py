@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,12 +155,11 @@ def run(home: str) -> None:
     async def serve() -> None:
         node = Node(target)
         await node.start()
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, node.stop_requested.set)
         try:
-            await stop.wait()
+            await node.stop_requested.wait()
         finally:
             await node.stop()
 
@@ -614,6 +614,28 @@ def room_invite(home: str, room_id: str, node_id: str, as_json: bool) -> None:
         out.print(f"asked the room's home to add {node_id} to {room_id}")
 
 
+@room.command("remove")
+@home_option
+@click.argument("room_id", metavar="ROOM")
+@click.argument("node_id")
+@json_option
+def room_remove(home: str, room_id: str, node_id: str, as_json: bool) -> None:
+    """Take NODE_ID and its users out of ROOM.
+
+    \b
+    On the room's home node: removes any node but the home itself.
+    On another node: only that node itself can leave (asked of the home).
+    The removed node keeps the history it has and receives nothing newer.
+    Revoked nodes are removed by the home node without this command."""
+    data = _admin(home).request("POST", "/v1/rooms/remove", {"room": room_id, "node_id": node_id})
+    if as_json:
+        _print_json(data)
+    elif data["result"] == "removed":
+        out.print(f"removed {node_id} from {room_id}")
+    else:
+        out.print(f"asked the room's home to take {node_id} out of {room_id}")
+
+
 @room.command("list")
 @home_option
 @json_option
@@ -759,6 +781,49 @@ def status(home: str, as_json: bool) -> None:
     if data.get("catching_up"):
         table.add_row("catching up", "[yellow]yes: restored from a backup; local sends wait[/]")
     out.print(table)
+
+
+@cli.command()
+@home_option
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the node to finish stopping (0: ask and return).",
+)
+@json_option
+def stop(home: str, wait: float, as_json: bool) -> None:
+    """Stop the running node cleanly, as Ctrl-C or SIGTERM does: it finishes the commits
+    under way, closes its connections and its database, and exits.
+
+    Under systemd, use `systemctl stop` instead (or systemd restarts it)."""
+    admin = _admin(home)
+    data = admin.request("POST", "/v1/stop")
+    node_id = data["node_id"]
+    deadline = time.monotonic() + wait
+    stopped = wait == 0
+    while not stopped and time.monotonic() < deadline:
+        try:
+            admin.request("GET", "/v1/status")
+        except KakehashiError as exc:
+            if exc.code != "node_not_running":
+                raise
+            stopped = True
+        else:
+            time.sleep(0.1)
+    if as_json:
+        _print_json({"node_id": node_id, "pid": data["pid"], "stopped": stopped and wait > 0})
+    elif wait == 0:
+        out.print(f"asked {node_id} (pid {data['pid']}) to stop")
+    if not stopped:
+        raise ConfigError(
+            f"{node_id} (pid {data['pid']}) was asked to stop and still runs after {wait:g} s",
+            code="stop_timed_out",
+            hint="its log says what it is waiting for; `kill -9` loses nothing committed",
+        )
+    if not as_json and wait > 0:
+        out.print(f"stopped {node_id} (pid {data['pid']})")
 
 
 @cli.group()

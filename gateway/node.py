@@ -95,6 +95,8 @@ class Node:
     def __init__(self, home: Home, *, clock: Callable[[], float] = time.time) -> None:
         self.home = home
         self.config: NodeConfig = load_config(home)
+        self.stop_requested = asyncio.Event()
+        """Set to ask whoever runs the node (`kakehashi run`) to stop it, as SIGTERM does."""
         self.store = Store(home.database)
         self.clock = clock
         self.authority: Authority | None = None
@@ -418,6 +420,7 @@ class Node:
         self._catchup.start()
         self._keys.start()
         self._rooms.resume()
+        self._rooms.remove_revoked()
         if restored_at is not None:
             self._recovery = asyncio.create_task(self._recover(restored_at), name="restore")
             self._recovery.add_done_callback(_log_failure)
@@ -649,6 +652,9 @@ class Node:
                 self._outbox.wake(node_id)
             elif entry.status is MemberStatus.REVOKED:
                 self._outbox.drop(node_id)  # for good: what was kept for it never goes
+        revoked = any(signed.roster.revoked(node) for node in change.status_changed)
+        if revoked and self._rooms is not None:
+            self._rooms.remove_revoked()
         return change
 
     async def _verify_held(self, signed: SignedRoster) -> None:

@@ -503,6 +503,54 @@ class RoomService:
         result = await self.change(room, {"add_nodes": [node_id]})
         return "added" if result == "changed" else "requested"
 
+    async def remove_node(self, room: str, node_id: str) -> str:
+        """Take `node_id` out of `room`, with its users: the home node removes any node
+        but itself; another node only itself (leave), by request to the home.
+
+        Returns "removed" or "requested". The removed node keeps the history it holds
+        and receives nothing sent after the change."""
+        check_node_id(node_id)
+        state = self._require_member(room)
+        if node_id not in state.nodes:
+            raise ProtocolError(
+                f"{node_id!r} is not a member node of {room}", code="not_in_room", status=404
+            )
+        if node_id == state.home:
+            raise ProtocolError(
+                f"{node_id!r} is the room's home node: it cannot leave or be removed",
+                code="home_node_stays",
+            )
+        if state.home != self.node_id and node_id != self.node_id:
+            raise TrustError(
+                f"only the room's home node {state.home} removes other nodes from it",
+                code="not_room_home",
+                hint=f"run this on {state.home}; here, only {self.node_id} itself can leave",
+            )
+        result = await self.change(room, {"remove_nodes": [node_id]})
+        log.info("room_node_removed", room=room, node=node_id, result=result)
+        return "removed" if result == "changed" else "requested"
+
+    def remove_revoked(self) -> None:
+        """In the background: take revoked nodes out of the rooms this node is home of
+        (a revoked node never comes back; left in, it would count among the towns that
+        have not read an announcement). Run at start and when a roster revokes a node;
+        waits while local sends are held (see `hold_local`)."""
+        task = asyncio.create_task(self._remove_revoked(), name="remove-revoked")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    async def _remove_revoked(self) -> None:
+        await self._local_open.wait()
+        roster = self._roster()
+        for room in self.room_ids():
+            state = self.state(room)
+            if state is None or state.home != self.node_id:
+                continue
+            gone = sorted(node for node in state.nodes if roster.revoked(node))
+            if gone:
+                await self._originate(room, [(Kind.STATE, {"remove_nodes": gone}, "")])
+                log.info("revoked_nodes_removed", room=room, nodes=gone)
+
     def _require_addable(self, node: str) -> None:
         """`node` may be made a member of a room: in the federation, and not revoked (a
         suspended node may, and receives the room when it is resumed)."""

@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+KAKEHASHI = str(Path(sys.executable).parent / "kakehashi")
 
 
 def _env() -> dict[str, str]:
@@ -50,6 +51,32 @@ def _wait_for_log_event(node: subprocess.Popen[bytes], event: str, *, timeout: f
             logged += chunk
 
 
+def _run_authority(home: Path) -> subprocess.Popen[bytes]:
+    """`kakehashi run` of a new authority node in `home`, once it has started."""
+    env = _env()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    init = [KAKEHASHI, "init", "--home", str(home), "--node-id", "mie-pref", "--name", "三重県"]
+    init += ["--code", "240001", "--listen", f"127.0.0.1:{port}"]
+    subprocess.run(init, check=True, capture_output=True, env=env, timeout=60)
+    create = [KAKEHASHI, "federation", "create", "--home", str(home), "--name", "三重県 市町連携"]
+    subprocess.run(create, check=True, capture_output=True, env=env, timeout=60)
+    node = subprocess.Popen(
+        [KAKEHASHI, "run", "--home", str(home)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        _wait_for_log_event(node, "node_started", timeout=30)
+    except BaseException:
+        node.kill()
+        node.wait(timeout=30)
+        raise
+    return node
+
+
 def test_demo_forms_four_node_federation_through_the_cli_and_stops_cleanly(tmp_path: Path) -> None:
     result = run_demo(tmp_path, timeout=180)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -79,31 +106,16 @@ def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) 
     # A demo started while an earlier one still runs in the same directory (two
     # terminals) must not delete the homes of running nodes.
     env = _env()
-    kakehashi = str(Path(sys.executable).parent / "kakehashi")
     home = tmp_path / "mie-pref"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    init = [kakehashi, "init", "--home", str(home), "--node-id", "mie-pref", "--name", "三重県"]
-    init += ["--code", "240001", "--listen", f"127.0.0.1:{port}"]
-    subprocess.run(init, check=True, capture_output=True, env=env, timeout=60)
-    create = [kakehashi, "federation", "create", "--home", str(home), "--name", "三重県 市町連携"]
-    subprocess.run(create, check=True, capture_output=True, env=env, timeout=60)
-    node = subprocess.Popen(
-        [kakehashi, "run", "--home", str(home)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    node = _run_authority(home)
     try:
-        _wait_for_log_event(node, "node_started", timeout=30)
-        status = [kakehashi, "status", "--home", str(home), "--json"]
+        status = [KAKEHASHI, "status", "--home", str(home), "--json"]
         result = run_demo(tmp_path, timeout=60)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "nodes of an earlier demo still run" in result.stderr
         assert "(mie-pref)" in result.stderr
         # What to do when the earlier demo's terminal is gone: a command that stops them.
-        assert f"pkill -f 'kakehashi run --home {tmp_path}/'" in result.stderr
+        assert f"kakehashi stop --home {home}" in result.stderr
         assert result.stdout == ""  # refused before anything was made
         assert node.poll() is None
         assert subprocess.run(status, capture_output=True, env=env).returncode == 0
@@ -111,3 +123,28 @@ def test_demo_refuses_to_wipe_the_homes_of_nodes_that_still_run(tmp_path: Path) 
     finally:
         node.terminate()
         node.wait(timeout=30)
+
+
+def test_stop_stops_the_running_node_cleanly_and_then_says_it_is_not_running(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "mie-pref"
+    node = _run_authority(home)
+    stop = [KAKEHASHI, "stop", "--home", str(home)]
+    try:
+        result = subprocess.run(stop, capture_output=True, text=True, env=_env(), timeout=90)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"stopped mie-pref (pid {node.pid})"
+        assert node.wait(timeout=30) == 0  # it had already exited when stop returned
+        assert node.stderr is not None
+        log = node.stderr.read().decode()
+        assert '"event": "stop_requested"' in log and '"event": "node_stopped"' in log
+        assert "Traceback" not in log
+        assert not (home / "admin.sock").exists()
+        again = subprocess.run(stop, capture_output=True, text=True, env=_env(), timeout=60)
+        assert again.returncode == 1
+        assert "the node is not running" in again.stderr
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(timeout=30)

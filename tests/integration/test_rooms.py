@@ -772,6 +772,16 @@ async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_r
     assert code == 0, err
     assert [row["nodes"] for row in json.loads(out)] == [["ise", "mie-pref", "tsu"]]
 
+    code, out, err = await cli("room", "remove", "--home", str(tsu.home.root), room, "ise")
+    assert code == 1
+    assert "only the room's home node mie-pref removes other nodes from it" in err
+    code, out, err = await cli("room", "remove", "--home", home, room, "ise")
+    assert code == 0, err
+    assert out.strip() == f"removed ise from {room}"
+    code, out, err = await cli("room", "list", "--home", home, "--json")
+    assert code == 0, err
+    assert [row["nodes"] for row in json.loads(out)] == [["mie-pref", "tsu"]]
+
 
 async def test_cli_send_from_stdin_refused_partway_names_the_input_line_to_resend_from(
     cluster: Cluster,
@@ -862,9 +872,15 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
         return all("ise" not in depth for depth in depths)
 
     await eventually(nothing_queued_for_ise)
+    # The home node takes ise out of its rooms (one state change each), so no town's
+    # read count waits for ise any more.
+    await eventually(lambda: all("ise" not in n.rooms.state(room).nodes for n in (mie, tsu)))  # type: ignore[union-attr]
     await mie.rooms.send(room, ["失効後"])
-    await eventually(holds(tsu, room, 5))
+    await eventually(holds(tsu, room, 6))
     assert await nothing_queued_for_ise()
+    removals = [e for e in await timeline(tsu, room) if e.content.kind is Kind.STATE]
+    assert removals[-1].content.body == {"remove_nodes": ["ise"]}
+    assert len(removals) == 2  # the creation and the one removal
     with pytest.raises(KakehashiError) as refused:
         await mie.rooms.invite(await mie.rooms.create("新しい部屋"), "ise")
     assert refused.value.code == "peer_revoked"
@@ -876,6 +892,50 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
     mie = await cluster.start("mie-pref")
     assert "ise" not in await mie.rooms.store.outbox_depths()
     assert mie.outbox.stats("ise") is None
+    await mie.rooms.send(room, ["再起動後"])
+    await eventually(holds(tsu, room, 7))
+    kinds = [e.content.kind for e in await timeline(tsu, room)]
+    assert kinds.count(Kind.STATE) == 2  # the restart issued no second removal
+
+
+async def test_the_home_removes_a_node_and_a_member_node_can_only_leave(cluster: Cluster) -> None:
+    """Removing a node takes it and its users out; it keeps what it had and gets nothing
+    newer. Only the home removes other nodes; a member node may leave; the home stays."""
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("検討会", nodes=["tsu", "ise"])
+    await eventually(holds(ise, room, 1))
+    await tsu.rooms.send(room, ["資料を共有します"])
+    await eventually(holds(ise, room, 2))
+
+    for node, target, code in (
+        (tsu, "ise", "not_room_home"),  # only the home removes another node
+        (tsu, "mie-pref", "home_node_stays"),
+        (mie, "mie-pref", "home_node_stays"),
+        (mie, "nabari", "not_in_room"),
+    ):
+        with pytest.raises(KakehashiError) as refused:
+            await node.rooms.remove_node(room, target)
+        assert refused.value.code == code, (node.node_id, target)
+    assert await mie.rooms.remove_node(room, "ise") == "removed"
+    await eventually(lambda: tsu.rooms.state(room).nodes == {"mie-pref", "tsu"})  # type: ignore[union-attr]
+    with pytest.raises(KakehashiError) as refused:
+        await mie.rooms.remove_node(room, "ise")
+    assert refused.value.code == "not_in_room"
+
+    await tsu.rooms.send(room, ["削除後の連絡"])
+    await eventually(holds(mie, room, 4))
+    # ise got the change that removed it, and nothing after it.
+    await eventually(lambda: "ise" not in ise.rooms.state(room).nodes)  # type: ignore[union-attr]
+    assert [e.content.kind for e in await timeline(ise, room)] == [
+        Kind.STATE,
+        Kind.MESSAGE,
+        Kind.STATE,
+    ]
+    assert "ise" not in await tsu.rooms.store.outbox_depths()
+
+    # A member node leaves by asking the home, which grants it.
+    assert await tsu.rooms.remove_node(room, "tsu") == "requested"
+    await eventually(lambda: mie.rooms.state(room).nodes == {"mie-pref"})  # type: ignore[union-attr]
 
 
 async def test_a_peer_whose_clock_is_days_ahead_does_not_carry_the_others_clocks_along(
