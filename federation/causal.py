@@ -154,6 +154,22 @@ class CausalBuffer:
                 return True
         return False
 
+    def depended_on(self, room: str, origin: str) -> int:
+        """The highest seq of `origin` that a waiting envelope of another origin depends
+        on (0 if none): proof that a member took it in. Scans the room's waiting
+        envelopes; for the rare envelope that needs such proof."""
+        state = self._rooms.get(room)
+        if state is None:
+            return 0
+        return max(
+            (
+                waiting.content.deps.get(origin, 0)
+                for (by, _), waiting in state.pending.items()
+                if by != origin
+            ),
+            default=0,
+        )
+
     def _unmet(self, state: _Room, envelope: Envelope) -> tuple[str, int] | None:
         for origin, seq in envelope.content.deps.items():
             if state.vector.get(origin, 0) < seq:

@@ -687,9 +687,11 @@ class RoomService:
         envelope: Envelope,
         roster: Roster,
         known: dict[tuple[str, str], tuple[RosterEntry, PublishedKey]],
-    ) -> bytes:
-        """The public key that must have signed `envelope`; `TrustError` if none may have.
-        `known` remembers, for one batch, the member and key of each (origin, key id)."""
+    ) -> tuple[bytes, RosterEntry | None]:
+        """The public key that must have signed `envelope`, and the origin's entry if it
+        signed after the origin was suspended or revoked (see `_vouched`); `TrustError` if
+        no key may have signed it. `known` remembers, for one batch, the member and key of
+        each (origin, key id)."""
         content = envelope.content
         found = known.get((content.origin, content.key_id))
         if found is None:
@@ -711,11 +713,56 @@ class RoomService:
                 "envelope signed outside its key's validity window", code="key_not_valid"
             )
         if member.status is not MemberStatus.ACTIVE and signed_at >= member.status_since:
-            raise TrustError(
-                f"origin {content.origin!r} was {member.status.value} when this was signed",
-                code=f"origin_{member.status.value}",
+            return key.public_key, member
+        return key.public_key, None
+
+    def _vouched(
+        self,
+        late: Sequence[tuple[Envelope, bytes, RosterEntry]],
+        accepted: Sequence[Envelope],
+        refused: list[Refusal],
+    ) -> list[Envelope]:
+        """Of envelopes signed after their origin was suspended or revoked, those an
+        envelope of another origin depends on (verified, in this batch or waiting in the
+        buffer); the others go to `refused`.
+
+        A node that had not yet adopted the roster that suspended or revoked the origin
+        took such an envelope in, and its own next envelope depends on it. Refusing it
+        here would leave everything that node sends waiting for it, for good. On its own,
+        such an envelope is refused."""
+        depended: dict[tuple[str, str], int] = {}
+        for envelope in accepted:
+            content = envelope.content
+            for origin, seq in content.deps.items():
+                if origin != content.origin and seq > depended.get((content.room, origin), 0):
+                    depended[(content.room, origin)] = seq
+        kept: list[tuple[Envelope, bytes]] = []
+        for envelope, key, member in late:
+            content = envelope.content
+            wanted = max(
+                depended.get((content.room, content.origin), 0),
+                self._buffer.depended_on(content.room, content.origin),
             )
-        return key.public_key
+            if wanted >= content.seq:
+                kept.append((envelope, key))
+            else:
+                refused.append(
+                    Refusal(
+                        envelope.id,
+                        f"origin_{member.status.value}",
+                        f"origin {content.origin!r} was {member.status.value} when this was signed",
+                    )
+                )
+        verified = self._verify_signatures(kept, refused)
+        vouched = [envelope for envelope, _ in kept if envelope.id in verified]
+        for envelope in vouched:
+            log.info(
+                "late_envelope_vouched",
+                room=envelope.content.room,
+                origin=envelope.content.origin,
+                seq=envelope.content.seq,
+            )
+        return vouched
 
     def _verify_signatures(
         self, candidates: Sequence[tuple[Envelope, bytes]], refused: list[Refusal]
@@ -778,19 +825,25 @@ class RoomService:
         roster = self._roster()
         signers: dict[tuple[str, str], tuple[RosterEntry, PublishedKey]] = {}
         candidates: list[tuple[Envelope, bytes]] = []
+        late: list[tuple[Envelope, bytes, RosterEntry]] = []
         refused: list[Refusal] = []
         for envelope in decoded:
             if isinstance(envelope, ProtocolError):
                 refused.append(Refusal(b"", envelope.code, str(envelope)))
                 continue
             try:
-                key = self._signer(envelope, roster, signers)
+                key, inactive = self._signer(envelope, roster, signers)
             except KakehashiError as exc:
                 refused.append(Refusal(envelope.id, exc.code, str(exc)))
                 continue
-            candidates.append((envelope, key))
+            if inactive is None:
+                candidates.append((envelope, key))
+            else:
+                late.append((envelope, key, inactive))
         verified = self._verify_signatures(candidates, refused)
         accepted = [envelope for envelope, _ in candidates if envelope.id in verified]
+        if late:
+            accepted += self._vouched(late, accepted, refused)
         if not relaying:
             accepted = self._in_known_rooms(accepted, refused)
         for refusal in refused:

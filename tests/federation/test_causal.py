@@ -192,6 +192,22 @@ def test_envelope_waiting_on_two_origins_is_released_only_when_both_arrive() -> 
     assert keys(offer.ready) == [("tsu", 2), ("ise", 1)]
 
 
+def test_depended_on_names_the_highest_seq_another_origins_waiting_envelope_needs() -> None:
+    buffer = CausalBuffer()
+    buffer.offer(envelope(HOME, 1))
+    assert buffer.depended_on(ROOM, "tsu") == 0
+    buffer.offer(envelope("tsu", 3))  # waits for tsu 2: its own dependency is no proof
+    assert buffer.depended_on(ROOM, "tsu") == 0
+    buffer.offer(envelope("ise", 1, deps={HOME: 1, "tsu": 2}))
+    buffer.offer(envelope("ise", 2, deps={HOME: 1, "tsu": 5}))
+    assert buffer.depended_on(ROOM, "tsu") == 5
+    assert buffer.depended_on(ROOM, "nabari") == 0
+    assert buffer.depended_on("!other:mie-pref", "tsu") == 0
+    buffer.offer(envelope("tsu", 1))
+    buffer.offer(envelope("tsu", 2))  # releases ise 1 (and tsu 3); ise 2 still waits
+    assert buffer.depended_on(ROOM, "tsu") == 5
+
+
 def test_already_processed_envelope_is_a_duplicate() -> None:
     buffer = CausalBuffer()
     first = envelope(HOME, 1)

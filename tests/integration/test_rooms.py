@@ -898,6 +898,52 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
     assert kinds.count(Kind.STATE) == 2  # the restart issued no second removal
 
 
+async def test_what_a_node_accepted_from_a_revoked_node_before_it_learned_does_not_wedge_it(
+    cluster: Cluster,
+) -> None:
+    """A node that has not yet adopted a revocation accepts what the revoked node signs
+    meanwhile, and its next envelope depends on it. The others, who refuse the revoked
+    node's envelope on its own, accept it once an envelope of an active member depends
+    on it: else everything that member sends waits for it forever."""
+    mie, tsu, ise = await three_nodes(cluster)
+    assert mie.authority is not None
+    nabari = await cluster.member("nabari", "名張市", "242080")
+    await eventually(lambda: {n.roster.version for n in cluster.nodes.values()} == {4})
+    room = await mie.rooms.create("県南部", nodes=["tsu", "ise", "nabari"])
+    await eventually(holds(nabari, room, 1))
+    await eventually(holds(ise, room, 1))
+
+    # tsu and nabari itself will not see the new roster until told to.
+    released = asyncio.Event()
+    for node in (tsu, nabari):
+        adopt = node.adopt
+
+        async def held(signed: Any, adopt: Any = adopt) -> Any:
+            await released.wait()
+            return await adopt(signed)
+
+        node.adopt = held  # type: ignore[method-assign]
+    await mie.authority.set_status("nabari", MemberStatus.REVOKED, "市町村合併")
+    await eventually(lambda: ise.roster.revoked("nabari"))
+    [late] = await nabari.rooms.send(room, ["合併前の最後の連絡"])  # signed after revocation
+    await eventually(holds(tsu, room, 2))  # tsu still takes it
+    [vouching] = await tsu.rooms.send(room, ["了解しました"])  # depends on nabari's
+    released.set()
+    await eventually(lambda: tsu.roster.revoked("nabari"))
+
+    for node in (mie, ise):
+        await eventually(lambda node=node: node.rooms.vector(room).get("tsu", 0) >= 1, timeout=15)
+        ids = [e.id for e in await timeline(node, room)]
+        assert late in ids and vouching in ids
+        assert ids.index(late) < ids.index(vouching)
+    # On its own, an envelope the revoked node signs now is refused everywhere.
+    refused = (await nabari.rooms.send(room, ["失効後"]))[0]
+    await tsu.rooms.send(room, ["以上"])
+    await eventually(lambda: mie.rooms.vector(room).get("tsu", 0) >= 2, timeout=15)
+    assert refused not in [e.id for e in await timeline(mie, room)]
+    assert refused not in [e.id for e in await timeline(tsu, room)]
+
+
 async def test_the_home_removes_a_node_and_a_member_node_can_only_leave(cluster: Cluster) -> None:
     """Removing a node takes it and its users out; it keeps what it had and gets nothing
     newer. Only the home removes other nodes; a member node may leave; the home stays."""
