@@ -979,9 +979,16 @@ async def test_the_home_removes_a_node_and_a_member_node_can_only_leave(cluster:
     ]
     assert "ise" not in await tsu.rooms.store.outbox_depths()
 
+    # Invited again, ise catches up with what was sent while it was out.
+    assert await mie.rooms.invite(room, "ise") == "added"
+    await eventually(holds(ise, room, 5), timeout=15)
+    at_ise, at_mie = await timeline(ise, room), await timeline(mie, room)
+    assert [e.id for e in at_ise] == [e.id for e in at_mie]
+    assert_causal(at_ise)
+
     # A member node leaves by asking the home, which grants it.
     assert await tsu.rooms.remove_node(room, "tsu") == "requested"
-    await eventually(lambda: mie.rooms.state(room).nodes == {"mie-pref"})  # type: ignore[union-attr]
+    await eventually(lambda: mie.rooms.state(room).nodes == {"mie-pref", "ise"})  # type: ignore[union-attr]
 
 
 async def test_a_peer_whose_clock_is_days_ahead_does_not_carry_the_others_clocks_along(
