@@ -379,6 +379,7 @@ class _Routes:
                 raise ProtocolError(
                     f"{node!r} ({user}) is not a member of the federation", code="unknown_node"
                 )
+            self.node.rooms.require_addable(node)  # not revoked
             nodes.add(node)
         return nodes
 

@@ -451,7 +451,7 @@ class RoomService:
         are its first users (`login@node`), with those roles."""
         self.require_caught_up()
         for node in nodes:
-            self._require_addable(node)
+            self.require_addable(node)
         room = f"!{secrets.token_urlsafe(12).replace('-', 'x').replace('_', 'y')}:{self.node_id}"
         check_room_id(room)
         body: dict[str, Any] = {
@@ -499,7 +499,7 @@ class RoomService:
 
     async def invite(self, room: str, node_id: str) -> str:
         """Add a node to a room: directly at the home node, by request elsewhere."""
-        self._require_addable(node_id)
+        self.require_addable(node_id)
         result = await self.change(room, {"add_nodes": [node_id]})
         return "added" if result == "changed" else "requested"
 
@@ -551,7 +551,7 @@ class RoomService:
                 await self._originate(room, [(Kind.STATE, {"remove_nodes": gone}, "")])
                 log.info("revoked_nodes_removed", room=room, nodes=gone)
 
-    def _require_addable(self, node: str) -> None:
+    def require_addable(self, node: str) -> None:
         """`node` may be made a member of a room: in the federation, and not revoked (a
         suspended node may, and receives the room when it is resumed)."""
         check_node_id(node)
@@ -1259,6 +1259,10 @@ class RoomService:
         if state is None:
             return
         body = decide_request(state, request.content)
+        if body is not None and any(
+            self._roster().revoked(node) for node in body.get("add_nodes", [])
+        ):
+            body = None  # a revoked node never comes back (see `require_addable`)
         if body is None:
             log.info(
                 "state_request_denied", room=request.content.room, origin=request.content.origin

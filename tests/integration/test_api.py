@@ -25,6 +25,7 @@ from aiohttp import web
 
 from federation import codec
 from federation.envelope import Content, Kind, seal_batch
+from federation.roster import MemberStatus
 from federation.signing import SigningKey
 from gateway.api import API_PREFIX, principal
 from gateway.events import CLOSE_TOO_MANY, CLOSE_UNAUTHORIZED
@@ -524,6 +525,23 @@ async def test_room_admin_adds_a_user_of_another_town_and_a_staff_member_leaves(
     detail = await tanaka.get(f"/rooms/{room}")
     assert {m["user"] for m in detail["members"]} == {"tanaka@tsu", "ito@ise"}
     assert (await suzuki.get("/rooms"))["rooms"] == []
+
+
+async def test_a_user_of_a_revoked_town_cannot_be_added_to_a_room(towns: Towns) -> None:
+    tanaka = await towns.as_user("tanaka")
+    room = await shared_room(towns, tanaka, "suzuki@ise")
+    assert towns.tsu.authority is not None
+    await towns.tsu.authority.set_status("ise", MemberStatus.REVOKED, "市町村合併")
+    # The home (tsu) takes ise out of the room, with its users.
+    await eventually(lambda: towns.tsu.rooms.state(room).nodes == {"tsu"})  # type: ignore[union-attr]
+    for path, body in (
+        (f"/rooms/{room}/members", {"add": ["ito@ise"]}),
+        ("/rooms", {"name": "合併後", "kind": "standard", "members": ["suzuki@ise"]}),
+    ):
+        refused = await tanaka.post(path, body, expect=403)
+        assert refused["error"] == "peer_revoked", path
+        assert "revoked" in refused["message"]
+    assert towns.tsu.rooms.state(room).nodes == {"tsu"}  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------- index and spec

@@ -887,13 +887,21 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
     with pytest.raises(KakehashiError) as refused:
         await tsu.rooms.create("町の部屋", nodes=["ise"])
     assert refused.value.code == "peer_revoked"
+    # A request that asks the home to add it anyway (a member node of an earlier
+    # version) is denied there.
+    assert await tsu.rooms.change(room, {"add_nodes": ["ise"]}) == "requested"
+    await eventually(holds(mie, room, 7))  # the request, committed at the home
+    await mie.rooms.send(room, ["要求の後"])
+    await eventually(holds(tsu, room, 8))
+    assert "ise" not in mie.rooms.state(room).nodes  # type: ignore[union-attr]
+    assert "ise" not in tsu.rooms.state(room).nodes  # type: ignore[union-attr]
     # A restart does not bring the queue back, nor start a sender for it.
     await cluster.stop("mie-pref")
     mie = await cluster.start("mie-pref")
     assert "ise" not in await mie.rooms.store.outbox_depths()
     assert mie.outbox.stats("ise") is None
     await mie.rooms.send(room, ["再起動後"])
-    await eventually(holds(tsu, room, 7))
+    await eventually(holds(tsu, room, 9))
     kinds = [e.content.kind for e in await timeline(tsu, room)]
     assert kinds.count(Kind.STATE) == 2  # the restart issued no second removal
 
