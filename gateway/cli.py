@@ -605,13 +605,15 @@ def room_create(
 @json_option
 def room_invite(home: str, room_id: str, node_id: str, as_json: bool) -> None:
     """Add NODE_ID to ROOM (at the room's home directly; elsewhere by request to the home)."""
-    data = _admin(home).request("POST", "/v1/rooms/invite", {"room": room_id, "node_id": node_id})
-    if as_json:
-        _print_json(data)
-    elif data["result"] == "added":
-        out.print(f"added {node_id} to {room_id}")
-    else:
-        out.print(f"asked the room's home to add {node_id} to {room_id}")
+    _change_room_nodes(
+        home,
+        "invite",
+        room_id,
+        node_id,
+        as_json,
+        done=f"added {node_id} to {room_id}",
+        asked=f"asked the room's home to add {node_id} to {room_id}",
+    )
 
 
 @room.command("remove")
@@ -627,13 +629,28 @@ def room_remove(home: str, room_id: str, node_id: str, as_json: bool) -> None:
     On another node: only that node itself can leave (asked of the home).
     The removed node keeps the history it has and receives nothing newer.
     Revoked nodes are removed by the home node without this command."""
-    data = _admin(home).request("POST", "/v1/rooms/remove", {"room": room_id, "node_id": node_id})
+    _change_room_nodes(
+        home,
+        "remove",
+        room_id,
+        node_id,
+        as_json,
+        done=f"removed {node_id} from {room_id}",
+        asked=f"asked the room's home to take {node_id} out of {room_id}",
+    )
+
+
+def _change_room_nodes(
+    home: str, action: str, room_id: str, node_id: str, as_json: bool, *, done: str, asked: str
+) -> None:
+    """`room invite` / `room remove`: `done` when the change was made here (the room's
+    home), `asked` when it was requested of the home."""
+    change = {"room": room_id, "node_id": node_id}
+    data = _admin(home).request("POST", f"/v1/rooms/{action}", change)
     if as_json:
         _print_json(data)
-    elif data["result"] == "removed":
-        out.print(f"removed {node_id} from {room_id}")
     else:
-        out.print(f"asked the room's home to take {node_id} out of {room_id}")
+        out.print(done if data["result"] in ("added", "removed") else asked)
 
 
 @room.command("list")
