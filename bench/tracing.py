@@ -125,11 +125,32 @@ def _wrap_async(
     setattr(cls, name, wrapper)
 
 
+def _wrap_sync(cls: type, name: str) -> None:
+    original = getattr(cls, name, None)
+    if original is None:
+        skipped.append(f"{cls.__name__}.{name}")
+        return
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _record(f"{cls.__name__}.{name}", time.perf_counter() - started)
+
+    setattr(cls, name, wrapper)
+
+
 def install() -> None:
     _wrap_execute()
     _wrap_transaction()
     _wrap_async(Store, "write_all")
+    _wrap_async(RoomService, "send")
     _wrap_async(RoomService, "_originate")
+    _wrap_async(RoomService, "_commit")
+    _wrap_async(RoomService, "_after")
+    _wrap_sync(RoomService, "_plan_local")
     _wrap_async(RoomService, "receive")
     _wrap_async(RoomService, "_write")
     _wrap_async(RoomService, "missing_for")
