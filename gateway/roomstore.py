@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-import aiosqlite
 import structlog
 
 from federation.envelope import Envelope
@@ -44,8 +44,6 @@ log = structlog.get_logger("kakehashi.store")
 
 ACK_DELAY = 0.2
 """Seconds acknowledged outbox rows wait for a commit to take their delete along."""
-OUTBOX_CHUNK = 256
-"""Outbox rows read per round trip to the database thread."""
 
 
 class Status(IntEnum):
@@ -121,53 +119,48 @@ class RoomStore:
         self._last_pos: int | None = None
         """The highest outbox position used (read at the first write)."""
 
-    @property
-    def _db(self) -> aiosqlite.Connection:
-        return self._store.db
-
     # loading ------------------------------------------------------------------
 
     async def rooms(self) -> list[tuple[str, str]]:
         """(room id, home) of every room this node takes part in."""
-        async with self._db.execute("SELECT room_id, home FROM room ORDER BY room_id") as cursor:
-            return [(row[0], row[1]) for row in await cursor.fetchall()]
+        rows = await self._store.read_all("SELECT room_id, home FROM room ORDER BY room_id")
+        return [(row[0], row[1]) for row in rows]
 
     async def vectors(self) -> dict[str, dict[str, int]]:
         """room -> origin -> highest processed seq (processed prefixes have no gaps)."""
         vectors: dict[str, dict[str, int]] = {}
-        async with self._db.execute(
+        for room, origin, seq in await self._store.read_all(
             "SELECT room_id, origin, MAX(seq) FROM envelope WHERE status != 0 "
             "GROUP BY room_id, origin"
-        ) as cursor:
-            for room, origin, seq in await cursor.fetchall():
-                vectors.setdefault(room, {})[origin] = seq
+        ):
+            vectors.setdefault(room, {})[origin] = seq
         return vectors
 
     async def state_envelopes(self, room: str) -> list[bytes]:
         """Accepted state envelopes of a room, in home order, to rebuild its history."""
-        async with self._db.execute(
+        rows = await self._store.read_all(
             "SELECT wire FROM envelope INDEXED BY envelope_others WHERE room_id = ? "
             "AND status = 1 AND kind != 'message' AND kind = 'state' ORDER BY seq",
             (room,),
-        ) as cursor:
-            return [bytes(row[0]) for row in await cursor.fetchall()]
+        )
+        return [bytes(row[0]) for row in rows]
 
     async def state_requests(self, home: str) -> list[bytes]:
         """Accepted state requests to the rooms whose home is `home`, oldest first."""
-        async with self._db.execute(
+        rows = await self._store.read_all(
             "SELECT e.wire FROM room r JOIN envelope e INDEXED BY envelope_others "
             "ON e.room_id = r.room_id WHERE r.home = ? AND e.status = 1 "
             "AND e.kind != 'message' AND e.kind = 'state-request' ORDER BY e.hlc",
             (home,),
-        ) as cursor:
-            return [bytes(row[0]) for row in await cursor.fetchall()]
+        )
+        return [bytes(row[0]) for row in rows]
 
     async def pending(self) -> list[bytes]:
         """Envelopes stored but still waiting for dependencies."""
-        async with self._db.execute(
+        rows = await self._store.read_all(
             "SELECT wire FROM envelope INDEXED BY envelope_pending WHERE status = 0 ORDER BY hlc"
-        ) as cursor:
-            return [bytes(row[0]) for row in await cursor.fetchall()]
+        )
+        return [bytes(row[0]) for row in rows]
 
     async def max_hlc(self, origin: str) -> tuple[int, int]:
         """The highest timestamp stored, and the highest of `origin`'s (0 if none)."""
@@ -175,19 +168,17 @@ class RoomStore:
             "SELECT COALESCE(MAX(hlc), 0), COALESCE(MAX(CASE WHEN origin = ? THEN hlc END), 0) "
             "FROM envelope"
         )
-        async with self._db.execute(query, (origin,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._store.read_one(query, (origin,))
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
     # writing -----------------------------------------------------------------
 
     async def load_positions(self) -> None:
         """Read the highest outbox position used (at start, before any `plan_write`)."""
-        async with self._db.execute(
+        row = await self._store.read_one(
             "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM outbox "
             "UNION ALL SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
-        ) as cursor:
-            row = await cursor.fetchone()
+        )
         highest = int(row[0]) if row and row[0] is not None else 0
         self._last_pos = max(self._last_pos or 0, highest)
 
@@ -281,33 +272,9 @@ class RoomStore:
         self, peer: str, max_count: int, max_bytes: int, *, after: int = 0
     ) -> OutboxBatch | None:
         """The oldest envelopes queued for `peer` after position `after` (those before are
-        on their way), bounded by count and total bytes."""
-        wires: list[bytes] = []
-        total, first, last, rows = 0, 0, 0, 0
-        async with self._db.execute(
-            "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
-            "LEFT JOIN envelope e ON e.id = o.envelope_id "
-            "LEFT JOIN relayed r ON r.id = o.envelope_id "
-            "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
-            (peer, after, max_count),
-        ) as cursor:
-            # Rows in chunks of OUTBOX_CHUNK (one round trip each), not aiosqlite's default
-            # 64; a chunk of the largest envelopes is still only 16 MiB.
-            while chunk := list(await cursor.fetchmany(OUTBOX_CHUNK)):
-                rows += len(chunk)
-                for pos, wire in chunk:
-                    first = first or pos
-                    if wire is None:
-                        last = pos  # its envelope is gone (not while envelopes are kept)
-                        continue
-                    if wires and total + len(wire) > max_bytes:
-                        return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
-                    last = pos
-                    wires.append(bytes(wire))
-                    total += len(wire)
-        if not last:
-            return None
-        return OutboxBatch(first_pos=first, last_pos=last, wires=wires, complete=rows < max_count)
+        on their way), bounded by count and total bytes: read in one call on the database
+        thread, which stops reading at the byte bound."""
+        return await self._store.read(_outbox_batch, peer, after, max_count, max_bytes)
 
     def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
         """The peer committed the batch of rows first_pos..last_pos: forget them, soon.
@@ -365,8 +332,7 @@ class RoomStore:
         how many envelopes that was. Without an fsync: rows back after a power cut are
         dropped again at the next start."""
         await self.flush_acks()
-        async with self._db.execute("SELECT COUNT(*) FROM outbox WHERE peer = ?", (peer,)) as cur:
-            row = await cur.fetchone()
+        row = await self._store.read_one("SELECT COUNT(*) FROM outbox WHERE peer = ?", (peer,))
         count = int(row[0]) if row else 0
         if count:
             delete = "DELETE FROM outbox WHERE peer = ?"
@@ -375,16 +341,15 @@ class RoomStore:
 
     async def outbox_peers(self) -> list[str]:
         await self.flush_acks()
-        async with self._db.execute("SELECT DISTINCT peer FROM outbox") as cursor:
-            return [row[0] for row in await cursor.fetchall()]
+        return [row[0] for row in await self._store.read_all("SELECT DISTINCT peer FROM outbox")]
 
     async def outbox_depths(self) -> dict[str, tuple[int, int]]:
         """peer -> (queued envelopes, enqueue time in ms of the oldest)."""
         await self.flush_acks()
-        async with self._db.execute(
+        rows = await self._store.read_all(
             "SELECT peer, COUNT(*), MIN(enqueued_ms) FROM outbox GROUP BY peer"
-        ) as cursor:
-            return {row[0]: (row[1], row[2]) for row in await cursor.fetchall()}
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
 
     # catch-up and views --------------------------------------------------------
 
@@ -410,12 +375,12 @@ class RoomStore:
             after = vector.get(origin, 0)
             if top <= after:
                 continue
-            async with self._db.execute(
+            rows = await self._store.read_all(
                 "SELECT hlc, origin, seq, wire FROM envelope WHERE room_id = ? AND origin = ? "
                 "AND seq > ? AND status != 0 ORDER BY seq LIMIT ?",
                 (room, origin, after, limit + 1),
-            ) as cursor:
-                streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
+            )
+            streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in rows])
         return _merged_page(streams, limit, max_bytes)
 
     async def relayed_after(
@@ -423,19 +388,21 @@ class RoomStore:
     ) -> Page:
         """Kept copies of `room` addressed to `destination` beyond `vector`, in hlc order.
         Per origin in seq order, merged by hlc, as `processed_after`."""
-        async with self._db.execute(
-            "SELECT DISTINCT r.origin FROM relayed r WHERE r.room_id = ?", (room,)
-        ) as cursor:
-            origins = [row[0] for row in await cursor.fetchall()]
+        origins = [
+            row[0]
+            for row in await self._store.read_all(
+                "SELECT DISTINCT r.origin FROM relayed r WHERE r.room_id = ?", (room,)
+            )
+        ]
         streams = []
         for origin in origins:
-            async with self._db.execute(
+            rows = await self._store.read_all(
                 "SELECT r.hlc, r.origin, r.seq, r.wire FROM relayed r "
                 "JOIN relayed_to t ON t.envelope_id = r.id AND t.destination = ? "
                 "WHERE r.room_id = ? AND r.origin = ? AND r.seq > ? ORDER BY r.seq LIMIT ?",
                 (destination, room, origin, vector.get(origin, 0), limit + 1),
-            ) as cursor:
-                streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in await cursor.fetchall()])
+            )
+            streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in rows])
         return _merged_page(streams, limit, max_bytes)
 
     async def history(
@@ -462,15 +429,15 @@ class RoomStore:
             + f" {order} LIMIT ?"
         )
         one: list[object] = [room, *([] if before_hlc is None else [before_hlc]), limit]
-        async with self._db.execute(sql, [*one, *one, limit]) as cursor:
-            return [(bytes(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
+        rows = await self._store.read_all(sql, [*one, *one, limit])
+        return [(bytes(row[0]), bytes(row[1])) for row in rows]
 
     async def counts(self) -> dict[str, tuple[int, int]]:
         """room -> (accepted envelopes, pending envelopes)."""
-        async with self._db.execute(
+        rows = await self._store.read_all(
             "SELECT room_id, SUM(status = 1), SUM(status = 0) FROM envelope GROUP BY room_id"
-        ) as cursor:
-            return {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in await cursor.fetchall()}
+        )
+        return {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in rows}
 
     async def ids_in(self, room: str, ids: Sequence[bytes]) -> set[bytes]:
         """Which of `ids` this node holds for `room`."""
@@ -478,12 +445,44 @@ class RoomStore:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start : start + 500])
             marks = ",".join("?" * len(chunk))
-            async with self._db.execute(
+            rows = await self._store.read_all(
                 f"SELECT id FROM envelope WHERE room_id = ? AND id IN ({marks})",  # noqa: S608
                 [room, *chunk],
-            ) as cursor:
-                found.update(bytes(row[0]) for row in await cursor.fetchall())
+            )
+            found.update(bytes(row[0]) for row in rows)
         return found
+
+
+def _outbox_batch(
+    connection: sqlite3.Connection, peer: str, after: int, max_count: int, max_bytes: int
+) -> OutboxBatch | None:
+    """`RoomStore.outbox_batch` on the database thread."""
+    wires: list[bytes] = []
+    total, first, last, rows = 0, 0, 0, 0
+    cursor = connection.execute(
+        "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
+        "LEFT JOIN envelope e ON e.id = o.envelope_id "
+        "LEFT JOIN relayed r ON r.id = o.envelope_id "
+        "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
+        (peer, after, max_count),
+    )
+    try:
+        for pos, wire in cursor:
+            rows += 1
+            first = first or pos
+            if wire is None:
+                last = pos  # its envelope is gone (not while envelopes are kept)
+                continue
+            if wires and total + len(wire) > max_bytes:
+                return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
+            last = pos
+            wires.append(bytes(wire))
+            total += len(wire)
+    finally:
+        cursor.close()
+    if not last:
+        return None
+    return OutboxBatch(first_pos=first, last_pos=last, wires=wires, complete=rows < max_count)
 
 
 def _merged_page(

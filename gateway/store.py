@@ -16,11 +16,11 @@ import asyncio
 import functools
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import structlog
@@ -376,6 +376,25 @@ async def _connect(path: Path) -> aiosqlite.Connection:
         raise
 
 
+_T = TypeVar("_T")
+
+
+def _first_row(connection: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    cursor = connection.execute(sql, params)
+    try:
+        return cursor.fetchone()
+    finally:
+        cursor.close()
+
+
+def _all_rows(connection: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    cursor = connection.execute(sql, params)
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
 def _checkpoint(connection: sqlite3.Connection) -> int:
     """One passive checkpoint: how many pages of the log are now in the database file."""
     _busy, _logged, copied = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -625,27 +644,30 @@ class Store:
                     with suppress(sqlite3.Error):
                         await db.execute("PRAGMA synchronous=FULL")
 
-    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        try:
-            async with self.db.execute(sql, params) as cursor:
-                return await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+    async def read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(connection, *args)` on the connection's thread, in one call, errors
+        translated to `StorageError`: for a read that must stop early (a batch bounded
+        by bytes). Every read outside a `transaction` goes through here, so its
+        statements run and are closed before anything else uses the connection (inside
+        one, the write lock keeps every other writer out).
 
-    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> Iterable[Any]:
+        A statement left open across calls (aiosqlite's cursors fetch in several) let a
+        write of the same connection run in between; when that write deleted rows the
+        statement was reading (the outbox, as acknowledgements come), reading on failed
+        with "database disk image is malformed", the file itself intact."""
         try:
-            async with self.db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            run = cast(Callable[..., Awaitable[_T]], self.db._execute)
+            return await run(fn, self.db._conn, *args)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
     async def read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """The first row of a query (None if none), errors translated to `StorageError`."""
-        return await self._fetchone(sql, params)
+        return await self.read(_first_row, sql, params)
 
     async def read_all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """Every row of a query, errors translated to `StorageError`."""
-        return list(await self._fetchall(sql, params))
+        return await self.read(_all_rows, sql, params)
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> None:
         try:
@@ -657,7 +679,7 @@ class Store:
     # meta ---------------------------------------------------------------
 
     async def get_meta(self, key: str) -> bytes | None:
-        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+        row = await self.read_one("SELECT value FROM meta WHERE key = ?", (key,))
         return bytes(row[0]) if row else None
 
     async def set_meta(self, key: str, value: bytes) -> None:
@@ -682,12 +704,12 @@ class Store:
                     "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (value,),
                 )
-                async with db.execute(
-                    "SELECT value FROM meta WHERE key = 'health_probe'"
-                ) as cursor:
-                    row = await cursor.fetchone()
+                rows = list(
+                    await db.execute_fetchall("SELECT value FROM meta WHERE key = 'health_probe'")
+                )
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+        row = rows[0] if rows else None
         if row is None or bytes(row[0]) != value:
             raise StorageError("the probe value did not read back", code="database_error")
 
@@ -695,17 +717,17 @@ class Store:
 
     async def latest_roster(self) -> bytes | None:
         """The signed bytes of the newest roster held."""
-        row = await self._fetchone("SELECT signed FROM roster ORDER BY version DESC LIMIT 1")
+        row = await self.read_one("SELECT signed FROM roster ORDER BY version DESC LIMIT 1")
         return bytes(row[0]) if row else None
 
     async def roster(self, version: int) -> bytes | None:
         """The stored signed roster of `version`, if this node holds it."""
-        row = await self._fetchone("SELECT signed FROM roster WHERE version = ?", (version,))
+        row = await self.read_one("SELECT signed FROM roster WHERE version = ?", (version,))
         return bytes(row[0]) if row else None
 
     async def rosters_after(self, version: int) -> list[bytes]:
         """Every stored signed roster newer than `version`, oldest first."""
-        rows = await self._fetchall(
+        rows = await self.read_all(
             "SELECT signed FROM roster WHERE version > ? ORDER BY version", (version,)
         )
         return [bytes(row[0]) for row in rows]
@@ -804,7 +826,7 @@ class Store:
         )
 
     async def invitation(self, nonce: str) -> InvitationRow | None:
-        row = await self._fetchone(
+        row = await self.read_one(
             f"SELECT {self._INVITATION_COLUMNS} FROM invitation WHERE nonce = ?",  # noqa: S608
             (nonce,),
         )
@@ -812,11 +834,11 @@ class Store:
 
     async def invitations(self, state: JoinState | None = None) -> list[InvitationRow]:
         if state is None:
-            rows = await self._fetchall(
+            rows = await self.read_all(
                 f"SELECT {self._INVITATION_COLUMNS} FROM invitation ORDER BY created_at"  # noqa: S608
             )
         else:
-            rows = await self._fetchall(
+            rows = await self.read_all(
                 f"SELECT {self._INVITATION_COLUMNS} FROM invitation "  # noqa: S608
                 "WHERE state = ? ORDER BY created_at",
                 (state.value,),
@@ -862,7 +884,7 @@ class Store:
         )
 
     async def peer_health(self) -> dict[str, PeerHealth]:
-        rows = await self._fetchall(
+        rows = await self.read_all(
             "SELECT node_id, last_contact_ms, rtt_ms, last_attempt_ms, failures, last_error "
             "FROM peer_health"
         )

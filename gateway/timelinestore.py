@@ -10,14 +10,9 @@ written by `Timeline` only (see its docstring for how they are kept complete).
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import aiosqlite
-
-from federation.errors import StorageError
 
 from .store import Store
 
@@ -76,16 +71,8 @@ class TimelineStore:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    @property
-    def _db(self) -> aiosqlite.Connection:
-        return self._store.db
-
     async def _all(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
-        try:
-            async with self._db.execute(sql, params) as cursor:
-                return [tuple(row) for row in await cursor.fetchall()]
-        except sqlite3.Error as exc:
-            raise StorageError(f"database error: {exc}", code="database_error") from exc
+        return [tuple(row) for row in await self._store.read_all(sql, params)]
 
     # writing ----------------------------------------------------------------------
 

@@ -118,8 +118,7 @@ async def test_acknowledged_ranges_of_several_batches_are_deleted_together(
 
 
 async def _rows(store: Store) -> list[int]:
-    async with store.db.execute("SELECT pos FROM outbox ORDER BY pos") as cursor:
-        return [row[0] for row in await cursor.fetchall()]
+    return [row[0] for row in await store.read_all("SELECT pos FROM outbox ORDER BY pos")]
 
 
 async def test_the_next_commit_takes_acknowledged_deletes_along(tmp_path: Path) -> None:
@@ -161,4 +160,43 @@ async def test_a_failed_commit_keeps_its_acknowledged_deletes_pending(tmp_path: 
             await store.write_all(failing)
         assert await _rows(store) == positions  # rolled back, deletes included
         assert await rooms.outbox_depths() == {}  # still pending, and written now
+        await rooms.stop_acks()
+
+
+async def test_reads_of_the_outbox_never_fail_while_acknowledged_rows_are_deleted(
+    tmp_path: Path,
+) -> None:
+    """Senders read batches and operators count the queues while acknowledged rows are
+    deleted on the same connection. A read whose statement stayed open across calls to
+    the database thread, with a delete of the rows it was reading in between, failed
+    with 'database disk image is malformed' (the file itself intact)."""
+    envelopes = _envelopes(600)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        positions: dict[str, list[int]] = {"ise": [], "kameyama": []}
+        for start in range(0, 600, 50):
+            for peer in positions:
+                positions[peer] += await _queue(rooms, store, envelopes[start : start + 25], peer)
+
+        async def acknowledge() -> None:
+            for first in range(0, 300, 3):
+                for peer, queued in positions.items():
+                    rooms.outbox_ack(peer, queued[first], queued[first + 2])
+                await rooms.flush_acks()
+
+        async def read() -> int:
+            reads = 0
+            while True:
+                for peer in positions:
+                    await rooms.outbox_batch(peer, 1000, 1 << 30)  # one chunk at most
+                await rooms.outbox_depths()
+                reads += 1
+                await asyncio.sleep(0)
+                if not await rooms.outbox_peers():
+                    return reads
+
+        reader = asyncio.create_task(read())
+        await acknowledge()
+        assert await reader > 1
+        assert await rooms.outbox_depths() == {}
         await rooms.stop_acks()
