@@ -36,7 +36,7 @@ import structlog
 
 from federation import codec
 from federation.backoff import Backoff
-from federation.errors import KakehashiError, TransportError, TrustError
+from federation.errors import KakehashiError, StorageError, TransportError, TrustError
 from federation.roster import Roster
 from federation.routing import Route
 
@@ -211,7 +211,14 @@ class _Sender:
             while len(in_flight) < settings.window and (
                 answered or not in_flight or self._few_waiting()
             ):
-                batch = await self._next_batch(after)
+                try:
+                    batch = await self._next_batch(after)
+                except StorageError as exc:
+                    # The outbox could not be read (a disk error): read again after the
+                    # backoff, as a failed post is sent again; the loop goes on.
+                    await self._failed(None, exc)
+                    self.new_data.set()
+                    break
                 if batch is None:
                     break
                 route = self.outbox.router(self.peer)

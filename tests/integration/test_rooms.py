@@ -829,6 +829,42 @@ async def test_a_message_too_large_fails_only_its_own_send_not_those_sealed_with
     assert mie.rooms.vector(room) == {"mie-pref": 4}
 
 
+async def test_a_sender_whose_outbox_read_fails_reads_again_after_the_backoff(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the outbox that fails (a disk error) is retried as a failed post is:
+    the sender goes on, and what was queued arrives."""
+    mie = await cluster.authority()
+    tsu = await cluster.member("tsu", "津市", "242012")
+    room = await mie.rooms.create("読み出し失敗", nodes=["tsu"])
+    await eventually(holds(tsu, room, 1))
+    read = mie.rooms.store.outbox_batch
+    failures = [StorageError("disk I/O error", code="database_error")]
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await read(*args, **kwargs)
+
+    monkeypatch.setattr(mie.rooms.store, "outbox_batch", failing_once)
+    before = mie.outbox.stats("tsu").delivered  # type: ignore[union-attr]
+    # A failed post makes the sender read the outbox again (not its rows in memory).
+    await cluster.stop("tsu")
+    await mie.rooms.send(room, ["読み出し失敗の後"])
+    await eventually(lambda: mie.outbox.stats("tsu").failures >= 1)  # type: ignore[union-attr]
+    tsu = await cluster.start("tsu")
+    await eventually(lambda: not failures, timeout=15)  # the sender's read failed
+
+    async def delivered_by_the_sender() -> bool:  # tsu may catch up by itself too
+        return "tsu" not in await mie.rooms.store.outbox_depths()
+
+    await eventually(delivered_by_the_sender, timeout=15)
+    await eventually(holds(tsu, room, 2))
+    stats = mie.outbox.stats("tsu")
+    assert stats is not None and stats.failures >= 2
+    assert stats.delivered > before
+
+
 async def test_a_refused_send_whose_caller_gave_up_does_not_fail_the_others(
     cluster: Cluster,
 ) -> None:
