@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -317,9 +317,7 @@ class RoomService:
             log.info(
                 "state_request_resumed", room=request.content.room, origin=request.content.origin
             )
-            task = asyncio.create_task(self._answer_request(request), name="state-request")
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._in_background(self._answer_request(request), "state-request")
 
     def hold_local(self) -> None:
         """Refuse local sends (`catching_up`) until `release_local`: this node was restored
@@ -535,9 +533,7 @@ class RoomService:
         (a revoked node never comes back; left in, it would count among the towns that
         have not read an announcement). Run at start and when a roster revokes a node;
         waits while local sends are held (see `hold_local`)."""
-        task = asyncio.create_task(self._remove_revoked(), name="remove-revoked")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._in_background(self._remove_revoked(), "remove-revoked")
 
     async def _remove_revoked(self) -> None:
         await self._local_open.wait()
@@ -1223,9 +1219,13 @@ class RoomService:
         for request in step.requests:
             # Answered in a task of its own: the answer is itself a local send, which
             # must not wait on the commit queue from inside the commit queue.
-            task = asyncio.create_task(self._answer_request(request), name="state-request")
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._in_background(self._answer_request(request), "state-request")
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in a task this service owns (cancelled on `stop`, failure logged)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
