@@ -30,7 +30,9 @@ def text(tag: str) -> str:
     return (tag + " " + "x" * TEXT_BYTES)[:TEXT_BYTES]
 
 
-class _Contents:
+class Contents:
+    """Message contents of one origin in one room, in sequence (1 KiB bodies)."""
+
     def __init__(self) -> None:
         self.key = SigningKey.generate()
         self.seq = 0
@@ -69,7 +71,7 @@ def _pipeline(contents: list[Content], key: SigningKey, cache: RootCache) -> Non
 
 def throughput_eps(batch: int, seconds: float = 2.0) -> float:
     """Envelopes per second through seal + to_bytes + from_bytes + verify, one core."""
-    source = _Contents()
+    source = Contents()
     cache = RootCache()
     _pipeline(source.make(batch), source.key, cache)  # warm-up
     done, spent = 0, 0.0
@@ -84,7 +86,7 @@ def throughput_eps(batch: int, seconds: float = 2.0) -> float:
 
 def single_ms(count: int) -> list[float]:
     """Milliseconds per lone envelope (batch of one) through the pipeline."""
-    source = _Contents()
+    source = Contents()
     cache = RootCache()
     samples = []
     for _ in range(count + 20):
@@ -97,7 +99,7 @@ def single_ms(count: int) -> list[float]:
 
 def fanout_ms(receivers: int, count: int) -> list[float]:
     """Milliseconds to seal one envelope and have `receivers` receivers decode and verify it."""
-    source = _Contents()
+    source = Contents()
     samples = []
     public = source.key.public_raw
     for _ in range(count + 5):

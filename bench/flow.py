@@ -79,6 +79,8 @@ class Sizes:
     ws_fanout_messages: int = 20
     file_mb: int = 200
     """Size of the file of the transfer figures (bench/transfer.py), in MiB."""
+    storage: int = 250_000
+    """Envelopes committed by each run of the storage figures (bench/storage.py)."""
 
 
 FULL = Sizes()
@@ -95,6 +97,7 @@ QUICK = Sizes(
     ws_users=20,
     ws_fanout_messages=10,
     file_mb=20,
+    storage=50_000,
 )
 
 

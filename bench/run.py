@@ -18,6 +18,9 @@ ws_fanout2000_p99_ms (baseline: the same with one WebSocket client).
 Files (bench/transfer.py; a 200 MB file uploaded to one node process, fetched by
 another over mutual TLS; baseline = one core reading, hashing, writing and fsyncing
 the same bytes): file_transfer_mbps, file_upload_mbps.
+Storage (bench/storage.py; the node's store alone, batches of 1,500 envelopes
+committed as a receiver commits them; baseline = the same without the index on
+envelope ids): envelope_commit_us_first_50k, envelope_commit_us_at_250k.
 
     python bench/run.py                      # everything (about 10 minutes)
     python bench/run.py --quick              # every size about a tenth: a smoke run
@@ -42,6 +45,7 @@ from typing import Any
 
 import clientapi
 import flow
+import storage
 import structlog
 import transfer
 import trust
@@ -69,6 +73,7 @@ def _groups(
         **flow.FIGURES,
         **clientapi.FIGURES,
         **transfer.FIGURES,
+        **storage.FIGURES,
     }.items():
         groups.append((group, names, lambda figure=figure: figure(sizes, base, prof)))
     return groups
