@@ -37,31 +37,20 @@ from gateway.store import Store
 BATCH = 1500
 CHECKPOINT_EVERY = 5
 
-_WITHOUT_ID_INDEX = """
-BEGIN;
-CREATE TABLE envelope_new (
-    id BLOB NOT NULL,
-    room_id TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    sender TEXT NOT NULL,
-    hlc INTEGER NOT NULL,
-    wire BLOB NOT NULL,
-    status INTEGER NOT NULL,
-    verdict TEXT,
-    received_ms INTEGER NOT NULL,
-    UNIQUE (room_id, origin, seq)
-);
-DROP TABLE envelope;
-ALTER TABLE envelope_new RENAME TO envelope;
-CREATE INDEX envelope_messages ON envelope (room_id, hlc, origin, seq)
-    WHERE status = 1 AND kind = 'message';
-CREATE INDEX envelope_others ON envelope (room_id, hlc, origin, seq)
-    WHERE status = 1 AND kind != 'message';
-CREATE INDEX envelope_pending ON envelope (hlc) WHERE status = 0;
-COMMIT;
-"""
+
+async def _drop_id_index(store: Store) -> None:
+    """Rebuild the (still empty) envelope table as the migrations made it, less the
+    index on its ids: the id no longer its primary key, the partial index on ids gone."""
+    rows = await store.read_all(
+        "SELECT type, sql FROM sqlite_master WHERE tbl_name = 'envelope' AND sql IS NOT NULL"
+    )
+    table = next(sql for kind, sql in rows if kind == "table")
+    without = table.replace("id BLOB PRIMARY KEY", "id BLOB NOT NULL")
+    if without == table:
+        raise RuntimeError("the envelope table's id is no longer `id BLOB PRIMARY KEY`")
+    indexes = [sql for kind, sql in rows if kind == "index" and "(id)" not in sql]
+    script = ["BEGIN", "DROP TABLE envelope", without, *indexes, "COMMIT"]
+    await store.db.executescript(";\n".join(script) + ";")
 
 
 async def _costs(total: int, *, id_index: bool) -> list[float]:
@@ -75,7 +64,7 @@ async def _costs(total: int, *, id_index: bool) -> list[float]:
         checkpoints = sqlite3.connect(path, isolation_level=None)
         try:
             if not id_index:
-                await store.db.executescript(_WITHOUT_ID_INDEX)
+                await _drop_id_index(store)
             rooms = RoomStore(store)
             await rooms.load_positions()
             contents = Contents()
