@@ -20,7 +20,6 @@ difference is what that index costs, and how it grows with the table.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from flow import Baselines, Profiler, Sizes
 
 from federation.envelope import seal_batch
 from gateway.roomstore import EnvelopeRow, RoomStore, Status
-from gateway.store import Store
+from gateway.store import Store, _checkpoint, _checkpoint_connection
 
 BATCH = 1500
 CHECKPOINT_EVERY = 5
@@ -61,7 +60,7 @@ async def _costs(total: int, *, id_index: bool) -> list[float]:
         path = Path(tmp) / "node.db"
         store = Store(path)
         await store.open()
-        checkpoints = sqlite3.connect(path, isolation_level=None)
+        checkpoints = _checkpoint_connection(path)  # as the node's checkpointer
         try:
             if not id_index:
                 await _drop_id_index(store)
@@ -82,7 +81,7 @@ async def _costs(total: int, *, id_index: bool) -> list[float]:
                 await store.write_all(statements)
                 commits += 1
                 if commits % CHECKPOINT_EVERY == 0:
-                    checkpoints.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    _checkpoint(checkpoints)
                 spent += time.process_time() - started
                 done += len(rows)
                 counted += len(rows)
