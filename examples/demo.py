@@ -20,13 +20,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from gateway.local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KAKEHASHI = str(Path(sys.executable).parent / "kakehashi")
@@ -38,12 +39,6 @@ TOWNS = (
 )
 STAFF = (("tanaka", "田中太郎", "room_admin"), ("suzuki", "鈴木花子", "staff"))
 """Staff added on every node: (login, display name, role)."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def kakehashi(*args: str, capture: bool = False) -> str:

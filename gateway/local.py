@@ -8,6 +8,7 @@ can move it through time without sleeping.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
 from collections.abc import Sequence
@@ -22,8 +23,45 @@ from .node import Node
 __all__ = ["Clock", "LocalFederation", "free_port"]
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+_pick = secrets.SystemRandom()  # not `random`: a test that seeds it must not make runs agree
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1, free now, for a node that will listen on it in a moment.
+
+    Picked at random below the kernel's ephemeral range, never twice in one process. A
+    port from `bind(0)` lies inside that range, where every outgoing connection also takes
+    its local port; with the thousands a test run opens, one of them now and then took the
+    port between this probe and the node's own bind, and the node could not start.
+    """
+    ceiling = _ephemeral_floor()
+    if ceiling - _LOWEST_PORT < 1000:
+        return _kernel_port()
+    for _ in range(200):
+        port = _pick.randrange(_LOWEST_PORT, ceiling)
+        if port in _given:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    return _kernel_port()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _kernel_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

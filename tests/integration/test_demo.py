@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import socket
 import stat
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from gateway.local import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -54,9 +55,7 @@ def _wait_for_log_event(node: subprocess.Popen[bytes], event: str, *, timeout: f
 def _run_authority(home: Path) -> subprocess.Popen[bytes]:
     """`kakehashi run` of a new authority node in `home`, once it has started."""
     env = _env()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     init = [KAKEHASHI, "init", "--home", str(home), "--node-id", "mie-pref", "--name", "三重県"]
     init += ["--code", "240001", "--listen", f"127.0.0.1:{port}"]
     subprocess.run(init, check=True, capture_output=True, env=env, timeout=60)

@@ -35,7 +35,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,6 +48,8 @@ from typing import Any
 
 import pytest
 import tomli_w
+
+from gateway.local import free_port
 
 KAKEHASHI = str(Path(sys.executable).parent / "kakehashi")
 ROUNDS = max(1, int(os.environ.get("KAKEHASHI_CHAOS_ROUNDS") or "5"))
@@ -95,13 +96,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"report_{report.when}", report)
     return report
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def round_seed(round_index: int) -> int:
