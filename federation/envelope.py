@@ -118,10 +118,6 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _largest_power_of_two_below(n: int) -> int:
-    return 1 << ((n - 1).bit_length() - 1)
-
-
 def _levels(ids: Sequence[bytes]) -> list[list[bytes]]:
     """Every level of the RFC 6962 tree over `ids` (at least one), leaves first, root last."""
     if not ids:

@@ -133,10 +133,6 @@ class Fetcher:
         assert stored is not None and stored.available
         return stored
 
-    def fetching(self, sha256: bytes) -> bool:
-        task = self._tasks.get(sha256)
-        return task is not None and not task.done()
-
     def _spawn(self, sha256: bytes) -> asyncio.Task[None]:
         task = self._tasks.get(sha256)
         if task is None or task.done():

@@ -133,7 +133,6 @@ class Node:
         self._recovery: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
         self._started_at = 0.0
-        self._stopped = asyncio.Event()
 
     # state ---------------------------------------------------------------
 
@@ -525,11 +524,7 @@ class Node:
         with contextlib.suppress(OSError):
             self.home.admin_socket.unlink()
         await self.store.close()
-        self._stopped.set()
         log.info("node_stopped", node=self.node_id)
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
     # after a restore ----------------------------------------------------------
 

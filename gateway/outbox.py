@@ -27,7 +27,7 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -419,10 +419,6 @@ class Outbox:
         if sender is None:
             sender = self._senders[peer] = _Sender(self, peer)
         sender.wake()
-
-    def wake_many(self, peers: Iterable[str]) -> None:
-        for peer in peers:
-            self.wake(peer)
 
     def enqueued(self, queued: Queued) -> None:
         """A commit queued these rows: hand them to their senders and wake them."""

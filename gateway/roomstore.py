@@ -439,19 +439,6 @@ class RoomStore:
         )
         return {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in rows}
 
-    async def ids_in(self, room: str, ids: Sequence[bytes]) -> set[bytes]:
-        """Which of `ids` this node holds for `room`."""
-        found: set[bytes] = set()
-        for start in range(0, len(ids), 500):
-            chunk = list(ids[start : start + 500])
-            marks = ",".join("?" * len(chunk))
-            rows = await self._store.read_all(
-                f"SELECT id FROM envelope WHERE room_id = ? AND id IN ({marks})",  # noqa: S608
-                [room, *chunk],
-            )
-            found.update(bytes(row[0]) for row in rows)
-        return found
-
 
 def _outbox_batch(
     connection: sqlite3.Connection, peer: str, after: int, max_count: int, max_bytes: int

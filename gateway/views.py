@@ -91,10 +91,6 @@ class Directory:
             self._names = {user.user_id: user.display_name for user in await self._users()}
             self._loaded_at = time.monotonic()
 
-    def forget(self) -> None:
-        """Reload at the next `refresh` (a user was added or renamed)."""
-        self._loaded_at = float("-inf")
-
     def name(self, user_id: str) -> str:
         """A user's display name: from this node's accounts for its own users, else the
         latest their node gave (`remote`); the id when neither knows one."""
