@@ -487,11 +487,21 @@ class RoomService:
     async def change(self, room: str, body: dict[str, Any], *, sender: str = "") -> str:
         """Change a room's state: directly at the home node, by request to it elsewhere.
 
-        Returns "changed" or "requested".
+        Returns "changed" or "requested". Refused (room_home_revoked) when the home node
+        is revoked: nothing is sent to it any more, so a request would never be decided.
         """
         self.require_caught_up()
         self._require_member(room)
-        kind = Kind.STATE if room_home(room) == self.node_id else Kind.STATE_REQUEST
+        home = room_home(room)
+        if home != self.node_id and self._roster().revoked(home):
+            raise TrustError(
+                f"the home node of {room}, {home}, is revoked: the room's name, topic and "
+                "members can no longer change",
+                code="room_home_revoked",
+                hint="messages still reach its other member nodes; for other members, "
+                "create a new room",
+            )
+        kind = Kind.STATE if home == self.node_id else Kind.STATE_REQUEST
         await self._originate(room, [(kind, body, sender)])
         return "changed" if kind is Kind.STATE else "requested"
 

@@ -25,7 +25,7 @@ import gateway.rooms as rooms_module
 from federation import codec
 from federation.causal import MAX_CLOCK_AHEAD_MS, hlc_to_ms
 from federation.envelope import Envelope, Kind
-from federation.errors import KakehashiError, ProtocolError, StorageError
+from federation.errors import KakehashiError, ProtocolError, StorageError, TrustError
 from federation.roster import MemberStatus
 from gateway.catchup import CatchUp
 from gateway.node import Node
@@ -940,6 +940,40 @@ async def test_a_revoked_node_gets_nothing_more_and_what_was_queued_for_it_is_dr
     await eventually(holds(tsu, room, 9))
     kinds = [e.content.kind for e in await timeline(tsu, room)]
     assert kinds.count(Kind.STATE) == 2  # the restart issued no second removal
+
+
+async def test_a_room_whose_home_is_revoked_refuses_state_changes_and_keeps_its_messages(
+    cluster: Cluster,
+) -> None:
+    """Nothing is sent to a revoked node, so a request to change a room it is home of
+    would never be decided: it is refused at once, with the reason. Messages between
+    the other member nodes go on."""
+    mie, tsu, ise = await three_nodes(cluster)
+    assert mie.authority is not None
+    room = await tsu.rooms.create("津市の部屋", nodes=["mie-pref", "ise"])
+    await eventually(holds(ise, room, 1))
+    assert await ise.rooms.change(room, {"topic": "失効前"}) == "requested"
+    await eventually(lambda: tsu.rooms.state(room).topic == "失効前")  # type: ignore[union-attr]
+
+    await mie.authority.set_status("tsu", MemberStatus.REVOKED, "市町村合併")
+    await eventually(lambda: ise.roster.revoked("tsu"))
+    attempts: list[Callable[[], Awaitable[str]]] = [
+        lambda: ise.rooms.change(room, {"topic": "失効後"}),
+        lambda: ise.rooms.remove_node(room, "ise"),  # leaving, too, is decided by the home
+        lambda: mie.rooms.invite(room, "ise"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(TrustError) as refused:
+            await attempt()
+        assert refused.value.code == "room_home_revoked"
+        assert "tsu" in str(refused.value)
+    [sent] = await ise.rooms.send(room, ["失効後も届きます"])
+
+    async def arrived() -> bool:
+        return sent in {e.id for e in await timeline(mie, room)}
+
+    await eventually(arrived)
+    assert mie.rooms.state(room).topic == "失効前"  # type: ignore[union-attr]
 
 
 async def test_what_a_node_accepted_from_a_revoked_node_before_it_learned_does_not_wedge_it(
