@@ -670,7 +670,7 @@ def room_list(home: str, as_json: bool) -> None:
         table.add_row(
             row["room_id"],
             row["name"] or "(joining)",
-            row["home"],
+            f"{row['home']} (revoked)" if row.get("home_revoked") else row["home"],
             ",".join(row["nodes"]),
             str(row["envelopes"]),
             str(row["pending"]) if row["pending"] else "",

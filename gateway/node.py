@@ -1004,16 +1004,19 @@ class Node:
 
     async def room_views(self) -> list[dict[str, Any]]:
         counts = await self.rooms.store.counts()
+        roster = self.roster
         views = []
         for room in self.rooms.room_ids():
             state = self.rooms.state(room)
             accepted, pending = counts.get(room, (0, 0))
+            home = room_home(room)
             views.append(
                 {
                     "room_id": room,
                     "name": state.name if state else None,
                     "kind": state.kind.value if state else None,
-                    "home": room_home(room),
+                    "home": home,
+                    "home_revoked": roster.revoked(home),  # its state can no longer change
                     "nodes": sorted(state.nodes) if state else [],
                     "member": bool(state and self.node_id in state.nodes),
                     "envelopes": accepted,

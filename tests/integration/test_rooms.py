@@ -747,7 +747,7 @@ async def test_cli_creates_a_room_sends_stdin_lines_and_another_node_lists_and_r
     assert code == 0, err
     rows = {row["room_id"]: row for row in json.loads(out)}
     assert rows[room]["name"] == "広域連絡"
-    assert rows[room]["home"] == "mie-pref"
+    assert rows[room]["home"] == "mie-pref" and rows[room]["home_revoked"] is False
     assert rows[room]["nodes"] == ["mie-pref", "tsu"]
     assert rows[room]["envelopes"] == 51 and rows[room]["member"] is True
 
@@ -955,8 +955,10 @@ async def test_a_room_whose_home_is_revoked_refuses_state_changes_and_keeps_its_
     assert await ise.rooms.change(room, {"topic": "失効前"}) == "requested"
     await eventually(lambda: tsu.rooms.state(room).topic == "失効前")  # type: ignore[union-attr]
 
+    assert not {v["room_id"]: v for v in await ise.room_views()}[room]["home_revoked"]
     await mie.authority.set_status("tsu", MemberStatus.REVOKED, "市町村合併")
     await eventually(lambda: ise.roster.revoked("tsu"))
+    assert {v["room_id"]: v for v in await ise.room_views()}[room]["home_revoked"]
     attempts: list[Callable[[], Awaitable[str]]] = [
         lambda: ise.rooms.change(room, {"topic": "失効後"}),
         lambda: ise.rooms.remove_node(room, "ise"),  # leaving, too, is decided by the home
