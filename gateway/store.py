@@ -50,6 +50,17 @@ CHECKPOINT_BACKSTOP = 25_000
 """Pages (4 KiB) the log may reach before a commit checkpoints it itself, should the
 background checkpoints fall behind (SQLite's own default is 1,000)."""
 
+TEMP_STORE = "MEMORY"
+"""Where the node's connection keeps temporary files: in memory. The one that matters is
+the statement journal of a joined INSERT (`_insert_rows`): a copy of every page the
+statement changes, so that it can be undone alone. SQLite writes it to a file in
+/var/tmp once it passes 64 KiB; for a received batch that is one more 4 KiB page per
+envelope (the pages of the id index), written, then thrown away, since the whole
+transaction is what is undone here. Measured in a 100,000-message transfer between two
+nodes: 36-41% fewer bytes written per node, about 10% more envelopes per second. It
+costs a few MiB while a batch commits; the node's sorts are over small sets (its
+queries use indexes)."""
+
 CACHE_MIB = 32
 """Page cache of the node's own database connection, in MiB (SQLite's default is 2). Each
 stored envelope adds a key to the envelope id index at a random place; with 2 MiB, the
@@ -494,6 +505,7 @@ class Store:
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.execute(f"PRAGMA cache_size=-{CACHE_MIB * 1024}")
             await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._db.execute(f"PRAGMA temp_store={TEMP_STORE}")
             await self._migrate()
         except (sqlite3.Error, OSError) as exc:
             if self._db is not None:
