@@ -59,7 +59,8 @@ envelope (the pages of the id index), written, then thrown away, since the whole
 transaction is what is undone here. Measured in a 100,000-message transfer between two
 nodes: 36-41% fewer bytes written per node, about 10% more envelopes per second. It
 costs a few MiB while a batch commits; the node's sorts are over small sets (its
-queries use indexes)."""
+queries use indexes). Set after the migrations: building an index over a large table
+sorts all of it, and in memory that sort would take as much RAM as the index."""
 
 CACHE_MIB = 32
 """Page cache of the node's own database connection, in MiB (SQLite's default is 2). Each
@@ -505,8 +506,8 @@ class Store:
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.execute(f"PRAGMA cache_size=-{CACHE_MIB * 1024}")
             await self._db.execute("PRAGMA foreign_keys=ON")
-            await self._db.execute(f"PRAGMA temp_store={TEMP_STORE}")
             await self._migrate()
+            await self._db.execute(f"PRAGMA temp_store={TEMP_STORE}")
         except (sqlite3.Error, OSError) as exc:
             if self._db is not None:
                 db, self._db = self._db, None

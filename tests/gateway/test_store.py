@@ -389,6 +389,20 @@ async def test_a_multi_row_write_into_a_random_index_writes_its_log_and_no_state
     assert written < 1.3 * log, f"{written:,} bytes written for a log of {log:,}"
 
 
+async def test_migrations_sort_on_disk_and_the_running_node_keeps_temporary_files_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A migration that builds an index over a large table sorts all of it; in memory that
+    # sort would take as much RAM as the index. The node's own writes keep theirs there.
+    probe = "CREATE TABLE probe AS SELECT temp_store FROM pragma_temp_store()"
+    monkeypatch.setattr(store_module, "MIGRATIONS", (*MIGRATIONS, probe))
+    async with Store(tmp_path / "node.db") as store:
+        during = await store.read_all("SELECT temp_store FROM probe")
+        after = await store.read_all("PRAGMA temp_store")
+    assert during == [(0,)]  # the default: files, past SQLite's own memory limits
+    assert after == [(2,)]  # MEMORY
+
+
 @pytest.mark.parametrize("count", [1, 2, 7, 256, 300, 1000])
 async def test_rows_joined_into_multi_row_inserts_are_stored_as_executemany_stores_them(
     tmp_path: Path, count: int
