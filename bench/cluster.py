@@ -234,6 +234,18 @@ class Worker:
                     return int(line.split()[1])
         return 0
 
+    def bytes_written(self) -> int:
+        """Bytes the process has handed the kernel to write (`wchar`: files, log and
+        sockets alike), 0 if the kernel does not say."""
+        try:
+            with open(f"/proc/{self.pid}/io") as io:
+                for line in io:
+                    if line.startswith("wchar:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user+system) of the event-loop thread and of all other threads."""
         main, other = 0, 0
@@ -274,6 +286,7 @@ class CpuMeter:
         self.workers = [w for w in workers if w.running]
         self.started = time.monotonic()
         self.before = {w.node_id: w.cpu_seconds() for w in self.workers}
+        self.written_before = {w.node_id: w.bytes_written() for w in self.workers}
         self.machine_before = machine_busy_seconds()
         self.own_before = own_cpu_seconds()
 
@@ -289,11 +302,13 @@ class CpuMeter:
             loop = now["loop"] - then["loop"]
             threads = now["threads"] - then["threads"]
             total += loop + threads
-            data[worker.node_id] = {"loop_s": loop, "threads_s": threads}
+            written = worker.bytes_written() - self.written_before[worker.node_id]
+            data[worker.node_id] = {"loop_s": loop, "threads_s": threads, "written": written}
             if len(self.workers) <= 3:
                 lines.append(
                     f"{worker.node_id}: {(loop + threads) / wall:4.0%} of a core "
-                    f"(event loop {loop / wall:4.0%}, sqlite/other threads {threads / wall:4.0%})"
+                    f"(event loop {loop / wall:4.0%}, sqlite/other threads {threads / wall:4.0%}"
+                    f", wrote {written / 1e6:,.0f} MB)"
                 )
         if len(self.workers) > 3:
             lines.append(f"{len(self.workers)} nodes: {total / wall:4.0%} of a core in all")

@@ -286,7 +286,11 @@ def two_node_throughput(sizes: Sizes, base: Baselines, prof: Profiler) -> list[d
                 f"waiting for {B}"
             )
             done_at = b.wait_count_alive(warm + count, _timeout_for(count), "throughput")
-            meter.report("two_node_throughput")
+            used = meter.report("two_node_throughput")
+            progress(
+                "throughput: written per message (database, log, temporary files, sockets): "
+                + ", ".join(f"{n} {used[n]['written'] / count / 1000:.1f} kB" for n in (A, B))
+            )
             prof.finish("two_node_throughput_eps", spies)
             if done_at is None:
                 elapsed = time.monotonic() - started
