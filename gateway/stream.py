@@ -425,6 +425,8 @@ class PeerStreams:
         if stream is not None and not stream.closed and stream.key == key:
             return stream
         async with self._opening.setdefault(peer.node_id, asyncio.Lock()):
+            if self._no_stream_until.get(peer.node_id, 0.0) > time.monotonic():
+                return None  # a call waiting here behind one that found no stream offered
             stream = self._streams.get(peer.node_id)
             if stream is not None and not stream.closed and stream.key == key:
                 return stream

@@ -9,6 +9,7 @@ serve, a peer that offers no stream, and a peer that restarts.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import ssl
@@ -199,6 +200,29 @@ async def test_a_peer_that_offers_no_stream_is_sent_posts(
     await tsu.rooms.send(room, ["新版へ"])
     await eventually(lambda: mie.rooms.vector(room).get("tsu") == 1)
     assert tsu.streams.is_open("mie-pref")
+
+
+async def test_calls_at_once_to_a_peer_that_offers_no_stream_try_the_upgrade_once(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox keeps two batches in flight: both must not try the upgrade in turn.
+    mie = await cluster.authority()
+    routes = Node.routes
+    monkeypatch.setattr(
+        Node, "routes", lambda node: [r for r in routes(node) if r.path != STREAM_ROUTE]
+    )
+    await cluster.member("tsu", "津市", "242012")
+    await eventually(lambda: {node.roster.version for node in cluster.nodes.values()} == {2})
+    entry = mie.roster.member("tsu")
+    assert entry is not None
+    body = codec.encode({"envelopes": []})
+    with capture_logs() as logs:
+        answers = await asyncio.gather(
+            *(mie.streams.exchange(entry, "/envelopes", body) for _ in range(3))
+        )
+    assert [answer.status for answer in answers] == [200, 200, 200]  # each sent as a POST
+    assert [e["peer"] for e in logs if e["event"] == "stream_not_offered"] == ["tsu"]
+    assert not mie.streams.is_open("tsu")
 
 
 async def test_a_stream_broken_by_a_restart_is_opened_again_and_nothing_is_lost(
