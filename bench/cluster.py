@@ -226,25 +226,25 @@ class Worker:
 
     # what the kernel says ---------------------------------------------------
 
-    def status_kb(self, field: str) -> int:
-        """A /proc/PID/status field in kB (VmRSS, VmHWM)."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-        return 0
-
-    def bytes_written(self) -> int:
-        """Bytes the process has handed the kernel to write (`wchar`: files, log and
-        sockets alike), 0 if the kernel does not say."""
+    def _proc_field(self, name: str, field: str) -> int:
+        """The first number of a `field:` line of /proc/PID/NAME, 0 if there is none."""
         try:
-            with open(f"/proc/{self.pid}/io") as io:
-                for line in io:
-                    if line.startswith("wchar:"):
+            with open(f"/proc/{self.pid}/{name}") as lines:
+                for line in lines:
+                    if line.startswith(field + ":"):
                         return int(line.split()[1])
         except OSError:
             pass
         return 0
+
+    def status_kb(self, field: str) -> int:
+        """A /proc/PID/status field in kB (VmRSS, VmHWM)."""
+        return self._proc_field("status", field)
+
+    def bytes_written(self) -> int:
+        """Bytes the process has handed the kernel to write (`wchar`: files, log and
+        sockets alike)."""
+        return self._proc_field("io", "wchar")
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user+system) of the event-loop thread and of all other threads."""
