@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -127,6 +129,8 @@ def main() -> int:
 
     output = args.output or (QUICK_RESULTS if args.quick else RESULTS)
     started = time.monotonic()
+    # The interpreter's build moves every figure and its baseline (Makefile, PYTHON).
+    progress(f"python {platform.python_version()} at {os.path.realpath(sys.executable)}")
     print(
         f"{'figure':28} {'value':>12} {'unit':8} {'':9}{'baseline':>12}   {'ratio':>11}", flush=True
     )
