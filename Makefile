@@ -19,7 +19,8 @@ STAMP  := $(VENV)/.installed-$(shell { cksum pyproject.toml; echo '$(PYTHON)'; }
 $(STAMP): pyproject.toml
 	@if test -x $(BIN)/python && test "$$(cat $(VENV)/.python 2>/dev/null)" != '$(PYTHON)'; then \
 		echo "making $(VENV) again, with $(PYTHON)"; rm -rf $(VENV); fi
-	@test -x $(BIN)/python || { $(PYTHON) -m venv $(VENV) && echo '$(PYTHON)' > $(VENV)/.python; }
+	@test -x $(BIN)/python || { echo "making $(VENV) with $(PYTHON) ($$($(PYTHON) -V 2>&1))" \
+		&& $(PYTHON) -m venv $(VENV) && echo '$(PYTHON)' > $(VENV)/.python; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
