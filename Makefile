@@ -3,7 +3,7 @@
 
 # Python 3.11. The distribution's own build is preferred when it can make a virtualenv:
 # Debian builds it with profile-guided and link-time optimisation, and the nodes move
-# 12-14% more envelopes per second on it than on a Python built from source without
+# about 13% more envelopes per second on it than on a Python built from source without
 # them (docs/benchmarks.md, fifteenth round). `make PYTHON=/path/to/python3.11 ...`
 # chooses another; .venv is made again when the choice changes.
 SYSTEM_PYTHON := $(shell /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null \
