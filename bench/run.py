@@ -19,8 +19,9 @@ Files (bench/transfer.py; a 200 MB file uploaded to one node process, fetched by
 another over mutual TLS; baseline = one core reading, hashing, writing and fsyncing
 the same bytes): file_transfer_mbps, file_upload_mbps.
 Storage (bench/storage.py; the node's store alone, batches of 1,500 envelopes
-committed as a receiver commits them; baseline = the same without the index on
-envelope ids): envelope_commit_us_first_50k, envelope_commit_us_at_250k.
+committed as a receiver commits them; baseline = the same with an index on envelope
+ids written by every commit, as before ids were indexed in bulk):
+envelope_commit_us_first_50k, envelope_commit_us_at_250k.
 
     python bench/run.py                      # everything (about 10 minutes)
     python bench/run.py --quick              # every size about a tenth: a smoke run

@@ -1218,6 +1218,8 @@ class RoomService:
         if write.planned is not None:
             step.queued = write.planned.queued
             self._rooms.step_committed(write.planned.acks_through)
+            if write.planned.keys_flushed:
+                self._rooms.keys.flushed()
         write.done.set_result(None)
 
     async def _after(self, step: _Step) -> None:

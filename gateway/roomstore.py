@@ -13,7 +13,9 @@ stays queued across crashes until its receiver has it.
 
 A relay that is not a member of a room keeps what it forwards for that room in
 `relayed` (verified, never part of a timeline), and in `relayed_to` which node
-each was addressed to; outbox rows point at either table. It serves those copies
+each was addressed to; outbox rows point at either table (at an envelope by its
+place, at a relayed copy by its id). Envelopes are found by id through
+`EnvelopeKeys` (gateway/envelopekeys.py), not an index on the table. It serves those copies
 in catch-up, each only to a node the origin addressed it to.
 
 All writes of one processing step (envelope rows, status changes, outbox rows)
@@ -35,6 +37,7 @@ import structlog
 from federation.envelope import Envelope
 from federation.errors import KakehashiError
 
+from .envelopekeys import EnvelopeKeys
 from .store import Store
 from .tasks import cancel_all
 
@@ -102,6 +105,8 @@ class PlannedWrite(NamedTuple):
     """The outbox rows it writes, by peer: for the senders once committed."""
     acks_through: int
     """For `step_committed`: the acknowledged ranges it deletes."""
+    keys_flushed: bool = False
+    """Whether it indexes the envelopes' ids (`EnvelopeKeys.flushed` once committed)."""
 
 
 class RoomStore:
@@ -118,6 +123,8 @@ class RoomStore:
         `step_committed` use, with several steps planned ahead of their commits)."""
         self._last_pos: int | None = None
         """The highest outbox position used (read at the first write)."""
+        self.keys = EnvelopeKeys()
+        """Where each envelope is, by id."""
 
     # loading ------------------------------------------------------------------
 
@@ -174,7 +181,9 @@ class RoomStore:
     # writing -----------------------------------------------------------------
 
     async def load_positions(self) -> None:
-        """Read the highest outbox position used (at start, before any `plan_write`)."""
+        """Read the highest outbox position used and where the envelopes not indexed by
+        id are (at start, before any `plan_write`; again after a failed commit)."""
+        await self.keys.load(self._store)
         row = await self._store.read_one(
             "SELECT MAX(p) FROM (SELECT MAX(pos) AS p FROM outbox "
             "UNION ALL SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
@@ -202,11 +211,27 @@ class RoomStore:
             raise RuntimeError("load_positions() must run before the first write")
         relayed = list(relayed)
         queued: Queued = {}
-        outbox_rows: list[tuple[int, str, bytes, int]] = []
+        outbox_rows: list[tuple[int, str, bytes, str, str, int, int]] = []
         for peer, envelope in outbox:
             self._last_pos += 1
-            outbox_rows.append((self._last_pos, peer, envelope.id, now_ms))
+            content = envelope.content
+            outbox_rows.append(
+                (
+                    self._last_pos,
+                    peer,
+                    envelope.id,
+                    content.room,
+                    content.origin,
+                    content.seq,
+                    now_ms,
+                )
+            )
             queued.setdefault(peer, []).append((self._last_pos, envelope.to_bytes()))
+        rows = list(rows)
+        note = self.keys.note
+        for row in rows:
+            content = row.envelope.content
+            note(row.envelope.id, (content.room, content.origin, content.seq))
         statements: list[tuple[str, Sequence[Sequence[object]]]] = [
             (
                 "INSERT INTO relayed (id, room_id, origin, seq, hlc, wire, received_ms) "
@@ -237,8 +262,8 @@ class RoomStore:
             (
                 "INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, "
                 "status, verdict, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
-                "verdict = excluded.verdict",
+                "ON CONFLICT (room_id, origin, seq) DO UPDATE SET status = excluded.status, "
+                "verdict = excluded.verdict WHERE envelope.id = excluded.id",
                 [
                     (
                         row.envelope.id,
@@ -257,14 +282,17 @@ class RoomStore:
                 ],
             ),
             (
-                "INSERT INTO outbox (pos, peer, envelope_id, enqueued_ms) VALUES (?, ?, ?, ?)",
+                "INSERT INTO outbox (pos, peer, envelope_id, room_id, origin, seq, enqueued_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 outbox_rows,
             ),
             # Acknowledged rows go with this transaction (see `outbox_ack`), dropped from
             # memory once it committed (`step_committed`).
             ("DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", list(self._acks)),
         ]
-        return PlannedWrite(statements, queued, self._acks_gone + len(self._acks))
+        flush = self.keys.plan_flush()
+        statements.extend(flush)
+        return PlannedWrite(statements, queued, self._acks_gone + len(self._acks), bool(flush))
 
     # outbox --------------------------------------------------------------------
 
@@ -448,7 +476,8 @@ def _outbox_batch(
     total, first, last, rows = 0, 0, 0, 0
     cursor = connection.execute(
         "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
-        "LEFT JOIN envelope e ON e.id = o.envelope_id "
+        "LEFT JOIN envelope e ON e.room_id = o.room_id AND e.origin = o.origin "
+        "AND e.seq = o.seq "
         "LEFT JOIN relayed r ON r.id = o.envelope_id "
         "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
         (peer, after, max_count),

@@ -315,6 +315,56 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE status = 1 AND kind != 'message';
     CREATE INDEX envelope_pending ON envelope (hlc) WHERE status = 0;
     """,
+    # No index on envelope ids that every commit writes into (gateway/envelopekeys.py):
+    # ids are random, so each new one lands on a page of its own in such an index. The
+    # table is rebuilt with the id an ordinary column and a row number that only grows
+    # (AUTOINCREMENT: a deleted row's number is never given again), and ids get a table
+    # of their own, `envelope_key`, filled in bulk up to the row number kept in meta.
+    # Outbox rows name their envelope by its place (room, origin, seq), as the table's
+    # unique key does; they keep the id for copies kept only to forward (`relayed`).
+    """
+    ALTER TABLE outbox ADD COLUMN room_id TEXT;
+    ALTER TABLE outbox ADD COLUMN origin TEXT;
+    ALTER TABLE outbox ADD COLUMN seq INTEGER;
+    UPDATE outbox SET (room_id, origin, seq) =
+        (SELECT e.room_id, e.origin, e.seq FROM envelope e WHERE e.id = outbox.envelope_id);
+    ALTER TABLE envelope RENAME TO envelope_before_keys;
+    DROP INDEX envelope_messages;
+    DROP INDEX envelope_annotations;
+    DROP INDEX envelope_others;
+    DROP INDEX envelope_pending;
+    CREATE TABLE envelope (
+        row INTEGER PRIMARY KEY AUTOINCREMENT,
+        id BLOB NOT NULL,
+        room_id TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        hlc INTEGER NOT NULL,
+        wire BLOB NOT NULL,
+        status INTEGER NOT NULL,
+        verdict TEXT,
+        received_ms INTEGER NOT NULL,
+        UNIQUE (room_id, origin, seq)
+    );
+    INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, status, verdict,
+        received_ms)
+        SELECT id, room_id, origin, seq, kind, sender, hlc, wire, status, verdict, received_ms
+        FROM envelope_before_keys ORDER BY rowid;
+    DROP TABLE envelope_before_keys;
+    CREATE INDEX envelope_messages ON envelope (room_id, hlc, origin, seq)
+        WHERE status = 1 AND kind = 'message';
+    CREATE INDEX envelope_annotations ON envelope (id)
+        WHERE status = 1 AND kind IN ('edit', 'reaction', 'redact', 'receipt');
+    CREATE INDEX envelope_others ON envelope (room_id, hlc, origin, seq)
+        WHERE status = 1 AND kind != 'message';
+    CREATE INDEX envelope_pending ON envelope (hlc) WHERE status = 0;
+    CREATE TABLE envelope_key (id BLOB PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO envelope_key (id, row) SELECT id, row FROM envelope WHERE true ORDER BY id;
+    INSERT INTO meta (key, value) VALUES
+        ('envelope_keys_through', (SELECT COALESCE(MAX(row), 0) FROM envelope));
+    """,
 )
 
 

@@ -265,7 +265,7 @@ class Timeline:
     """The index and views of every room's timeline at this node (owned by `Node`)."""
 
     def __init__(self, *, store: Store, rooms: RoomService) -> None:
-        self._rows = TimelineStore(store)
+        self._rows = TimelineStore(store, rooms.store.keys)
         self._rooms = rooms
         self._queue: asyncio.Queue[list[Envelope]] = asyncio.Queue()
         self._subscribers: list[tuple[Subscriber, Callable[[], bool]]] = []

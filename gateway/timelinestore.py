@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .envelopekeys import EnvelopeKeys, find
 from .store import Store
 
 __all__ = ["Position", "ReceiptRow", "RelationRow", "TargetRow", "TimelineStore"]
@@ -68,8 +69,9 @@ def _marks(count: int) -> str:
 class TimelineStore:
     """Queries and writes over the node's `Store`."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, keys: EnvelopeKeys) -> None:
         self._store = store
+        self._keys = keys
 
     async def _all(self, sql: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in await self._store.read_all(sql, params)]
@@ -142,19 +144,21 @@ class TimelineStore:
 
     async def targets(self, ids: Iterable[bytes]) -> dict[bytes, TargetRow]:
         """The accepted envelopes among `ids`."""
-        wanted = list(set(ids))
+        known, others = self._keys.places(ids)
+        if not known and not others:
+            return {}
         found: dict[bytes, TargetRow] = {}
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            for row in await self._all(
-                "SELECT id, room_id, kind, sender, hlc, origin, seq FROM envelope "  # noqa: S608
-                f"WHERE status = 1 AND id IN ({_marks(len(chunk))})",
-                chunk,
-            ):
-                key = bytes(row[0])
-                found[key] = TargetRow(
-                    key, row[1], row[2], row[3], (int(row[4]), str(row[5]), int(row[6]))
-                )
+        for row in await self._store.read(
+            find,
+            "e.id, e.room_id, e.kind, e.sender, e.hlc, e.origin, e.seq",
+            known,
+            others,
+            " AND e.status = 1",
+        ):
+            key = bytes(row[0])
+            found[key] = TargetRow(
+                key, row[1], row[2], row[3], (int(row[4]), str(row[5]), int(row[6]))
+            )
         return found
 
     async def messages(
@@ -254,8 +258,9 @@ class TimelineStore:
 
     async def wire(self, envelope_id: bytes) -> bytes:
         """The wire bytes of an envelope this node holds (the caller knows it does)."""
-        rows = await self._all("SELECT wire FROM envelope WHERE id = ?", [envelope_id])
-        return bytes(rows[0][0])
+        known, others = self._keys.places([envelope_id])
+        rows = await self._store.read(find, "e.id, e.wire", known, others)
+        return bytes(rows[0][1])
 
 
 def _relation(row: Sequence[Any]) -> RelationRow:

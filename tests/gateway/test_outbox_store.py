@@ -42,14 +42,15 @@ async def _opened(store: Store) -> RoomStore:
 
 
 async def _queue(rooms: RoomStore, store: Store, envelopes: list[Envelope], peer: str) -> list[int]:
-    statements, queued, acks_through = rooms.plan_write(
+    planned = rooms.plan_write(
         [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes],
         [(peer, e) for e in envelopes],
         [(ROOM, "tsu")],
         1_000,
     )
-    await store.write_all(statements)
-    rooms.step_committed(acks_through)
+    await store.write_all(planned.statements)
+    rooms.step_committed(planned.acks_through)
+    queued = planned.queued
     assert [wire for _, wire in queued[peer]] == [e.to_bytes() for e in envelopes]
     return [pos for pos, _ in queued[peer]]
 
@@ -154,7 +155,7 @@ async def test_a_failed_commit_keeps_its_acknowledged_deletes_pending(tmp_path: 
         rooms = await _opened(store)
         positions = await _queue(rooms, store, envelopes[:2], "ise")
         rooms.outbox_ack("ise", positions[0], positions[1])
-        statements, _, _ = rooms.plan_write([], [("ise", envelopes[2])], [], 1_000)
+        statements = rooms.plan_write([], [("ise", envelopes[2])], [], 1_000).statements
         failing = [*statements, ("INSERT INTO no_such_table VALUES (?)", [(1,)])]
         with pytest.raises(StorageError):
             await store.write_all(failing)

@@ -51,9 +51,9 @@ async def test_history_pending_and_state_read_the_right_envelopes_in_timeline_or
     async with Store(tmp_path / "node.db") as store:
         rooms = RoomStore(store)
         await rooms.load_positions()
-        statements, _, _ = rooms.plan_write(
+        statements = rooms.plan_write(
             [EnvelopeRow(e, statuses[e.id]) for e in envelopes], [], [(ROOM, "tsu")], 1_000
-        )
+        ).statements
         await store.write_all(statements)
 
         def order(e: Envelope) -> tuple[int, str, int]:

@@ -60,6 +60,7 @@ async def test_migrations_create_the_schema_once_and_reopening_keeps_data(
             "audit",
             "audit_head",
             "envelope",
+            "envelope_key",
             "file",
             "file_ref",
             "invitation",

@@ -1,0 +1,158 @@
+"""Finding an envelope by its id, without an index that every commit writes into.
+
+An envelope's id is the SHA-256 of its bytes, so an index on ids takes each new id at
+a random place: once the index is much larger than a commit's batch, every envelope of
+the batch dirties a page of its own, and the commit writes that page whole to the
+write-ahead log. That was most of what storing an envelope cost once a node held a few
+hundred thousand (`make bench`, storage figures). The node looks envelopes up by id
+rarely: an annotation's target, a message a staff client names. So ids are indexed in
+bulk instead:
+
+- `envelope_key` (id -> row number) holds every envelope up to a row number kept in
+  meta (`envelope_keys_through`);
+- the envelopes above it are found through memory, id -> place (room, origin, seq),
+  the table's unique key; rebuilt from the table when the node loads;
+- when those in memory reach an eighth of those indexed (at least FLUSH_MIN), the next
+  processing step's transaction indexes them all, sorted by id: one pass over the
+  index's pages for many envelopes, instead of one page per envelope.
+
+The table of envelopes stays the record; `envelope_key` and the memory only say where
+an envelope is. A lookup checks the id of the row it finds, so a stale entry (a row
+deleted, an entry planned by a transaction that failed) finds nothing rather than
+another envelope.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .store import Store
+
+__all__ = ["FLUSH_MIN", "EnvelopeKeys", "Place"]
+
+FLUSH_MIN = 20_000
+"""Envelopes held in memory before they are indexed, at the least."""
+
+FLUSH_SHARE = 8
+"""...and at the least the indexed ones divided by this: the index grows in steps of an
+eighth, so each envelope costs about FLUSH_SHARE / (entries per page) page writes."""
+
+Place = tuple[str, str, int]
+"""(room, origin, seq): an envelope's unique key in the `envelope` table."""
+
+_WATERMARK = "envelope_keys_through"
+
+
+class EnvelopeKeys:
+    """Where each envelope of this node is, by id (owned by `RoomStore`)."""
+
+    def __init__(self) -> None:
+        self._recent: dict[bytes, Place] = {}
+        """Envelopes planned since the last flush was planned."""
+        self._flushing: dict[bytes, Place] = {}
+        """Envelopes a planned flush indexes, until its transaction commits."""
+        self._indexed = 0
+        """About how many envelopes `envelope_key` holds (the watermark's row number)."""
+
+    async def load(self, store: Store) -> None:
+        """Rebuild from the table: the envelopes above the watermark (at start, and after
+        a failed commit, when memory is rebuilt from disk)."""
+        self._recent, self._flushing, self._indexed = await store.read(_load)
+
+    def __len__(self) -> int:
+        return len(self._recent) + len(self._flushing)
+
+    def note(self, envelope_id: bytes, place: Place) -> None:
+        """An envelope row planned for the next transaction."""
+        self._recent[envelope_id] = place
+
+    def plan_flush(self) -> list[tuple[str, Sequence[Sequence[object]]]]:
+        """The statements that index every envelope above the watermark, when enough are
+        waiting and no flush is planned already (none otherwise). For the transaction of
+        the step being planned, after its own envelope rows; `flushed` once it commits."""
+        if self._flushing or len(self._recent) < max(FLUSH_MIN, self._indexed // FLUSH_SHARE):
+            return []
+        self._flushing, self._recent = self._recent, {}
+        return [
+            (
+                "INSERT INTO envelope_key (id, row) SELECT id, row FROM envelope "
+                "WHERE row > (SELECT value FROM meta WHERE key = ?) ORDER BY id "
+                "ON CONFLICT (id) DO UPDATE SET row = excluded.row",
+                [(_WATERMARK,)],
+            ),
+            (
+                "UPDATE meta SET value = (SELECT COALESCE(MAX(row), 0) FROM envelope) "
+                "WHERE key = ?",
+                [(_WATERMARK,)],
+            ),
+        ]
+
+    def flushed(self) -> None:
+        """The transaction of the planned flush committed: what it indexed is in
+        `envelope_key` now."""
+        self._indexed += len(self._flushing)
+        self._flushing = {}
+
+    def places(self, ids: Iterable[bytes]) -> tuple[dict[bytes, Place], list[bytes]]:
+        """`ids` split: those known in memory with their places, and the others (to
+        look up in `envelope_key`)."""
+        known: dict[bytes, Place] = {}
+        others: list[bytes] = []
+        for envelope_id in set(ids):
+            place = self._recent.get(envelope_id) or self._flushing.get(envelope_id)
+            if place is None:
+                others.append(envelope_id)
+            else:
+                known[envelope_id] = place
+        return known, others
+
+
+def _load(
+    connection: sqlite3.Connection,
+) -> tuple[dict[bytes, Place], dict[bytes, Place], int]:
+    row = connection.execute("SELECT value FROM meta WHERE key = ?", (_WATERMARK,)).fetchone()
+    through = int(row[0]) if row else 0
+    recent: dict[bytes, Place] = {}
+    cursor = connection.execute(
+        "SELECT id, room_id, origin, seq FROM envelope WHERE row > ?", (through,)
+    )
+    try:
+        for envelope_id, room, origin, seq in cursor:
+            recent[bytes(envelope_id)] = (room, origin, seq)
+    finally:
+        cursor.close()
+    return recent, {}, through
+
+
+def find(
+    connection: sqlite3.Connection,
+    columns: str,
+    known: dict[bytes, Place],
+    others: Sequence[bytes],
+    where: str = "",
+) -> list[Any]:
+    """Rows (`columns` of `envelope e`, the first of which must be `e.id`) of the
+    envelopes among `known` and `others` (from `EnvelopeKeys.places`) that this node
+    holds and that meet `where` (an extra condition on `e`), on the database thread."""
+    rows: list[Any] = []
+    by_place = (
+        f"SELECT {columns} FROM envelope e "  # noqa: S608 (the callers' fixed SQL)
+        f"WHERE e.room_id = ? AND e.origin = ? AND e.seq = ? AND e.id = ?{where}"
+    )
+    for envelope_id, place in known.items():
+        rows.extend(connection.execute(by_place, (*place, envelope_id)).fetchall())
+    for start in range(0, len(others), 500):
+        chunk = others[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        rows.extend(
+            connection.execute(
+                f"SELECT {columns} FROM envelope_key k "  # noqa: S608 (as above)
+                f"JOIN envelope e ON e.row = k.row AND e.id = k.id "
+                f"WHERE k.id IN ({marks}){where}",
+                chunk,
+            ).fetchall()
+        )
+    return rows

@@ -1,0 +1,207 @@
+"""Tests for gateway.envelopekeys: envelopes found by id whether their ids are still in
+memory, being indexed, or in `envelope_key`; across a reopen, a failed commit and the
+upgrade of a database from before the table existed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from federation.envelope import Content, Envelope, Kind, seal_batch
+from federation.errors import StorageError
+from federation.signing import SigningKey
+from gateway import envelopekeys
+from gateway.roomstore import EnvelopeRow, RoomStore, Status
+from gateway.store import MIGRATIONS, Store
+from gateway.timelinestore import TimelineStore
+
+ROOM = "!keysroom:tsu"
+KEY = SigningKey.generate()
+
+
+def _envelopes(first: int, count: int, *, body: str = "n") -> list[Envelope]:
+    """Messages of tsu with seqs first..first+count-1 (seq 1 the room's first)."""
+    return seal_batch(
+        [
+            Content(
+                room=ROOM,
+                origin="tsu",
+                seq=seq,
+                kind=Kind.MESSAGE,
+                sender="staff@tsu",
+                hlc=(1 << 40) + seq,
+                deps={"tsu": seq - 1} if seq > 1 else {},
+                key_id=KEY.key_id,
+                body={"text": f"{body}{seq}"},
+            )
+            for seq in range(first, first + count)
+        ],
+        KEY,
+    )
+
+
+async def _commit(rooms: RoomStore, store: Store, envelopes: list[Envelope]) -> bool:
+    """Plan and commit one step of accepted envelopes; whether it indexed ids."""
+    planned = rooms.plan_write(
+        [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes], [], [(ROOM, "tsu")], 1_000
+    )
+    await store.write_all(planned.statements)
+    if planned.keys_flushed:
+        rooms.keys.flushed()
+    return planned.keys_flushed
+
+
+async def _found(store: Store, rooms: RoomStore, envelopes: list[Envelope]) -> set[bytes]:
+    """The ids of `envelopes` the timeline's queries find, checked against their wires."""
+    rows = TimelineStore(store, rooms.keys)
+    found = await rows.targets(e.id for e in envelopes)
+    for envelope in envelopes:
+        if envelope.id in found:
+            assert found[envelope.id].position[2] == envelope.content.seq
+            assert await rows.wire(envelope.id) == envelope.to_bytes()
+    return set(found)
+
+
+async def _keyed(store: Store) -> tuple[int, int]:
+    """(rows of envelope_key, the watermark)."""
+    count = await store.read_one("SELECT COUNT(*) FROM envelope_key")
+    mark = await store.read_one("SELECT value FROM meta WHERE key = 'envelope_keys_through'")
+    return int(count[0]), int(mark[0])
+
+
+@pytest.fixture(autouse=True)
+def _small_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(envelopekeys, "FLUSH_MIN", 10)
+
+
+async def test_ids_are_found_in_memory_then_in_the_index_and_after_a_reopen(
+    tmp_path: Path,
+) -> None:
+    envelopes = _envelopes(1, 25)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        assert not await _commit(rooms, store, envelopes[:6])
+        assert await _keyed(store) == (0, 0)
+        assert len(rooms.keys) == 6
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:6]}
+        # The step that brings memory to FLUSH_MIN indexes every envelope so far, its own
+        # included, in its own transaction.
+        assert await _commit(rooms, store, envelopes[6:12])
+        assert await _keyed(store) == (12, 12)
+        assert len(rooms.keys) == 0
+        assert not await _commit(rooms, store, envelopes[12:20])
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:20]}
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        assert len(rooms.keys) == 8  # those above the watermark, from the table
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:20]}
+        assert await _commit(rooms, store, envelopes[20:])
+        assert await _keyed(store) == (25, 25)
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
+
+
+async def test_a_failed_commit_indexes_nothing_and_a_reload_finds_every_committed_envelope(
+    tmp_path: Path,
+) -> None:
+    envelopes = _envelopes(1, 14)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        await _commit(rooms, store, envelopes[:8])
+        planned = rooms.plan_write(
+            [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes[8:]], [], [], 1_000
+        )
+        assert planned.keys_flushed
+        failing = [*planned.statements, ("INSERT INTO no_such_table VALUES (?)", [(1,)])]
+        with pytest.raises(StorageError):
+            await store.write_all(failing)
+        assert await _keyed(store) == (0, 0)  # rolled back with the rest
+        await rooms.load_positions()  # as the room service does after a failed commit
+        assert len(rooms.keys) == 8
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:8]}
+        assert await _commit(rooms, store, envelopes[8:])
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
+
+
+async def test_a_deleted_envelope_is_not_found_through_a_stale_key(tmp_path: Path) -> None:
+    envelopes = _envelopes(1, 12)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        assert await _commit(rooms, store, envelopes)
+        await store.write_all([("DELETE FROM envelope WHERE seq > ?", [(10,)])])
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:10]}
+        # Stored again (a catch-up), under a new row number: found again once indexed.
+        await _commit(rooms, store, envelopes[10:])
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
+
+
+async def test_another_envelope_at_a_stored_place_does_not_replace_it(tmp_path: Path) -> None:
+    stored = _envelopes(1, 3)
+    other = _envelopes(3, 1, body="forged ")[0]
+    assert other.id != stored[2].id
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        await _commit(rooms, store, stored)
+        planned = rooms.plan_write([EnvelopeRow(other, Status.REJECTED, "forged")], [], [], 0)
+        await store.write_all(planned.statements)
+        assert await _found(store, rooms, [*stored, other]) == {e.id for e in stored}
+        row = await store.read_one("SELECT wire, status, verdict FROM envelope WHERE seq = 3")
+        assert tuple(row) == (stored[2].to_bytes(), Status.ACCEPTED, None)
+
+
+async def test_a_database_from_before_the_key_table_keeps_its_envelopes_and_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "node.db"
+    envelopes = _envelopes(1, 5)
+    before = len(MIGRATIONS) - 1
+    monkeypatch.setattr("gateway.store.MIGRATIONS", MIGRATIONS[:before])
+    async with Store(path) as store:
+        # As the node wrote them then: the id the key of both tables.
+        await store.write_all(
+            [
+                (
+                    "INSERT INTO envelope (id, room_id, origin, seq, kind, sender, hlc, wire, "
+                    "status, verdict, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, 0)",
+                    [
+                        (
+                            e.id,
+                            ROOM,
+                            "tsu",
+                            e.content.seq,
+                            "message",
+                            "staff@tsu",
+                            e.content.hlc,
+                            e.to_bytes(),
+                        )
+                        for e in envelopes
+                    ],
+                ),
+                (
+                    "INSERT INTO outbox (peer, envelope_id, enqueued_ms) VALUES ('ise', ?, 0)",
+                    [(e.id,) for e in envelopes[3:]],
+                ),
+            ]
+        )
+    monkeypatch.setattr("gateway.store.MIGRATIONS", MIGRATIONS)
+    async with Store(path) as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        assert await _keyed(store) == (5, 5)
+        assert len(rooms.keys) == 0
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
+        batch = await rooms.outbox_batch("ise", 10, 1 << 20)
+        assert batch is not None
+        assert batch.wires == [e.to_bytes() for e in envelopes[3:]]
+        # Row numbers go on from the copied rows.
+        await _commit(rooms, store, _envelopes(6, 1))
+        row = await store.read_one("SELECT row FROM envelope WHERE seq = 6")
+        assert row[0] == 6
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
