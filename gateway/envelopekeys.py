@@ -12,9 +12,9 @@ bulk instead:
   meta (`envelope_keys_through`);
 - the envelopes above it are found through memory, id -> place (room, origin, seq),
   the table's unique key; rebuilt from the table when the node loads;
-- when those in memory reach an eighth of those indexed (at least FLUSH_MIN), the next
-  processing step's transaction indexes them all, sorted by id: one pass over the
-  index's pages for many envelopes, instead of one page per envelope.
+- when those in memory reach an eighth of those indexed (at least FLUSH_MIN, at most
+  FLUSH_MAX), the next processing step's transaction indexes them all, sorted by id:
+  one pass over the index's pages for many envelopes, instead of a page per envelope.
 
 The table of envelopes stays the record; `envelope_key` and the memory only say where
 an envelope is. A lookup checks the id of the row it finds, so a stale entry (a row
@@ -25,20 +25,24 @@ another envelope.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["FLUSH_MIN", "EnvelopeKeys", "Place"]
+__all__ = ["FLUSH_MAX", "FLUSH_MIN", "EnvelopeKeys", "Place"]
 
 FLUSH_MIN = 20_000
-"""Envelopes held in memory before they are indexed, at the least."""
+"""Envelopes held in memory before they are indexed, at the least..."""
 
 FLUSH_SHARE = 8
 """...and at the least the indexed ones divided by this: the index grows in steps of an
-eighth, so each envelope costs about FLUSH_SHARE / (entries per page) page writes."""
+eighth, so each envelope costs about FLUSH_SHARE / (entries per page) page writes..."""
+
+FLUSH_MAX = 65_536
+"""...but never more than this many (about 10 MB of memory): past half a million
+envelopes, each flush is one pass over an index that many more share."""
 
 Place = tuple[str, str, int]
 """(room, origin, seq): an envelope's unique key in the `envelope` table."""
@@ -47,40 +51,57 @@ _WATERMARK = "envelope_keys_through"
 
 
 class EnvelopeKeys:
-    """Where each envelope of this node is, by id (owned by `RoomStore`)."""
+    """Where each envelope of this node is, by id (owned by `RoomStore`).
+
+    In memory, an envelope's place is one integer, seq << 32 | n, where n numbers its
+    (room, origin): about 150 bytes an envelope with its id, against 300 for a tuple."""
 
     def __init__(self) -> None:
-        self._recent: dict[bytes, Place] = {}
+        self._recent: dict[bytes, int] = {}
         """Envelopes planned since the last flush was planned."""
-        self._flushing: dict[bytes, Place] = {}
+        self._flushing: dict[bytes, int] = {}
         """Envelopes a planned flush indexes, until its transaction commits."""
+        self._streams: list[tuple[str, str]] = []
+        self._stream_numbers: dict[tuple[str, str], int] = {}
         self._indexed = 0
         """About how many envelopes `envelope_key` holds (the watermark's row number)."""
 
     async def load(self, store: Store) -> None:
         """Rebuild from the table: the envelopes above the watermark (at start, and after
         a failed commit, when memory is rebuilt from disk)."""
-        self._recent, self._flushing, self._indexed = await store.read(_load)
+        fresh = EnvelopeKeys()  # swapped in whole: lookups meanwhile use the old one
+        fresh._indexed = await store.read(_load, fresh.note)
+        self.__dict__.update(fresh.__dict__)
 
     def __len__(self) -> int:
         return len(self._recent) + len(self._flushing)
 
-    def note(self, envelope_id: bytes, place: Place) -> None:
+    def note(self, envelope_id: bytes, room: str, origin: str, seq: int) -> None:
         """An envelope row planned for the next transaction."""
-        self._recent[envelope_id] = place
+        stream = (room, origin)
+        number = self._stream_numbers.get(stream)
+        if number is None:
+            number = self._stream_numbers[stream] = len(self._streams)
+            self._streams.append(stream)
+        self._recent[envelope_id] = seq << 32 | number
 
     def plan_flush(self) -> list[tuple[str, Sequence[Sequence[object]]]]:
         """The statements that index every envelope above the watermark, when enough are
         waiting and no flush is planned already (none otherwise). For the transaction of
         the step being planned, after its own envelope rows; `flushed` once it commits."""
-        if self._flushing or len(self._recent) < max(FLUSH_MIN, self._indexed // FLUSH_SHARE):
+        due = min(max(FLUSH_MIN, self._indexed // FLUSH_SHARE), FLUSH_MAX)
+        if self._flushing or len(self._recent) < due:
             return []
         self._flushing, self._recent = self._recent, {}
         return [
             (
-                "INSERT INTO envelope_key (id, row) SELECT id, row FROM envelope "
-                "WHERE row > (SELECT value FROM meta WHERE key = ?) ORDER BY id "
-                "ON CONFLICT (id) DO UPDATE SET row = excluded.row",
+                # OR IGNORE, not an upsert: no constraint can abort the statement, so
+                # SQLite keeps no copy of the pages it changes to undo it alone (in
+                # memory, TEMP_STORE: as large as the index). An id is never indexed
+                # twice: each row is indexed once, and a deleted row's key goes with
+                # it (the trigger `envelope_key_gone`).
+                "INSERT OR IGNORE INTO envelope_key (id, row) SELECT id, row FROM envelope "
+                "WHERE row > (SELECT value FROM meta WHERE key = ?) ORDER BY id",
                 [(_WATERMARK,)],
             ),
             (
@@ -102,29 +123,31 @@ class EnvelopeKeys:
         known: dict[bytes, Place] = {}
         others: list[bytes] = []
         for envelope_id in set(ids):
-            place = self._recent.get(envelope_id) or self._flushing.get(envelope_id)
-            if place is None:
+            value = self._recent.get(envelope_id)
+            if value is None:
+                value = self._flushing.get(envelope_id)
+            if value is None:
                 others.append(envelope_id)
             else:
-                known[envelope_id] = place
+                room, origin = self._streams[value & 0xFFFFFFFF]
+                known[envelope_id] = (room, origin, value >> 32)
         return known, others
 
 
-def _load(
-    connection: sqlite3.Connection,
-) -> tuple[dict[bytes, Place], dict[bytes, Place], int]:
+def _load(connection: sqlite3.Connection, note: Callable[[bytes, str, str, int], None]) -> int:
+    """`EnvelopeKeys.load` on the database thread: the watermark, each envelope above it
+    given to `note`."""
     row = connection.execute("SELECT value FROM meta WHERE key = ?", (_WATERMARK,)).fetchone()
     through = int(row[0]) if row else 0
-    recent: dict[bytes, Place] = {}
     cursor = connection.execute(
         "SELECT id, room_id, origin, seq FROM envelope WHERE row > ?", (through,)
     )
     try:
         for envelope_id, room, origin, seq in cursor:
-            recent[bytes(envelope_id)] = (room, origin, seq)
+            note(bytes(envelope_id), room, origin, seq)
     finally:
         cursor.close()
-    return recent, {}, through
+    return through
 
 
 def find(

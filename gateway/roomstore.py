@@ -231,7 +231,7 @@ class RoomStore:
         note = self.keys.note
         for row in rows:
             content = row.envelope.content
-            note(row.envelope.id, (content.room, content.origin, content.seq))
+            note(row.envelope.id, content.room, content.origin, content.seq)
         statements: list[tuple[str, Sequence[Sequence[object]]]] = [
             (
                 "INSERT INTO relayed (id, room_id, origin, seq, hlc, wire, received_ms) "

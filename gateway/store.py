@@ -63,12 +63,13 @@ queries use indexes). Set after the migrations: building an index over a large t
 sorts all of it, and in memory that sort would take as much RAM as the index."""
 
 CACHE_MIB = 32
-"""Page cache of the node's own database connection, in MiB (SQLite's default is 2). Each
-stored envelope adds a key to the envelope id index at a random place; with 2 MiB, the
-pages of that index soon no longer fit, and inserts read them back from the operating
-system over and over. Measured in a 100,000-message transfer between two nodes, 32 MiB
-took 13% less CPU in the two database threads for the same work. Paid in memory only
-as the cache fills."""
+"""Page cache of the node's own database connection, in MiB (SQLite's default is 2).
+Chosen when every stored envelope added a key to an index on ids at a random place: with
+2 MiB, the pages of that index soon no longer fit, and inserts read them back from the
+operating system over and over. Measured then in a 100,000-message transfer between two
+nodes, 32 MiB took 13% less CPU in the two database threads for the same work. Ids are
+indexed in bulk now (gateway/envelopekeys.py), each bulk pass over every page of that
+index; not measured again since. Paid in memory only as the cache fills."""
 
 MULTI_ROW = 256
 """Rows one INSERT statement carries at most when `Store.write_all` joins them (see
@@ -361,6 +362,8 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE status = 1 AND kind != 'message';
     CREATE INDEX envelope_pending ON envelope (hlc) WHERE status = 0;
     CREATE TABLE envelope_key (id BLOB PRIMARY KEY, row INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE TRIGGER envelope_key_gone AFTER DELETE ON envelope
+        BEGIN DELETE FROM envelope_key WHERE id = old.id; END;
     INSERT INTO envelope_key (id, row) SELECT id, row FROM envelope WHERE true ORDER BY id;
     INSERT INTO meta (key, value) VALUES
         ('envelope_keys_through', (SELECT COALESCE(MAX(row), 0) FROM envelope));

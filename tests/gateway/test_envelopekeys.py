@@ -74,6 +74,8 @@ async def _keyed(store: Store) -> tuple[int, int]:
 @pytest.fixture(autouse=True)
 def _small_flushes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(envelopekeys, "FLUSH_MIN", 10)
+    monkeypatch.setattr(envelopekeys, "FLUSH_SHARE", 2)
+    monkeypatch.setattr(envelopekeys, "FLUSH_MAX", 20)
 
 
 async def test_ids_are_found_in_memory_then_in_the_index_and_after_a_reopen(
@@ -127,13 +129,16 @@ async def test_a_failed_commit_indexes_nothing_and_a_reload_finds_every_committe
         assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
 
 
-async def test_a_deleted_envelope_is_not_found_through_a_stale_key(tmp_path: Path) -> None:
+async def test_a_deleted_envelope_takes_its_key_along_and_is_found_once_stored_again(
+    tmp_path: Path,
+) -> None:
     envelopes = _envelopes(1, 12)
     async with Store(tmp_path / "node.db") as store:
         rooms = RoomStore(store)
         await rooms.load_positions()
         assert await _commit(rooms, store, envelopes)
         await store.write_all([("DELETE FROM envelope WHERE seq > ?", [(10,)])])
+        assert await _keyed(store) == (10, 12)
         assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:10]}
         # Stored again (a catch-up), under a new row number: found again once indexed.
         await _commit(rooms, store, envelopes[10:])
@@ -205,3 +210,21 @@ async def test_a_database_from_before_the_key_table_keeps_its_envelopes_and_outb
         assert row[0] == 6
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_flushes_come_as_the_index_grows_by_a_share_and_never_above_the_cap(
+    tmp_path: Path,
+) -> None:
+    # Here FLUSH_MIN 10, FLUSH_SHARE 2, FLUSH_MAX 20: due at max(10, indexed / 2), at most 20.
+    envelopes = _envelopes(1, 90)
+    flushes: list[int] = []
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        for count, envelope in enumerate(envelopes, start=1):
+            if await _commit(rooms, store, [envelope]):
+                flushes.append(count)
+                assert await _keyed(store) == (count, count)
+        assert flushes == [10, 20, 30, 45, 65, 85]
+        assert len(rooms.keys) == 5
+        assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
