@@ -14,9 +14,11 @@ stays queued across crashes until its receiver has it.
 A relay that is not a member of a room keeps what it forwards for that room in
 `relayed` (verified, never part of a timeline), and in `relayed_to` which node
 each was addressed to; outbox rows point at either table (at an envelope by its
-place, at a relayed copy by its id). Envelopes are found by id through
-`EnvelopeKeys` (gateway/envelopekeys.py), not an index on the table. It serves those copies
-in catch-up, each only to a node the origin addressed it to.
+place, at a relayed copy by its id). It serves those copies in catch-up, each only
+to a node the origin addressed it to.
+
+Envelopes are found by id through `EnvelopeKeys` (gateway/envelopekeys.py), not
+through an index on the table that every commit would write into.
 
 All writes of one processing step (envelope rows, status changes, outbox rows)
 happen in one transaction: a crash leaves the step wholly done or not at all.

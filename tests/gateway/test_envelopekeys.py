@@ -5,6 +5,8 @@ upgrade of a database from before the table existed."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,15 @@ def _envelopes(first: int, count: int, *, body: str = "n") -> list[Envelope]:
         ],
         KEY,
     )
+
+
+@asynccontextmanager
+async def _opened(path: Path) -> AsyncIterator[tuple[Store, RoomStore]]:
+    """The node's store at `path` and its room store, loaded as the node loads it."""
+    async with Store(path) as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        yield store, rooms
 
 
 async def _commit(rooms: RoomStore, store: Store, envelopes: list[Envelope]) -> bool:
@@ -82,9 +93,7 @@ async def test_ids_are_found_in_memory_then_in_the_index_and_after_a_reopen(
     tmp_path: Path,
 ) -> None:
     envelopes = _envelopes(1, 25)
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         assert not await _commit(rooms, store, envelopes[:6])
         assert await _keyed(store) == (0, 0)
         assert len(rooms.keys) == 6
@@ -96,9 +105,7 @@ async def test_ids_are_found_in_memory_then_in_the_index_and_after_a_reopen(
         assert len(rooms.keys) == 0
         assert not await _commit(rooms, store, envelopes[12:20])
         assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:20]}
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         assert len(rooms.keys) == 8  # those above the watermark, from the table
         assert await _found(store, rooms, envelopes) == {e.id for e in envelopes[:20]}
         assert await _commit(rooms, store, envelopes[20:])
@@ -110,9 +117,7 @@ async def test_a_failed_commit_indexes_nothing_and_a_reload_finds_every_committe
     tmp_path: Path,
 ) -> None:
     envelopes = _envelopes(1, 14)
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         await _commit(rooms, store, envelopes[:8])
         planned = rooms.plan_write(
             [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes[8:]], [], [], 1_000
@@ -133,9 +138,7 @@ async def test_a_deleted_envelope_takes_its_key_along_and_is_found_once_stored_a
     tmp_path: Path,
 ) -> None:
     envelopes = _envelopes(1, 12)
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         assert await _commit(rooms, store, envelopes)
         await store.write_all([("DELETE FROM envelope WHERE seq > ?", [(10,)])])
         assert await _keyed(store) == (10, 12)
@@ -149,9 +152,7 @@ async def test_another_envelope_at_a_stored_place_does_not_replace_it(tmp_path: 
     stored = _envelopes(1, 3)
     other = _envelopes(3, 1, body="forged ")[0]
     assert other.id != stored[2].id
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         await _commit(rooms, store, stored)
         planned = rooms.plan_write([EnvelopeRow(other, Status.REJECTED, "forged")], [], [], 0)
         await store.write_all(planned.statements)
@@ -195,9 +196,7 @@ async def test_a_database_from_before_the_key_table_keeps_its_envelopes_and_outb
             ]
         )
     monkeypatch.setattr("gateway.store.MIGRATIONS", MIGRATIONS)
-    async with Store(path) as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(path) as (store, rooms):
         assert await _keyed(store) == (5, 5)
         assert len(rooms.keys) == 0
         assert await _found(store, rooms, envelopes) == {e.id for e in envelopes}
@@ -218,9 +217,7 @@ async def test_flushes_come_as_the_index_grows_by_a_share_and_never_above_the_ca
     # Here FLUSH_MIN 10, FLUSH_SHARE 2, FLUSH_MAX 20: due at max(10, indexed / 2), at most 20.
     envelopes = _envelopes(1, 90)
     flushes: list[int] = []
-    async with Store(tmp_path / "node.db") as store:
-        rooms = RoomStore(store)
-        await rooms.load_positions()
+    async with _opened(tmp_path / "node.db") as (store, rooms):
         for count, envelope in enumerate(envelopes, start=1):
             if await _commit(rooms, store, [envelope]):
                 flushes.append(count)
