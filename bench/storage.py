@@ -64,8 +64,7 @@ async def _costs(total: int, *, id_index: bool) -> list[float]:
                     statements = [(sql, r) for sql, r in statements if "envelope_key" not in sql]
                 started = time.process_time()
                 await store.write_all(statements)
-                if planned.keys_flushed:
-                    rooms.keys.flushed()
+                rooms.step_committed(planned.acks_through, planned.keys_flushed)
                 commits += 1
                 if commits % CHECKPOINT_EVERY == 0:
                     _checkpoint(checkpoints)

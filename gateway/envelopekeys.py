@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["FLUSH_MAX", "FLUSH_MIN", "EnvelopeKeys", "Place"]
+__all__ = ["FLUSH_MAX", "FLUSH_MIN", "EnvelopeKeys", "Place", "find"]
 
 FLUSH_MIN = 20_000
 """Envelopes held in memory before they are indexed, at the least..."""
@@ -157,9 +157,9 @@ def find(
     others: Sequence[bytes],
     where: str = "",
 ) -> list[Any]:
-    """Rows (`columns` of `envelope e`, the first of which must be `e.id`) of the
-    envelopes among `known` and `others` (from `EnvelopeKeys.places`) that this node
-    holds and that meet `where` (an extra condition on `e`), on the database thread."""
+    """Rows (`columns` of `envelope e`) of the envelopes among `known` and `others`
+    (from `EnvelopeKeys.places`) that this node holds and that meet `where` (an extra
+    condition on `e`), on the database thread."""
     rows: list[Any] = []
     by_place = (
         f"SELECT {columns} FROM envelope e "  # noqa: S608 (the callers' fixed SQL)

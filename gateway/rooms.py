@@ -1217,9 +1217,7 @@ class RoomService:
             raise
         if write.planned is not None:
             step.queued = write.planned.queued
-            self._rooms.step_committed(write.planned.acks_through)
-            if write.planned.keys_flushed:
-                self._rooms.keys.flushed()
+            self._rooms.step_committed(write.planned.acks_through, write.planned.keys_flushed)
         write.done.set_result(None)
 
     async def _after(self, step: _Step) -> None:

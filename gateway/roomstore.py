@@ -108,7 +108,7 @@ class PlannedWrite(NamedTuple):
     acks_through: int
     """For `step_committed`: the acknowledged ranges it deletes."""
     keys_flushed: bool = False
-    """Whether it indexes the envelopes' ids (`EnvelopeKeys.flushed` once committed)."""
+    """For `step_committed`: whether it indexes the envelopes' ids."""
 
 
 class RoomStore:
@@ -339,9 +339,12 @@ class RoomStore:
         self.step_committed(through)
         return True
 
-    def step_committed(self, acks_through: int) -> None:
-        """The transaction of a `plan_write` that gave `acks_through` committed: the
-        acknowledged ranges up to that number are deleted."""
+    def step_committed(self, acks_through: int, keys_flushed: bool = False) -> None:
+        """The transaction of a `plan_write` that gave `acks_through` and `keys_flushed`
+        committed: the acknowledged ranges up to that number are deleted, and, if it
+        indexed ids, those are in `envelope_key` now."""
+        if keys_flushed:
+            self.keys.flushed()
         done = acks_through - self._acks_gone
         if done > 0:
             del self._acks[:done]

@@ -59,8 +59,7 @@ async def _commit(rooms: RoomStore, store: Store, envelopes: list[Envelope]) -> 
         [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes], [], [(ROOM, "tsu")], 1_000
     )
     await store.write_all(planned.statements)
-    if planned.keys_flushed:
-        rooms.keys.flushed()
+    rooms.step_committed(planned.acks_through, planned.keys_flushed)
     return planned.keys_flushed
 
 
