@@ -302,9 +302,11 @@ class RoomStore:
         self, peer: str, max_count: int, max_bytes: int, *, after: int = 0
     ) -> OutboxBatch | None:
         """The oldest envelopes queued for `peer` after position `after` (those before are
-        on their way), bounded by count and total bytes: read in one call on the database
-        thread, which stops reading at the byte bound."""
-        return await self._store.read(_outbox_batch, peer, after, max_count, max_bytes)
+        on their way), bounded by count and total bytes: read in one call, which stops
+        reading at the byte bound, on the store's read-only connection, beside the commits
+        of the envelopes still coming in. A row is queued by a commit that ended before
+        its sender is woken, so the read finds every row the sender was told of."""
+        return await self._store.read_aside(_outbox_batch, peer, after, max_count, max_bytes)
 
     def outbox_ack(self, peer: str, first_pos: int, last_pos: int) -> None:
         """The peer committed the batch of rows first_pos..last_pos: forget them, soon.

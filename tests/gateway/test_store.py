@@ -209,6 +209,73 @@ async def test_record_health_overwrites_the_previous_record_of_a_peer(store: Sto
     assert await store.peer_health() == {"tsu": failed}
 
 
+# --------------------------------------------------------------------------- read aside
+
+
+def _meta_keys(connection: sqlite3.Connection) -> list[str]:
+    """The keys these tests set (the migrations set others)."""
+    query = "SELECT key FROM meta WHERE key LIKE 'test-%' ORDER BY key"
+    return [row[0] for row in connection.execute(query)]
+
+
+async def test_a_read_aside_does_not_wait_behind_the_nodes_connection(store: Store) -> None:
+    await store.set_meta("test-committed", b"1")
+    release = threading.Event()
+    # The node's connection is busy (as with a long commit) until `release` is set.
+    busy = asyncio.create_task(store.read(lambda _connection: release.wait(10)))
+    await asyncio.sleep(0.05)
+    try:
+        keys = await asyncio.wait_for(store.read_aside(_meta_keys), 5)
+        assert not busy.done()
+    finally:
+        release.set()
+    assert await busy is True
+    assert keys == ["test-committed"]
+
+
+async def test_a_read_aside_sees_what_is_committed_and_nothing_of_a_transaction_under_way(
+    store: Store,
+) -> None:
+    async with store.transaction() as db:
+        await db.execute("INSERT INTO meta (key, value) VALUES ('test-open', x'00')")
+        assert await store.read_aside(_meta_keys) == []
+    assert await store.read_aside(_meta_keys) == ["test-open"]
+
+
+async def test_a_read_aside_cannot_write_and_its_errors_are_storage_errors(store: Store) -> None:
+    with pytest.raises(StorageError) as caught:
+        await store.read_aside(
+            lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('test-no', x'00')")
+        )
+    assert caught.value.code == "database_error"
+    assert "readonly" in str(caught.value)
+    with pytest.raises(StorageError):
+        await store.read_aside(lambda c: c.execute("SELECT nothing FROM nowhere"))
+    assert await store.get_meta("test-no") is None
+    assert await store.read_aside(_meta_keys) == []  # usable after the refusals
+
+
+async def test_a_closed_store_refuses_a_read_aside_and_a_reopened_one_reads_again(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "node.db")
+    with pytest.raises(StorageError) as caught:
+        await store.read_aside(_meta_keys)
+    assert caught.value.code == "store_closed"
+    async with store:
+        await store.set_meta("test-kept", b"1")
+        assert await store.read_aside(_meta_keys) == ["test-kept"]
+        readers = [t for t in threading.enumerate() if t.name.startswith("db-reader")]
+        assert readers
+    for thread in readers:
+        assert not thread.is_alive()  # ended at close, its connection closed on it
+    with pytest.raises(StorageError) as caught:
+        await store.read_aside(_meta_keys)
+    assert caught.value.code == "store_closed"
+    async with store:
+        assert await store.read_aside(_meta_keys) == ["test-kept"]
+
+
 # --------------------------------------------------------------------------- invitations
 
 
