@@ -249,6 +249,7 @@ class RoomService:
         self._repeating: set[str] = set()
         """Peers whose last batch held duplicates (see `receive`)."""
         self._claims: set[tuple[str, str, int]] = set()
+        """(room, origin, seq) being decoded from a batch of a repeating peer."""
         self._unclaimed = asyncio.Event()
         self._last_write: asyncio.Future[None] | None = None
         """Done when the last step planned is committed (see `_write`)."""
@@ -256,7 +257,6 @@ class RoomService:
         """Steps planned and not yet taken into a transaction, in plan order."""
         self._pulls: dict[str, asyncio.Event] = {}
         """Peers catch-up is pulling from: set when the pull ends."""
-        """(room, origin, seq) being decoded from a batch of a repeating peer."""
         self._expected: set[str] = set()
         # Set while local sends may go ahead; cleared only after a restore (`hold_local`).
         self._local_open = asyncio.Event()
