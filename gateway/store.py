@@ -592,6 +592,8 @@ class Store:
             raise _translate(exc) from exc
         with suppress(OSError):
             self._path.chmod(0o600)
+        # Its thread starts, and its connection opens, at the first `read_aside`.
+        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="db-reader")
 
     def checkpoint_in_background(self) -> None:
         """Copy the write-ahead log into the database file from a second connection on
@@ -644,9 +646,9 @@ class Store:
                     connection.close()
 
     async def close(self) -> None:
-        reader_thread, self._reader_thread = self._reader_thread, None
+        reader_thread, self._reader_thread = self._reader_thread, None  # refuses new reads
         if reader_thread is not None:
-            # After a read under way (its caller may be gone), on the thread it ran on.
+            # After the reads under way (their callers may be gone), on their thread.
             reader_thread.submit(self._close_reader)
             await asyncio.to_thread(reader_thread.shutdown)
         checkpointer, self._checkpointer = self._checkpointer, None
@@ -757,8 +759,8 @@ class Store:
 
     async def read_aside(self, fn: Callable[..., _T], *args: Any) -> _T:
         """`fn(connection, *args)` as `read` does, but on a second, read-only connection
-        with a thread of its own (opened at the first call): for a read that should not
-        wait behind the node's commits.
+        with a thread of its own (both started at the first call): for a read that should
+        not wait behind the node's commits.
 
         On the node's one connection a read queues behind every write before it; a
         sender reading its next batch from the outbox while the node commits the envelopes
@@ -766,13 +768,12 @@ class Store:
         run beside the writer. It sees what was committed when its statement began:
         never a transaction under way, and, unlike `read` during a `transaction`, not
         that transaction's own writes."""
-        if self._db is None:  # refused, as every other call is, once the store is closed
+        reader_thread = self._reader_thread
+        if self._db is None or reader_thread is None:  # closed, or closing
             raise StorageError("store is not open", code="store_closed")
-        if self._reader_thread is None:
-            self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="db-reader")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._reader_thread, self._read_aside, fn, args)
+            return await loop.run_in_executor(reader_thread, self._read_aside, fn, args)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 

@@ -274,6 +274,14 @@ async def test_a_closed_store_refuses_a_read_aside_and_a_reopened_one_reads_agai
     assert caught.value.code == "store_closed"
     async with store:
         assert await store.read_aside(_meta_keys) == ["test-kept"]
+        # A read asked for while the store closes is refused, not run on a new thread.
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)
+        with pytest.raises(StorageError) as caught:
+            await store.read_aside(_meta_keys)
+        assert caught.value.code == "store_closed"
+        await closing
+    assert not [t for t in threading.enumerate() if t.name.startswith("db-reader")]
 
 
 # --------------------------------------------------------------------------- invitations
