@@ -163,28 +163,38 @@ def _sender_name(body: Mapping[str, Any]) -> None:
         check_sender_name(body["name"])
 
 
-def _only(body: Mapping[str, Any], allowed: set[str]) -> None:
-    extra = set(body) - allowed
-    if extra:
-        raise ProtocolError(f"unexpected body fields {sorted(extra)}", code="bad_body")
+def _only(body: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    if not body.keys() <= allowed:  # no set built for a body that passes
+        extra = set(body) - allowed
+        raise ProtocolError(f"unexpected body fields {sorted(extra, key=str)}", code="bad_body")
 
 
-_STATE_FIELDS = {
-    "name",
-    "topic",
-    "room_kind",
-    "add_nodes",
-    "remove_nodes",
-    "set_users",
-    "remove_users",
-}
+_MESSAGE_FIELDS = frozenset({"text", "format", "files", "announcement", "name"})
+_EDIT_FIELDS = frozenset({"target", "text"})
+_REDACT_FIELDS = frozenset({"target", "reason"})
+_REACTION_FIELDS = frozenset({"target", "emoji", "name"})
+_RECEIPT_FIELDS = frozenset({"up_to", "name"})
+
+
+_STATE_FIELDS = frozenset(
+    {
+        "name",
+        "topic",
+        "room_kind",
+        "add_nodes",
+        "remove_nodes",
+        "set_users",
+        "remove_users",
+    }
+)
+_STATE_FIELDS_ANSWERING = _STATE_FIELDS | {"answers"}
 MAX_ANSWERS = 64
 
 
 def _check_state_ops(
     body: Mapping[str, Any], *, creation: bool, answers_allowed: bool = False
 ) -> None:
-    _only(body, _STATE_FIELDS | ({"answers"} if answers_allowed else set()))
+    _only(body, _STATE_FIELDS_ANSWERING if answers_allowed else _STATE_FIELDS)
     answers = body.get("answers", [])
     if not isinstance(answers, list) or len(answers) > MAX_ANSWERS:
         raise ProtocolError(f"answers must be a list of at most {MAX_ANSWERS} ids", code="bad_body")
@@ -225,7 +235,7 @@ def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -
     elif kind is Kind.STATE_REQUEST:
         _check_state_ops(body, creation=False)
     elif kind is Kind.MESSAGE:
-        _only(body, {"text", "format", "files", "announcement", "name"})
+        _only(body, _MESSAGE_FIELDS)
         _text(body, "text", required=True)
         _sender_name(body)
         if body.get("format", "plain") not in ("plain", "markdown"):
@@ -233,20 +243,20 @@ def check_body(kind: Kind, body: Mapping[str, Any], *, creation: bool = False) -
         if "files" in body:
             check_file_refs(body["files"])
     elif kind is Kind.EDIT:
-        _only(body, {"target", "text"})
+        _only(body, _EDIT_FIELDS)
         _target(body)
         _text(body, "text", required=True)
     elif kind is Kind.REDACT:
-        _only(body, {"target", "reason"})
+        _only(body, _REDACT_FIELDS)
         _target(body)
         _text(body, "reason", required=False, limit=500)
     elif kind is Kind.REACTION:
-        _only(body, {"target", "emoji", "name"})
+        _only(body, _REACTION_FIELDS)
         _target(body)
         _text(body, "emoji", required=True, limit=32)
         _sender_name(body)
     elif kind is Kind.RECEIPT:
-        _only(body, {"up_to", "name"})
+        _only(body, _RECEIPT_FIELDS)
         _target(body, "up_to")
         _sender_name(body)
 
