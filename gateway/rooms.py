@@ -47,6 +47,7 @@ from federation.envelope import (
     RootCache,
     check_room_id,
     complete_batches,
+    contents_in_series,
     peek_place,
     room_home,
     seal_batch,
@@ -152,6 +153,9 @@ class _Step:
     accepted: list[Envelope] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicates: int = 0
+    recipients: dict[str, tuple[RoomState, list[str]]] = field(default_factory=dict)
+    """room -> its state and the nodes that an envelope made here in that state goes to
+    (see `RoomService._recipients`)."""
 
 
 @dataclass(slots=True)
@@ -414,25 +418,29 @@ class RoomService:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def _content(
-        self, room: str, kind: Kind, body: dict[str, Any], sender: str, seq: int, others: Vector
-    ) -> Content:
-        """A new envelope's content. `others`: its dependencies on the other origins (the
+    def _contents(
+        self,
+        room: str,
+        items: Sequence[tuple[Kind, dict[str, Any], str]],
+        first_seq: int,
+        others: Vector,
+    ) -> list[Content]:
+        """New envelopes' contents, made at one moment: seqs from `first_seq` on, each
+        stamped by the node's clock. `others`: their dependencies on the other origins (the
         room's vector without this node), the same for every envelope of one batch."""
-        self._hlc = hlc_send(self._hlc, self._now_ms())
-        deps = dict(others)
-        if seq > 1:
-            deps[self.node_id] = seq - 1
-        return Content(
+        now_ms = self._now_ms()
+        hlcs = []
+        for _ in items:
+            self._hlc = hlc_send(self._hlc, now_ms)
+            hlcs.append(self._hlc)
+        return contents_in_series(
             room=room,
             origin=self.node_id,
-            seq=seq,
-            kind=kind,
-            sender=sender,
-            hlc=self._hlc,
-            deps=deps,
             key_id=self._key.key_id,
-            body=body,
+            first_seq=first_seq,
+            others=others,
+            hlcs=hlcs,
+            items=items,
         )
 
     async def create(
@@ -641,9 +649,7 @@ class RoomService:
         for _, items, future in group:
             if future.done():
                 continue  # its caller stopped waiting (cancelled) before it was planned: not sent
-            made = []
-            for offset, (kind, body, sender) in enumerate(items, start=1):
-                made.append(self._content(room, kind, body, sender, seq + offset, others))
+            made = self._contents(room, items, seq + 1, others)
             verdicts = [judge(history, content)[0] for content in made]
             refused = next((v for v in verdicts if v is not Verdict.ACCEPTED), None)
             if refused is not None:
@@ -1110,16 +1116,32 @@ class RoomService:
             history.add(new_state)
             step.new_rooms.setdefault(content.room, room_home(content.room))
         if local:
-            # The origin delivers to every member node: of the new state and, for a
-            # state change, of the old one too (so a removed node learns it).
-            members = set(new_state.nodes if new_state else (previous.nodes if previous else ()))
-            if new_state is not None and previous is not None:
-                members |= previous.nodes
-            for peer in sorted(members - {self.node_id}):
-                if not self._roster().revoked(peer):  # revoked for good: nothing more is sent to it
-                    step.outbox.append((peer, envelope))
+            outbox = step.outbox
+            for peer in self._recipients(previous, new_state, step):
+                outbox.append((peer, envelope))
         if content.kind is Kind.STATE_REQUEST and room_home(content.room) == self.node_id:
             step.requests.append(envelope)
+
+    def _recipients(
+        self, previous: RoomState | None, new_state: RoomState | None, step: _Step
+    ) -> list[str]:
+        """The nodes an envelope made here goes to: every member node, of the new state
+        and, for a state change, of the old one too (so a removed node learns it); never
+        a revoked one (revoked for good: nothing more is sent to it). Remembered for the
+        step while the room's state stays the same object: the roster does not change
+        while a step is planned, and a batch of messages has one list of recipients."""
+        if new_state is None and previous is not None:
+            known = step.recipients.get(previous.room)
+            if known is not None and known[0] is previous:
+                return known[1]
+        members = set(new_state.nodes if new_state else (previous.nodes if previous else ()))
+        if new_state is not None and previous is not None:
+            members |= previous.nodes
+        roster = self._roster()
+        peers = [peer for peer in sorted(members - {self.node_id}) if not roster.revoked(peer)]
+        if new_state is None and previous is not None:
+            step.recipients[previous.room] = (previous, peers)
+        return peers
 
     def _plan(self, step: _Step) -> _Write:
         """Lock held: the step's transaction, to be written after the one planned before

@@ -24,6 +24,7 @@ from federation.envelope import (
     Kind,
     RootCache,
     check_room_id,
+    contents_in_series,
     merkle_root,
     peek_place,
     room_home,
@@ -488,6 +489,122 @@ def test_a_decoded_envelope_has_every_field_of_the_sealed_one() -> None:
             assert getattr(decoded, field.name) == getattr(sealed, field.name), field.name
         for field in dataclasses.fields(Content):
             assert getattr(decoded.content, field.name) == getattr(sealed.content, field.name)
+
+
+# --- a node's own contents, made in series ----------------------------------------------------
+
+
+def _series_by_hand(
+    origin: str, first_seq: int, others: dict[str, int], items: list[tuple[Any, Any, Any]]
+) -> list[Content]:
+    """What `contents_in_series` must equal: one `Content` each, fully checked."""
+    made = []
+    for offset, (kind, body, sender) in enumerate(items):
+        seq = first_seq + offset
+        deps = dict(others)
+        if seq > 1:
+            deps[origin] = seq - 1
+        made.append(
+            Content(
+                room=ROOM,
+                origin=origin,
+                seq=seq,
+                kind=kind,
+                sender=sender,
+                hlc=HLC0 + offset,
+                deps=deps,
+                key_id=KEY.key_id,
+                body=body,
+            )
+        )
+    return made
+
+
+def _series(
+    origin: str, first_seq: int, others: dict[str, int], items: list[tuple[Any, Any, Any]]
+) -> list[Content]:
+    return contents_in_series(
+        room=ROOM,
+        origin=origin,
+        key_id=KEY.key_id,
+        first_seq=first_seq,
+        others=others,
+        hlcs=[HLC0 + offset for offset in range(len(items))],
+        items=items,
+    )
+
+
+_SERIES_ITEMS = st.lists(
+    st.tuples(
+        st.sampled_from([Kind.MESSAGE, Kind.REACTION, Kind.RECEIPT, "message", "nonsense"]),
+        st.one_of(
+            st.fixed_dictionaries({"text": st.text(max_size=8)}),
+            st.just([]),  # not a map
+        ),
+        st.sampled_from(["", "sato@tsu", "ito@mie-pref"]),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(
+    origin=st.sampled_from([HOME, "tsu"]),
+    first_seq=st.sampled_from([1, 2, 7, 2**53 - 3]),
+    others=st.sampled_from([{}, {HOME: 1}, {HOME: 4, "ise": 9}, {"ise": 2}, {HOME: 0}]),
+    items=_SERIES_ITEMS,
+)
+def test_contents_made_in_series_equal_contents_made_one_by_one(
+    origin: str,
+    first_seq: int,
+    others: dict[str, int],
+    items: list[tuple[Any, Any, Any]],
+) -> None:
+    # The same contents, field for field and type for type, or the same refusal.
+    try:
+        expected: list[Content] | ProtocolError = _series_by_hand(
+            origin, first_seq, {o: s for o, s in others.items() if o != origin}, items
+        )
+    except (ProtocolError, ValueError) as exc:
+        expected = exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc))
+    try:
+        made: list[Content] | ProtocolError = _series(
+            origin, first_seq, {o: s for o, s in others.items() if o != origin}, items
+        )
+    except (ProtocolError, ValueError) as exc:
+        made = exc if isinstance(exc, ProtocolError) else ProtocolError(str(exc))
+    if isinstance(expected, ProtocolError):
+        assert isinstance(made, ProtocolError)
+        assert (made.code, str(made)) == (expected.code, str(expected))
+        return
+    assert isinstance(made, list)
+    assert len(made) == len(expected)
+    for mine, theirs in zip(made, expected, strict=True):
+        assert mine == theirs
+        for field in dataclasses.fields(Content):
+            assert type(getattr(mine, field.name)) is type(getattr(theirs, field.name))
+        assert mine.to_bytes() == theirs.to_bytes()
+
+
+def test_contents_in_series_refuse_the_same_beyond_the_largest_seq() -> None:
+    items = [(Kind.MESSAGE, {"text": "a"}, ""), (Kind.MESSAGE, {"text": "b"}, "")]
+    with pytest.raises(ProtocolError, match="seq must be a positive integer"):
+        _series(HOME, 2**53 - 1, {}, items)
+    assert [c.seq for c in _series(HOME, 2**53 - 2, {}, items)] == [2**53 - 2, 2**53 - 1]
+
+
+def test_contents_in_series_need_one_timestamp_per_item() -> None:
+    with pytest.raises(ValueError, match="one timestamp per item"):
+        contents_in_series(
+            room=ROOM,
+            origin=HOME,
+            key_id=KEY.key_id,
+            first_seq=1,
+            others={},
+            hlcs=[HLC0],
+            items=[(Kind.MESSAGE, {"text": "a"}, ""), (Kind.MESSAGE, {"text": "b"}, "")],
+        )
 
 
 # --- dependency rules -----------------------------------------------------------------------

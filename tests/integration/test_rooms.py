@@ -1175,6 +1175,42 @@ async def test_concurrent_sends_share_commits_and_signatures_and_all_arrive_once
     assert seqs == list(range(1, len(seqs) + 1))  # the origin's seqs have no gap
 
 
+async def test_a_message_sealed_with_an_invitation_after_it_goes_to_the_invited_node_too(
+    monkeypatch: pytest.MonkeyPatch, cluster: Cluster
+) -> None:
+    # One commit round: a message, the invitation of ise, a message. Each goes to the
+    # member nodes of the state it was made in: the second to ise as well, the first not.
+    mie, tsu, ise = await three_nodes(cluster)
+    room = await mie.rooms.create("招待", nodes=["tsu"])
+    await eventually(lambda: tsu.rooms.state(room) is not None)
+    routed: list[tuple[str, str]] = []
+    plan_write = RoomStore.plan_write
+
+    def record(self: RoomStore, rows: Any, outbox: Any, *args: Any, **kwargs: Any) -> Any:
+        outbox = list(outbox)
+        if self is mie.rooms.store:
+            for peer, envelope in outbox:
+                what = envelope.content.body.get("text", envelope.content.kind.value)
+                routed.append((peer, what))
+        return plan_write(self, rows, outbox, *args, **kwargs)
+
+    monkeypatch.setattr(RoomStore, "plan_write", record)
+    await asyncio.gather(
+        mie.rooms.send(room, ["before"]),
+        mie.rooms.invite(room, "ise"),
+        mie.rooms.send(room, ["after"]),
+    )
+    assert routed == [
+        ("tsu", "before"),
+        ("ise", "state"),
+        ("tsu", "state"),
+        ("ise", "after"),
+        ("tsu", "after"),
+    ]
+    await eventually(holds(ise, room, 4))
+    assert texts(await timeline(ise, room)) == ["before", "after"]
+
+
 async def test_message_too_large_to_seal_is_refused_without_holding_up_other_sends(
     cluster: Cluster,
 ) -> None:
