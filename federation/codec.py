@@ -78,15 +78,21 @@ def _canonical(value: Any, depth: int) -> Any:
         raise ProtocolError("value nests too deeply to encode", code="too_deep")
     if kind is dict:
         try:
-            items = sorted(value.items())
+            "".join(value)  # C-speed proof that every key is a str (or a subclass of it)
         except TypeError:
-            items = None
-        if items is None or not all(type(key) is str for key, _ in items):
             for key in value:
                 if not isinstance(key, str):
-                    raise ProtocolError(f"map key {key!r} is not a string", code="non_canonical")
-            items = sorted((str(k), v) for k, v in value.items())
-        return {key: _canonical(item, depth + 1) for key, item in items}
+                    raise ProtocolError(
+                        f"map key {key!r} is not a string", code="non_canonical"
+                    ) from None
+        # Distinct str keys: sorting the items never compares two values. A plain value
+        # is kept as it is without a call (a message body is one or a few strings).
+        return {
+            str(key) if type(key) is not str else key: (
+                item if type(item) in _PLAIN else _canonical(item, depth + 1)
+            )
+            for key, item in sorted(value.items())
+        }
     if kind is list or kind is tuple:
         return [_canonical(item, depth + 1) for item in value]
     # Subclasses (StrEnum, IntEnum, ...) are written as their base type.
