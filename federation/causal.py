@@ -105,6 +105,10 @@ class Offer:
     """Envelopes now ready to process, in causal order (the offered one and any it unblocked)."""
 
 
+_DUPLICATE = Offer(OfferStatus.DUPLICATE)
+_BUFFERED = Offer(OfferStatus.BUFFERED)
+
+
 @dataclass(slots=True)
 class _Room:
     vector: Vector = field(default_factory=dict)
@@ -187,16 +191,19 @@ class CausalBuffer:
         state = self._rooms.get(content.room)
         if state is None:  # not setdefault: that would build a _Room for every envelope
             state = self._rooms[content.room] = _Room()
-        key = (content.origin, content.seq)
-        if state.vector.get(content.origin, 0) >= content.seq or key in state.pending:
-            return Offer(OfferStatus.DUPLICATE)
-        unmet = self._unmet(state, envelope)
-        if unmet is not None:
-            state.pending[key] = envelope
-            state.waiting[unmet].append(key)
-            return Offer(OfferStatus.BUFFERED)
+        origin, seq, vector = content.origin, content.seq, state.vector
+        key = (origin, seq)
+        if vector.get(origin, 0) >= seq or key in state.pending:
+            return _DUPLICATE
+        for dep_origin, dep_seq in content.deps.items():
+            if vector.get(dep_origin, 0) < dep_seq:
+                state.pending[key] = envelope
+                state.waiting[(dep_origin, dep_seq)].append(key)
+                return _BUFFERED
+        vector[origin] = seq
+        if not state.waiting:  # the common case: nothing waits, so nothing more is released
+            return Offer(OfferStatus.READY, (envelope,))
         ready = [envelope]
-        state.vector[content.origin] = content.seq
         self._release(state, key, ready)
         return Offer(OfferStatus.READY, tuple(ready))
 
