@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,26 +117,37 @@ def canonical(value: Any) -> Any:
     return _canonical(value, 0)
 
 
+_PACKERS = threading.local()
+
+
+def _pack(value: Any) -> bytes:
+    """`msgpack.packb(value, use_bin_type=True, datetime=False)`, by a packer this thread
+    keeps: `packb` makes a new `Packer` (and its buffer) for every call, a quarter of what
+    packing a 1 KiB message costs, and that is paid two or three times per envelope. One
+    per thread, since a packer's buffer is its own; after an error it starts empty."""
+    packer = getattr(_PACKERS, "packer", None)
+    if packer is None:
+        packer = _PACKERS.packer = msgpack.Packer(use_bin_type=True, datetime=False)
+    result: bytes = packer.pack(value)
+    return result
+
+
 def encode_frame(value: Any) -> bytes:
     """Encode transport framing that is never hashed or signed (maps must already be sorted)."""
     try:
-        result: bytes = msgpack.packb(value, use_bin_type=True, datetime=False)
+        return _pack(value)
     except (OverflowError, TypeError, ValueError) as exc:
         raise ProtocolError(f"cannot encode frame: {exc}", code="non_canonical") from exc
-    return result
 
 
 def encode(value: Any) -> bytes:
     """Encode `value` canonically: None, bool, int, str, bytes, list/tuple, str-keyed dict."""
     try:
-        result: bytes = msgpack.packb(
-            _canonical(value, 0), use_bin_type=True, strict_types=False, datetime=False
-        )
+        return _pack(_canonical(value, 0))
     except OverflowError as exc:
         raise ProtocolError(
             f"integer outside msgpack's range: {exc}", code="non_canonical"
         ) from exc
-    return result
 
 
 _SCALARS = frozenset({type(None), bool, int, str, bytes})
@@ -229,8 +241,8 @@ def require_canonical(value: Any, data: bytes) -> None:
     integer used a longer form than needed, a key was repeated, or an extension slipped in.
     """
     try:
-        repacked = msgpack.packb(value, use_bin_type=True, datetime=False)
-    except (TypeError, ValueError) as exc:
+        repacked = _pack(value)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(f"not canonical: {exc}", code="non_canonical") from exc
     if repacked != data:
         raise ProtocolError(
