@@ -78,6 +78,18 @@ def test_tuple_encodes_exactly_like_a_list_and_decodes_as_a_list() -> None:
     assert codec.decode(codec.encode((1, "a"))) == [1, "a"]
 
 
+def test_an_encoding_that_fails_halfway_leaves_nothing_in_the_next_one() -> None:
+    # The packer is kept between calls: what it wrote before the failure must not lead
+    # the next encoding (a frame or a canonical value, which is hashed and signed).
+    with pytest.raises(ProtocolError):
+        codec.encode_frame({"a": [b"x" * 100, object()]})
+    with pytest.raises(ProtocolError):
+        codec.encode({"a": "y" * 100, "b": 2**64})
+    assert codec.encode_frame({"b": 1}) == b"\x81\xa1b\x01"
+    assert codec.encode({"b": 1}) == b"\x81\xa1b\x01"
+    assert codec.encode_frame([b"z"]) == msgpack.packb([b"z"], use_bin_type=True)
+
+
 def test_decode_accepts_bytearray_and_memoryview() -> None:
     data = bytes.fromhex("82a16102a16201")
     assert codec.decode(bytearray(data)) == {"a": 2, "b": 1}
