@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sealing import sealed_messages
 
 import gateway.decoder as decoder_module
 from federation import codec
-from federation.envelope import Content, Envelope, Kind, seal_batch
+from federation.envelope import Envelope
 from federation.errors import ProtocolError
 from federation.signing import SigningKey
 from gateway.decoder import OFFLOAD_MIN, Decoded, Decoder, decode_here
@@ -29,21 +30,18 @@ ROOM = "!decoder01:mie-pref"
 
 def batch(count: int) -> list[bytes]:
     """`count` wires of one signing batch from tsu, with refusals of every kind mixed in."""
-    contents = [
-        Content(
-            room=ROOM,
-            origin="tsu",
-            seq=seq,
-            kind=Kind.MESSAGE,
-            sender="tanaka@tsu",
-            hlc=(1_714_521_600_000 << 16) + seq,
-            deps={"mie-pref": 1} | ({"tsu": seq - 1} if seq > 1 else {}),
-            key_id=KEY.key_id,
-            body={"text": f"お知らせ {seq}", "name": "田中太郎"},
-        )
-        for seq in range(1, count + 1)
-    ]
-    wires = [envelope.to_bytes() for envelope in seal_batch(contents, KEY)]
+    envelopes = sealed_messages(
+        ROOM,
+        "tsu",
+        range(1, count + 1),
+        key=KEY,
+        sender="tanaka@tsu",
+        text="お知らせ {}".format,
+        others={"mie-pref": 1},
+        hlc0=1_714_521_600_000 << 16,
+        extra={"name": "田中太郎"},
+    )
+    wires = [envelope.to_bytes() for envelope in envelopes]
     good = wires[5]
     raw = msgpack.unpackb(good, raw=False)
     wires[1] = b"\xc1 not msgpack"

@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from sealing import sealed_messages
 
-from federation.envelope import Content, Envelope, Kind, seal_batch
+from federation.envelope import Envelope
 from federation.errors import StorageError
 from federation.signing import SigningKey
 from gateway import envelopekeys
@@ -25,22 +26,13 @@ KEY = SigningKey.generate()
 
 def _envelopes(first: int, count: int, *, body: str = "n") -> list[Envelope]:
     """Messages of tsu with seqs first..first+count-1 (seq 1 the room's first)."""
-    return seal_batch(
-        [
-            Content(
-                room=ROOM,
-                origin="tsu",
-                seq=seq,
-                kind=Kind.MESSAGE,
-                sender="staff@tsu",
-                hlc=(1 << 40) + seq,
-                deps={"tsu": seq - 1} if seq > 1 else {},
-                key_id=KEY.key_id,
-                body={"text": f"{body}{seq}"},
-            )
-            for seq in range(first, first + count)
-        ],
-        KEY,
+    return sealed_messages(
+        ROOM,
+        "tsu",
+        range(first, first + count),
+        key=KEY,
+        sender="staff@tsu",
+        text=lambda seq: f"{body}{seq}",
     )
 
 

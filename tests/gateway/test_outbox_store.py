@@ -6,8 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from sealing import sealed_messages
 
-from federation.envelope import Content, Envelope, Kind, seal_batch
+from federation.envelope import Envelope
 from federation.errors import StorageError
 from federation.signing import SigningKey
 from gateway.roomstore import ACK_DELAY, EnvelopeRow, RoomStore, Status
@@ -17,22 +18,9 @@ ROOM = "!outboxroom:tsu"
 
 
 def _envelopes(count: int) -> list[Envelope]:
-    key = SigningKey.generate()
-    contents = [
-        Content(
-            room=ROOM,
-            origin="tsu",
-            seq=seq,
-            kind=Kind.MESSAGE,
-            sender="tanaka@tsu",
-            hlc=(1 << 40) + seq,
-            deps={"tsu": seq - 1} if seq > 1 else {},
-            key_id=key.key_id,
-            body={"text": f"message {seq}"},
-        )
-        for seq in range(1, count + 1)
-    ]
-    return seal_batch(contents, key)
+    return sealed_messages(
+        ROOM, "tsu", range(1, count + 1), key=SigningKey.generate(), sender="tanaka@tsu"
+    )
 
 
 async def _opened(store: Store) -> RoomStore:
