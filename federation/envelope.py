@@ -394,18 +394,7 @@ def _header_fast(raw: dict[str, Any]) -> Content | None:
         return None
     if (origin != room.rpartition(":")[2] or seq > 1) and room.rpartition(":")[2] not in deps:
         return None
-    content: Content = _new(Content)
-    _set_room(content, room)
-    _set_origin(content, origin)
-    _set_seq(content, seq)
-    _set_kind(content, kind)
-    _set_sender(content, sender)
-    _set_hlc(content, hlc)
-    _set_deps(content, deps)
-    _set_key_id(content, kid)
-    _set_body(content, body)
-    _set_version(content, version)
-    return content
+    return _content_filled(room, origin, seq, kind, sender, hlc, deps, kid, body, version)
 
 
 _VALID_ROOMS: set[str] = set()
@@ -533,17 +522,18 @@ class Envelope:
         `from_bytes`. Anything else must use `from_bytes`."""
         raw = codec.unpack(data, ENVELOPE_LIMITS)
         header = codec.unpack(raw["c"], ENVELOPE_LIMITS)
-        content: Content = _new(Content)
-        _set_room(content, header["room"])
-        _set_origin(content, header["origin"])
-        _set_seq(content, header["seq"])
-        _set_kind(content, _KINDS[header["kind"]])
-        _set_sender(content, header["sender"])
-        _set_hlc(content, header["hlc"])
-        _set_deps(content, header["deps"])
-        _set_key_id(content, header["kid"])
-        _set_body(content, header["body"])
-        _set_version(content, header["v"])
+        content = _content_filled(
+            header["room"],
+            header["origin"],
+            header["seq"],
+            _KINDS[header["kind"]],
+            header["sender"],
+            header["hlc"],
+            header["deps"],
+            header["kid"],
+            header["body"],
+            header["v"],
+        )
         envelope: Envelope = _new(cls)
         _set_content_bytes(envelope, raw["c"])
         _set_content(envelope, content)
@@ -587,6 +577,35 @@ assert set(_ENVELOPE_FIELDS) == {f.name for f in fields(Envelope)}
     _set_id,
     _set_wire,
 ) = (Envelope.__dict__[name].__set__ for name in _ENVELOPE_FIELDS)
+
+
+def _content_filled(
+    room: str,
+    origin: str,
+    seq: int,
+    kind: Kind,
+    sender: str,
+    hlc: int,
+    deps: dict[str, int],
+    key_id: str,
+    body: dict[str, Any],
+    version: int,
+) -> Content:
+    """A new content given its fields, checked by the caller (as `_filled` for an
+    envelope): what `__init__` does, less its keyword handling, `object.__setattr__` per
+    field and `__post_init__`."""
+    content: Content = _new(Content)
+    _set_room(content, room)
+    _set_origin(content, origin)
+    _set_seq(content, seq)
+    _set_kind(content, kind)
+    _set_sender(content, sender)
+    _set_hlc(content, hlc)
+    _set_deps(content, deps)
+    _set_key_id(content, key_id)
+    _set_body(content, body)
+    _set_version(content, version)
+    return content
 
 
 def _filled(
@@ -669,18 +688,11 @@ def contents_in_series(
                 )
             )
             continue
-        content: Content = _new(Content)
-        _set_room(content, room)
-        _set_origin(content, origin)
-        _set_seq(content, seq)
-        _set_kind(content, kind)
-        _set_sender(content, sender)
-        _set_hlc(content, hlc)
-        _set_deps(content, deps)
-        _set_key_id(content, key_id)
-        _set_body(content, body)
-        _set_version(content, ENVELOPE_VERSION)
-        made.append(content)
+        made.append(
+            _content_filled(
+                room, origin, seq, kind, sender, hlc, deps, key_id, body, ENVELOPE_VERSION
+            )
+        )
     return made
 
 
