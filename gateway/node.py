@@ -792,6 +792,8 @@ class Node:
     def certificate_changed(self) -> None:
         """This node presents a new certificate from now on: streams opened with the old
         one are replaced, before the roster stops accepting it."""
+        if self._client is not None:
+            self._client.certificate_changed()
         if self._streams is not None:
             self._streams.renew()
 

@@ -361,6 +361,14 @@ class PeerClient:
             pin = self._pins[fingerprints] = AnyFingerprint(fingerprints)
         return pin
 
+    def certificate_changed(self) -> None:
+        """This node presents a new certificate from now on: new pins, so that requests
+        and streams no longer reuse pooled connections handshaken with the old one
+        (pooled by pin; the old ones close as they idle out). A stream opened afresh on
+        such a connection would present the replaced certificate, refused once the
+        roster stops accepting it."""
+        self._pins = {}
+
     def endpoint_for(self, peer: RosterEntry) -> str:
         """Direct endpoint: one on a segment we share, else the peer's first."""
         for endpoint in peer.endpoints:
