@@ -1102,9 +1102,8 @@ class RoomService:
             if local and previous is not None:
                 # Our own refused envelope still fills its seq: every member must see it
                 # (and refuse it alike), or they would wait for that seq forever.
-                for peer in sorted(previous.nodes - {self.node_id}):
-                    if not self._roster().revoked(peer):
-                        step.outbox.append((peer, envelope))
+                for peer in self._recipients(previous, None, step):
+                    step.outbox.append((peer, envelope))
             return
         step.rows[envelope.id] = EnvelopeRow(envelope, Status.ACCEPTED, None)
         step.accepted.append(envelope)
