@@ -195,11 +195,11 @@ class CausalBuffer:
         key = (origin, seq)
         if vector.get(origin, 0) >= seq or key in state.pending:
             return _DUPLICATE
-        for dep_origin, dep_seq in content.deps.items():
-            if vector.get(dep_origin, 0) < dep_seq:
-                state.pending[key] = envelope
-                state.waiting[(dep_origin, dep_seq)].append(key)
-                return _BUFFERED
+        unmet = self._unmet(state, envelope)
+        if unmet is not None:
+            state.pending[key] = envelope
+            state.waiting[unmet].append(key)
+            return _BUFFERED
         vector[origin] = seq
         if not state.waiting:  # the common case: nothing waits, so nothing more is released
             return Offer(OfferStatus.READY, (envelope,))
