@@ -169,9 +169,11 @@ def check_keys(item: dict[Any, Any]) -> None:
         raise ProtocolError("map keys are not in canonical order", code="non_canonical")
 
 
-def check_shape(value: Any, max_depth: int) -> None:
+def check_shape(value: Any, max_depth: int, counts: Limits | None = None) -> None:
     """Allow only None, bool, int, str, bytes, lists and maps with sorted string keys, nested
-    at most `max_depth`.
+    at most `max_depth`; with `counts`, also at most its `max_map` pairs in a map and
+    `max_array` items in a list (for values decoded by other than `unpack`, which
+    enforces those as it reads).
 
     Iterative, so hostile nesting cannot exhaust the Python stack. Floats have
     several encodings and extension types have meanings we do not define. (A
@@ -188,9 +190,15 @@ def check_shape(value: Any, max_depth: int) -> None:
         if depth > max_depth:
             raise ProtocolError(f"nesting deeper than {max_depth}", code="too_deep")
         if type(item) is dict:
+            if counts is not None and len(item) > counts.max_map:
+                raise ProtocolError(f"more than {counts.max_map} pairs in a map", code="too_large")
             check_keys(item)
             children = item.values()
         else:
+            if counts is not None and len(item) > counts.max_array:
+                raise ProtocolError(
+                    f"more than {counts.max_array} items in a list", code="too_large"
+                )
             children = item
         for child in children:
             kind = type(child)

@@ -28,7 +28,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
 
 from . import codec
 from .errors import ProtocolError, TrustError
@@ -282,6 +284,15 @@ class Content:
     def from_bytes(cls, data: bytes) -> Content:
         """Decode signed content: the header's fixed structure is checked field by field,
         the free-form body by the generic shape walk, then the bytes must be canonical."""
+        if len(data) <= ENVELOPE_LIMITS.max_bytes:
+            fast = _content_fast(data)
+            if fast is not None:
+                return fast
+        return cls._from_bytes_checked(data)
+
+    @classmethod
+    def _from_bytes_checked(cls, data: bytes) -> Content:
+        """`from_bytes` through msgpack, with the exact reason when it is refused."""
         raw = codec.unpack(data, ENVELOPE_LIMITS)
         if type(raw) is not dict:
             raise ProtocolError("expected a map at the top level", code="malformed_msgpack")
@@ -351,6 +362,7 @@ _new = object.__new__
 _sha256 = hashlib.sha256
 _SEQ_LIMIT = 2**53
 _HLC_LIMIT = 2**64
+_MAX_MAP = ENVELOPE_LIMITS.max_map
 
 
 def _header_fast(raw: dict[str, Any]) -> Content | None:
@@ -359,10 +371,34 @@ def _header_fast(raw: dict[str, Any]) -> Content | None:
     and room ids already proven valid once (the caches of `check_node_id` and
     `check_room_id`). None for anything else, which then takes the checked path:
     this accepts nothing that path would refuse."""
-    kind = _KINDS.get(raw["kind"]) if type(raw["kind"]) is str else None
-    deps, body = raw["deps"], raw["body"]
-    version, seq, hlc = raw["v"], raw["seq"], raw["hlc"]
-    room, origin, sender, kid = raw["room"], raw["origin"], raw["sender"], raw["kid"]
+    return _fields_fast(
+        raw["room"],
+        raw["origin"],
+        raw["seq"],
+        raw["kind"],
+        raw["sender"],
+        raw["hlc"],
+        raw["deps"],
+        raw["kid"],
+        raw["body"],
+        raw["v"],
+    )
+
+
+def _fields_fast(
+    room: object,
+    origin: object,
+    seq: object,
+    kind_name: object,
+    sender: object,
+    hlc: object,
+    deps: object,
+    kid: object,
+    body: object,
+    version: object,
+) -> Content | None:
+    """`_header_fast` given the header's values."""
+    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
     if (
         kind is None
         or type(deps) is not dict
@@ -395,6 +431,120 @@ def _header_fast(raw: dict[str, Any]) -> Content | None:
     if (origin != room.rpartition(":")[2] or seq > 1) and room.rpartition(":")[2] not in deps:
         return None
     return _content_filled(room, origin, seq, kind, sender, hlc, deps, kid, body, version)
+
+
+# Decoding through msgspec: the common case at a third of the cost -------------------------
+#
+# `msgspec` decodes msgpack into typed structures in C: the header's field types, the
+# path's hash lengths and the framing's field set are checked as it reads, where the
+# msgpack path builds dicts and checks them in Python. It is the fast path only: it
+# accepts exactly the bytes it can prove the msgpack path accepts, with the same values,
+# and gives None for anything else, which then takes that path for its exact refusal.
+# The proof: the bytes must be the canonical encoding of what was decoded (re-encoded
+# with sorted keys, byte for byte: no repeated, unknown or out-of-order key, no long
+# form), and the body must pass `check_shape` with the counts `unpack` enforces. The
+# string and binary limits cannot bind: no value is longer than the whole envelope.
+
+
+_Seq = Annotated[int, msgspec.Meta(ge=1, lt=_SEQ_LIMIT)]
+
+
+class _Header(msgspec.Struct, forbid_unknown_fields=True):
+    """Signed content as msgspec decodes it, with the checks of `Content.__post_init__`
+    that are about one field's type and range; fields in canonical (sorted) order."""
+
+    body: dict[str, Any]
+    deps: Annotated[dict[str, _Seq], msgspec.Meta(max_length=min(MAX_DEPS, _MAX_MAP))]
+    hlc: Annotated[int, msgspec.Meta(ge=0)]  # and below 2**64, as msgpack's largest
+    kid: str
+    kind: str
+    origin: str
+    room: str
+    sender: str
+    seq: _Seq
+    v: Literal[1]
+
+
+assert ENVELOPE_VERSION == 1, "_Header.v names the version this node reads"
+
+
+_Hash = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+
+
+class _Frame(msgspec.Struct, forbid_unknown_fields=True):
+    """An envelope's framing as msgspec decodes it; fields in canonical order."""
+
+    c: bytes
+    i: int
+    n: int
+    p: Annotated[list[_Hash], msgspec.Meta(max_length=MAX_PATH)]
+    sig: bytes
+
+
+_HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
+_FRAME_DECODER = msgspec.msgpack.Decoder(_Frame)
+_SORTED_ENCODER = msgspec.msgpack.Encoder(order="sorted")
+_MSGSPEC_ERRORS = (msgspec.MsgspecError, RecursionError, TypeError, ValueError, OverflowError)
+assert ENVELOPE_LIMITS.max_str >= MAX_ENVELOPE_BYTES <= ENVELOPE_LIMITS.max_bin
+
+
+def _content_fast(data: bytes) -> Content | None:
+    """`Content.from_bytes` of canonical content that passes every check, or None."""
+    try:
+        header = _HEADER_DECODER.decode(data)
+        body = header.body
+        codec.check_shape(body, ENVELOPE_LIMITS.max_depth - 1, ENVELOPE_LIMITS)
+        if _SORTED_ENCODER.encode(header) != data:
+            return None
+    except ProtocolError:
+        return None
+    except _MSGSPEC_ERRORS:
+        return None
+    # What `_fields_fast` checks beyond what the decoder did.
+    kind = _KINDS.get(header.kind)
+    room, origin, seq, deps = header.room, header.origin, header.seq, header.deps
+    if (
+        kind is None
+        or origin not in _CHECKED_NODE_IDS
+        or room not in _VALID_ROOMS
+        or not _CHECKED_NODE_IDS.issuperset(deps)
+    ):
+        return None
+    own = deps.get(origin)
+    if (seq == 1 and own is not None) or (seq > 1 and own != seq - 1):
+        return None
+    home = room.rpartition(":")[2]
+    if (origin != home or seq > 1) and home not in deps:
+        return None
+    return _content_filled(
+        room, origin, seq, kind, header.sender, header.hlc, deps, header.kid, body, header.v
+    )
+
+
+def _envelope_fast(data: bytes) -> Envelope | None:
+    """`Envelope.from_bytes` of a canonical envelope that passes every check (not larger
+    than the limit: the caller checked), or None."""
+    try:
+        frame = _FRAME_DECODER.decode(data)
+        if _SORTED_ENCODER.encode(frame) != data:
+            return None
+    except _MSGSPEC_ERRORS:
+        return None
+    content_bytes = frame.c
+    content = _content_fast(content_bytes)
+    if content is None:
+        return None
+    return _filled(
+        _new(Envelope),
+        content_bytes,
+        content,
+        frame.sig,
+        frame.i,
+        frame.n,
+        tuple(frame.p),
+        _sha256(content_bytes).digest(),
+        data,
+    )
 
 
 _VALID_ROOMS: set[str] = set()
@@ -478,6 +628,14 @@ class Envelope:
                 code="envelope_too_large",
                 status=413,
             )
+        fast = _envelope_fast(data)
+        if fast is not None:
+            return fast
+        return cls._from_bytes_checked(data)
+
+    @classmethod
+    def _from_bytes_checked(cls, data: bytes) -> Envelope:
+        """`from_bytes` through msgpack, with the exact reason when it is refused."""
         # The outer map is framing: only the content bytes are hashed and signed, and
         # those are checked for canonical form below.
         raw = codec.unpack(data, ENVELOPE_LIMITS)  # every field's type is checked right here

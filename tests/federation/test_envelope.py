@@ -32,6 +32,7 @@ from federation.envelope import (
     seal_batch,
 )
 from federation.errors import ProtocolError, TrustError
+from federation.identity import check_node_id
 from federation.signing import SigningKey, verify_signature
 
 HOME = "mie-pref"
@@ -479,6 +480,147 @@ def test_fast_header_decoding_accepts_only_what_the_checked_path_accepts(
         for field in dataclasses.fields(Content):
             assert getattr(fast, field.name) == getattr(checked, field.name)
             assert type(getattr(fast, field.name)) is type(getattr(checked, field.name))
+
+
+def _same_values(fast: Any, checked: Any, names: list[str]) -> None:
+    """Every named field equal and of the same type; maps and lists compared as their
+    canonical bytes, where True and 1 differ."""
+    for name in names:
+        a, b = getattr(fast, name), getattr(checked, name)
+        assert type(a) is type(b), name
+        if isinstance(a, dict | list):
+            assert codec.encode(a) == codec.encode(b), name
+        else:
+            assert a == b, name
+
+
+def _outcome(decode: Any, data: bytes) -> Any:
+    try:
+        return decode(data)
+    except ProtocolError as exc:
+        return exc
+
+
+def _mutated(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """`data` with each edit applied: (position, kind, byte): 0 replaces, 1 inserts, 2 deletes."""
+    out = bytearray(data)
+    for position, kind, value in edits:
+        at = position % (len(out) + 1)
+        if kind == 0 and at < len(out):
+            out[at] = value
+        elif kind == 1:
+            out.insert(at, value)
+        elif at < len(out):
+            del out[at]
+    return bytes(out)
+
+
+_BODY_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.text(max_size=20),
+        st.binary(max_size=20),
+        st.floats(allow_nan=False),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=5), st.integers(0, 3)), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+_EDITS = st.lists(
+    st.tuples(st.integers(0, 2**16), st.integers(0, 2), st.integers(0, 255)), max_size=3
+)
+
+
+def _raw_content(header: dict[str, Any], sort_keys: bool) -> bytes:
+    """Content bytes packed by plain msgpack: the body as given (floats, int keys, any key
+    order), so that the decoders meet what no node would seal."""
+    raw = _content_map(**header)
+    if sort_keys:
+        raw = dict(sorted(raw.items()))
+    return msgpack.packb(raw, use_bin_type=True)
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(
+    body=st.one_of(st.dictionaries(st.text(max_size=6), _BODY_VALUES, max_size=4), _BODY_VALUES),
+    deps=st.sampled_from(
+        [{}, {HOME: 1}, {"tsu": 1, HOME: 1}, {HOME: 1, "tsu": 1}, {HOME: True}, {"Bad": 1, HOME: 1}]
+    ),
+    kind=st.sampled_from(["message", "reaction", "teleport"]),
+    origin=st.sampled_from([HOME, "tsu", "Bad"]),
+    seq=st.integers(1, 3),
+    sort_keys=st.booleans(),
+    edits=_EDITS,
+)
+def test_msgspec_content_decoding_accepts_only_what_the_msgpack_path_accepts(
+    body: Any,
+    deps: Any,
+    kind: str,
+    origin: str,
+    seq: int,
+    sort_keys: bool,
+    edits: list[tuple[int, int, int]],
+) -> None:
+    header = {"body": body, "deps": deps, "kind": kind, "origin": origin, "seq": seq}
+    data = _mutated(_raw_content(header, sort_keys), edits)
+    checked = _outcome(Content._from_bytes_checked, data)
+    fast = envelope_module._content_fast(data)
+    if fast is not None:
+        assert isinstance(checked, Content), checked
+        _same_values(fast, checked, [field.name for field in dataclasses.fields(Content)])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(n=st.integers(1, 9), pick=st.integers(0, 8), edits=_EDITS)
+def test_msgspec_envelope_decoding_accepts_only_what_the_msgpack_path_accepts(
+    n: int, pick: int, edits: list[tuple[int, int, int]]
+) -> None:
+    sealed = seal_batch(chain(n), KEY)[pick % n]
+    data = _mutated(sealed.to_bytes(), edits)
+    checked = _outcome(Envelope._from_bytes_checked, data)
+    fast = envelope_module._envelope_fast(data)
+    if fast is not None:
+        assert isinstance(checked, Envelope), checked
+        _same_values(fast, checked, [field.name for field in dataclasses.fields(Envelope)])
+        _same_values(
+            fast.content, checked.content, [field.name for field in dataclasses.fields(Content)]
+        )
+    if not edits:
+        assert fast is not None  # what nodes seal takes the fast path
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _content_map(body={str(k): 0 for k in range(257)}),  # more pairs than unpack allows
+        _content_map(body={"list": [0] * 4097}),  # more items than unpack allows
+        _content_map(body={"a": [[[[[[[[[[[[0]]]]]]]]]]]]}),  # deeper than the body may be
+        _content_map(deps={HOME: 1, **{f"n{k}": 1 for k in range(256)}}),  # > 256 pairs
+    ],
+    ids=["map-pairs", "list-items", "depth", "deps-pairs"],
+)
+def test_what_msgpack_refuses_for_its_counts_is_not_taken_by_the_fast_path(
+    raw: dict[str, Any],
+) -> None:
+    for name in raw["deps"]:
+        check_node_id(name)  # known ids: only the counts can refuse it
+    data = msgpack.packb(dict(sorted(raw.items())), use_bin_type=True)
+    assert envelope_module._content_fast(data) is None
+    with pytest.raises(ProtocolError):
+        Content.from_bytes(data)
+
+
+def test_a_frame_with_a_repeated_key_is_left_to_the_msgpack_path() -> None:
+    (env,) = seal_batch(chain(1), KEY)
+    good = env.to_bytes()
+    assert good[0] == 0x85  # a map of five pairs
+    repeated = b"\x86" + good[1:] + msgpack.packb("i") + msgpack.packb(0)
+    assert envelope_module._envelope_fast(repeated) is None
+    assert Envelope.from_bytes(repeated).content == env.content  # as msgpack reads it
 
 
 def test_a_decoded_envelope_has_every_field_of_the_sealed_one() -> None:
