@@ -79,8 +79,8 @@ def test_tuple_encodes_exactly_like_a_list_and_decodes_as_a_list() -> None:
 
 
 def test_an_encoding_that_fails_halfway_leaves_nothing_in_the_next_one() -> None:
-    # The packer is kept between calls: what it wrote before the failure must not lead
-    # the next encoding (a frame or a canonical value, which is hashed and signed).
+    # What an encoder wrote before a failure must not lead the next encoding (a frame or
+    # a canonical value, which is hashed and signed).
     with pytest.raises(ProtocolError):
         codec.encode_frame({"a": [b"x" * 100, object()]})
     with pytest.raises(ProtocolError):
@@ -338,6 +338,26 @@ def test_encode_decode_encode_is_stable_and_decode_returns_an_equal_value(value:
     decoded = codec.decode(data, DEEP)
     assert decoded == _as_decoded(value)
     assert codec.encode(decoded) == data
+
+
+@settings(NO_DB, max_examples=300)
+@given(values)
+def test_encoding_gives_the_bytes_of_the_msgpack_reference_packer(value: Any) -> None:
+    # The canonical form is msgpack's shortest form; the encoder that writes it here is
+    # not msgpack's own, so every encoding is held to what msgpack's packer writes.
+    assert codec.encode(value) == msgpack.packb(codec.canonical(value), use_bin_type=True)
+
+
+@pytest.mark.parametrize("size", [0, 15, 16, 31, 32, 255, 256, 65_535, 65_536])
+def test_every_length_form_is_the_one_the_msgpack_reference_packer_writes(size: int) -> None:
+    for value in (
+        "a" * size,
+        b"b" * size,
+        [0] * size,
+        {f"{k:06}": 0 for k in range(min(size, 65_536))},
+    ):
+        assert codec.encode(value) == msgpack.packb(value, use_bin_type=True)
+        assert codec.encode_frame(value) == msgpack.packb(value, use_bin_type=True)
 
 
 @settings(NO_DB, max_examples=50)
