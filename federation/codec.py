@@ -28,6 +28,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "SCALARS",
     "Limits",
     "canonical",
     "check_keys",
@@ -148,7 +149,8 @@ def encode(value: Any) -> bytes:
         ) from exc
 
 
-_SCALARS = frozenset({type(None), bool, int, str, bytes})
+SCALARS = frozenset({type(None), bool, int, str, bytes})
+"""The types of the values that are not lists or maps `check_shape` allows."""
 
 
 def _refuse_kind(kind: type) -> None:
@@ -179,7 +181,7 @@ def check_shape(value: Any, max_depth: int, counts: Limits | None = None) -> Non
     """
     kind = type(value)
     if kind is not dict and kind is not list:
-        if kind not in _SCALARS:
+        if kind not in SCALARS:
             _refuse_kind(kind)
         return
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -202,7 +204,7 @@ def check_shape(value: Any, max_depth: int, counts: Limits | None = None) -> Non
             kind = type(child)
             if kind is dict or kind is list:
                 stack.append((child, depth + 1))
-            elif kind not in _SCALARS:
+            elif kind not in SCALARS:
                 _refuse_kind(kind)
 
 

@@ -596,10 +596,11 @@ def test_msgspec_envelope_decoding_accepts_only_what_the_msgpack_path_accepts(
 @pytest.mark.parametrize(
     "raw",
     [
-        _content_map(body={str(k): 0 for k in range(257)}),  # more pairs than unpack allows
+        # All else canonical (keys in order), so that only the count or depth is wrong.
+        _content_map(body={f"{k:03}": 0 for k in range(257)}),  # more pairs than unpack allows
         _content_map(body={"list": [0] * 4097}),  # more items than unpack allows
         _content_map(body={"a": [[[[[[[[[[[[0]]]]]]]]]]]]}),  # deeper than the body may be
-        _content_map(deps={HOME: 1, **{f"n{k}": 1 for k in range(256)}}),  # > 256 pairs
+        _content_map(deps=dict(sorted({HOME: 1, **{f"n{k:03}": 1 for k in range(256)}}.items()))),
     ],
     ids=["map-pairs", "list-items", "depth", "deps-pairs"],
 )
@@ -621,6 +622,10 @@ def test_a_frame_with_a_repeated_key_is_left_to_the_msgpack_path() -> None:
     repeated = b"\x86" + good[1:] + msgpack.packb("i") + msgpack.packb(0)
     assert envelope_module._envelope_fast(repeated) is None
     assert Envelope.from_bytes(repeated).content == env.content  # as msgpack reads it
+    # More pairs than msgpack reads in a map, each key repeated: refused, not read.
+    many = b"\xde\x01\x2c" + good[1:] + (msgpack.packb("i") + msgpack.packb(0)) * 295
+    assert envelope_module._envelope_fast(many) is None
+    assert protocol_error(many).code == "malformed_msgpack"
 
 
 def test_a_decoded_envelope_has_every_field_of_the_sealed_one() -> None:
