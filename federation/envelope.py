@@ -684,27 +684,27 @@ class Envelope:
 
         For a node that has another process screen large batches: this costs a third of
         `from_bytes`. Anything else must use `from_bytes`."""
-        raw = codec.unpack(data, ENVELOPE_LIMITS)
-        header = codec.unpack(raw["c"], ENVELOPE_LIMITS)
+        frame = _FRAME_DECODER.decode(data)
+        header = _HEADER_DECODER.decode(frame.c)
         content = _content_filled(
-            header["room"],
-            header["origin"],
-            header["seq"],
-            _KINDS[header["kind"]],
-            header["sender"],
-            header["hlc"],
-            header["deps"],
-            header["kid"],
-            header["body"],
-            header["v"],
+            header.room,
+            header.origin,
+            header.seq,
+            _KINDS[header.kind],
+            header.sender,
+            header.hlc,
+            header.deps,
+            header.kid,
+            header.body,
+            header.v,
         )
         envelope: Envelope = _new(cls)
-        _set_content_bytes(envelope, raw["c"])
+        _set_content_bytes(envelope, frame.c)
         _set_content(envelope, content)
-        _set_signature(envelope, raw["sig"])
-        _set_index(envelope, raw["i"])
-        _set_size(envelope, raw["n"])
-        _set_path(envelope, tuple(raw["p"]))
+        _set_signature(envelope, frame.sig)
+        _set_index(envelope, frame.i)
+        _set_size(envelope, frame.n)
+        _set_path(envelope, tuple(frame.p))
         _set_id(envelope, envelope_id)
         _set_wire(envelope, data)
         return envelope

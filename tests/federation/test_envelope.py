@@ -622,6 +622,10 @@ def test_a_frame_with_a_repeated_key_is_left_to_the_msgpack_path() -> None:
     repeated = b"\x86" + good[1:] + msgpack.packb("i") + msgpack.packb(0)
     assert envelope_module._envelope_fast(repeated) is None
     assert Envelope.from_bytes(repeated).content == env.content  # as msgpack reads it
+    # What screening accepted is rebuilt the same, repeated key and all.
+    decoded = Envelope.from_bytes(repeated)
+    rebuilt = Envelope.from_screened(repeated, decoded.id)
+    _same_values(rebuilt, decoded, [field.name for field in dataclasses.fields(Envelope)])
     # More pairs than msgpack reads in a map, each key repeated: refused, not read.
     many = b"\xde\x01\x2c" + good[1:] + (msgpack.packb("i") + msgpack.packb(0)) * 295
     assert envelope_module._envelope_fast(many) is None
