@@ -263,22 +263,35 @@ class Content:
 
     def to_bytes(self) -> bytes:
         """The canonical bytes that are hashed into the id and signed through the batch root."""
-        # Hot path: the header keys are written in their canonical (sorted) order here,
-        # and only the body and deps go through the generic canonical encoder.
-        return codec.encode_frame(
-            {
-                "body": codec.canonical(self.body),
-                "deps": dict(sorted(self.deps.items())),
-                "hlc": self.hlc,
-                "kid": self.key_id,
-                "kind": self.kind.value,
-                "origin": self.origin,
-                "room": self.room,
-                "sender": self.sender,
-                "seq": self.seq,
-                "v": self.version,
-            }
-        )
+        # Hot path: the encoder writes every map with its keys sorted (the header's, the
+        # dependencies', the body's). A flat body of plain values with string keys (a
+        # message's text) is canonical as it is; any other goes through the generic
+        # canonical form, which refuses what cannot be encoded (floats, other types).
+        body = self.body
+        try:
+            "".join(body)  # C-speed proof that every key is a str
+            flat = codec.SCALARS.issuperset(map(type, body.values()))
+        except TypeError:
+            flat = False
+        if not flat:
+            body = codec.canonical(body)
+        try:
+            return _SORTED_ENCODER.encode(
+                {
+                    "body": body,
+                    "deps": self.deps,
+                    "hlc": self.hlc,
+                    "kid": self.key_id,
+                    "kind": self.kind.value,
+                    "origin": self.origin,
+                    "room": self.room,
+                    "sender": self.sender,
+                    "seq": self.seq,
+                    "v": self.version,
+                }
+            )
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"cannot encode content: {exc}", code="non_canonical") from exc
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Content:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import hashlib
 from typing import Any
 
@@ -630,6 +631,56 @@ def test_a_frame_with_a_repeated_key_is_left_to_the_msgpack_path() -> None:
     many = b"\xde\x01\x2c" + good[1:] + (msgpack.packb("i") + msgpack.packb(0)) * 295
     assert envelope_module._envelope_fast(many) is None
     assert protocol_error(many).code == "malformed_msgpack"
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Tag(enum.StrEnum):
+    NOTICE = "notice"
+
+
+_ENCODABLE_VALUES = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**64), max_value=2**65),  # a few beyond msgpack's range
+        st.text(max_size=10),
+        st.binary(max_size=10),
+        st.just(_Level.HIGH),
+        st.just(_Tag.NOTICE),
+        st.just(1.5),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.just(_Tag.NOTICE)), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(
+    body=st.dictionaries(
+        st.one_of(st.text(max_size=6), st.just(_Tag.NOTICE), st.integers(0, 2)),
+        _ENCODABLE_VALUES,
+        max_size=4,
+    ),
+    deps=st.sampled_from([{HOME: 1}, {"tsu": 1, HOME: 1}, {HOME: 1, "ise": 2, "tsu": 1}]),
+)
+def test_content_bytes_are_the_canonical_encoding_of_its_wire_map(
+    body: dict[Any, Any], deps: dict[str, int]
+) -> None:
+    made = content(2, body=body, deps={**deps, HOME: 1})
+    expected = _outcome(codec.encode, made.to_wire())
+    got = _outcome(lambda _: made.to_bytes(), b"")
+    if isinstance(expected, ProtocolError):
+        assert isinstance(got, ProtocolError)
+        assert got.code == expected.code == "non_canonical"
+    else:
+        assert got == expected
 
 
 def test_a_decoded_envelope_has_every_field_of_the_sealed_one() -> None:
