@@ -295,8 +295,8 @@ class Content:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Content:
-        """Decode signed content: the header's fixed structure is checked field by field,
-        the free-form body by the generic shape walk, then the bytes must be canonical."""
+        """Decode signed content: through msgspec when it proves the content canonical and
+        valid (`_content_fast`), else through msgpack (`_from_bytes_checked`)."""
         if len(data) <= ENVELOPE_LIMITS.max_bytes:
             fast = _content_fast(data)
             if fast is not None:
@@ -305,7 +305,9 @@ class Content:
 
     @classmethod
     def _from_bytes_checked(cls, data: bytes) -> Content:
-        """`from_bytes` through msgpack, with the exact reason when it is refused."""
+        """`from_bytes` through msgpack, with the exact reason when it is refused: the
+        header's fixed structure checked field by field, the free-form body by the generic
+        shape walk, then the bytes must be canonical."""
         raw = codec.unpack(data, ENVELOPE_LIMITS)
         if type(raw) is not dict:
             raise ProtocolError("expected a map at the top level", code="malformed_msgpack")
@@ -384,34 +386,10 @@ def _header_fast(raw: dict[str, Any]) -> Content | None:
     and room ids already proven valid once (the caches of `check_node_id` and
     `check_room_id`). None for anything else, which then takes the checked path:
     this accepts nothing that path would refuse."""
-    return _fields_fast(
-        raw["room"],
-        raw["origin"],
-        raw["seq"],
-        raw["kind"],
-        raw["sender"],
-        raw["hlc"],
-        raw["deps"],
-        raw["kid"],
-        raw["body"],
-        raw["v"],
-    )
-
-
-def _fields_fast(
-    room: object,
-    origin: object,
-    seq: object,
-    kind_name: object,
-    sender: object,
-    hlc: object,
-    deps: object,
-    kid: object,
-    body: object,
-    version: object,
-) -> Content | None:
-    """`_header_fast` given the header's values."""
-    kind = _KINDS.get(kind_name) if type(kind_name) is str else None
+    kind = _KINDS.get(raw["kind"]) if type(raw["kind"]) is str else None
+    deps, body = raw["deps"], raw["body"]
+    version, seq, hlc = raw["v"], raw["seq"], raw["hlc"]
+    room, origin, sender, kid = raw["room"], raw["origin"], raw["sender"], raw["kid"]
     if (
         kind is None
         or type(deps) is not dict
@@ -438,12 +416,19 @@ def _fields_fast(
             or not 1 <= dep_seq < _SEQ_LIMIT
         ):
             return None
-    own = deps.get(origin)
-    if (seq == 1 and own is not None) or (seq > 1 and own != seq - 1):
-        return None
-    if (origin != room.rpartition(":")[2] or seq > 1) and room.rpartition(":")[2] not in deps:
+    if not _follows_the_dependency_rules(room, origin, seq, deps):
         return None
     return _content_filled(room, origin, seq, kind, sender, hlc, deps, kid, body, version)
+
+
+def _follows_the_dependency_rules(room: str, origin: str, seq: int, deps: dict[str, int]) -> bool:
+    """The rules `Content.__post_init__` refuses with its own messages: an envelope names
+    its origin's previous one and no other of its own, and the room's home node."""
+    own = deps.get(origin)
+    if (seq == 1 and own is not None) or (seq > 1 and own != seq - 1):
+        return False
+    home = room.rpartition(":")[2]
+    return (origin == home and seq == 1) or home in deps
 
 
 # Decoding through msgspec: the common case at a third of the cost -------------------------
@@ -498,7 +483,8 @@ _HEADER_DECODER = msgspec.msgpack.Decoder(_Header)
 _FRAME_DECODER = msgspec.msgpack.Decoder(_Frame)
 _SORTED_ENCODER = msgspec.msgpack.Encoder(order="sorted")
 _MSGSPEC_ERRORS = (msgspec.MsgspecError, RecursionError, TypeError, ValueError, OverflowError)
-assert ENVELOPE_LIMITS.max_str >= MAX_ENVELOPE_BYTES <= ENVELOPE_LIMITS.max_bin
+assert ENVELOPE_LIMITS.max_str >= MAX_ENVELOPE_BYTES, "no string limit for the fast path to miss"
+assert ENVELOPE_LIMITS.max_bin >= MAX_ENVELOPE_BYTES, "no binary limit for the fast path to miss"
 
 
 def _content_fast(data: bytes) -> Content | None:
@@ -512,11 +498,9 @@ def _content_fast(data: bytes) -> Content | None:
             codec.check_shape(body, ENVELOPE_LIMITS.max_depth - 1, ENVELOPE_LIMITS)
         if _SORTED_ENCODER.encode(header) != data:
             return None
-    except ProtocolError:
+    except (ProtocolError, *_MSGSPEC_ERRORS):
         return None
-    except _MSGSPEC_ERRORS:
-        return None
-    # What `_fields_fast` checks beyond what the decoder did.
+    # What `_header_fast` checks beyond what the decoder did.
     kind = _KINDS.get(header.kind)
     room, origin, seq, deps = header.room, header.origin, header.seq, header.deps
     if (
@@ -524,13 +508,8 @@ def _content_fast(data: bytes) -> Content | None:
         or origin not in _CHECKED_NODE_IDS
         or room not in _VALID_ROOMS
         or not _CHECKED_NODE_IDS.issuperset(deps)
+        or not _follows_the_dependency_rules(room, origin, seq, deps)
     ):
-        return None
-    own = deps.get(origin)
-    if (seq == 1 and own is not None) or (seq > 1 and own != seq - 1):
-        return None
-    home = room.rpartition(":")[2]
-    if (origin != home or seq > 1) and home not in deps:
         return None
     return _content_filled(
         room, origin, seq, kind, header.sender, header.hlc, deps, header.kid, body, header.v
