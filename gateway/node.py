@@ -249,8 +249,8 @@ class Node:
         """Open the database, load and check the roster, start servers and the monitor."""
         claim_admin_socket(self.home.admin_socket)  # before touching anything a running node owns
         await self.store.open()
+        self.store.checkpoint_in_background()
         try:
-            await self.store.checkpoint_after_commits()
             await self._start()
         except BaseException:
             await self.stop()

@@ -47,8 +47,8 @@ ONE_TRIP = hasattr(aiosqlite.Connection, "_execute")
 public API): then `Store.write_all` is one round trip, else one per statement."""
 
 CHECKPOINT_INTERVAL = 0.5
-"""Seconds between the checkpoints of the write-ahead log, each right after a commit
-(see `Store.checkpoint_after_commits`)."""
+"""Seconds between the background checkpoints of the write-ahead log (see
+`Store.checkpoint_in_background`)."""
 CHECKPOINT_BACKSTOP = 25_000
 """Pages (4 KiB) the log may reach before a commit checkpoints it itself, should the
 background checkpoints fall behind (SQLite's own default is 1,000)."""
@@ -379,24 +379,8 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def _write_in_thread(
-    connection: sqlite3.Connection, statements: Statements, durable: bool, checkpoint: bool
-) -> int | None:
-    """`Store.write_all`'s transaction, run on the connection's own thread; then, with
-    `checkpoint`, a passive checkpoint: how many pages it copied, or None if it failed
-    (the transaction is committed either way)."""
-    _transaction_in_thread(connection, statements, durable)
-    if not checkpoint:
-        return 0
-    try:
-        return _checkpoint(connection)
-    except sqlite3.Error:
-        return None
-
-
-def _transaction_in_thread(
-    connection: sqlite3.Connection, statements: Statements, durable: bool
-) -> None:
+def _write_in_thread(connection: sqlite3.Connection, statements: Statements, durable: bool) -> None:
+    """`Store.write_all`'s transaction, run on the connection's own thread."""
     if not durable:
         connection.execute("PRAGMA synchronous=NORMAL")
     try:
@@ -503,6 +487,12 @@ def _reader_connection(path: Path) -> sqlite3.Connection:
     return connection
 
 
+def _checkpoint_connection(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA synchronous=FULL")  # the database file is synced after each
+    return connection
+
+
 async def _rollback(db: aiosqlite.Connection) -> None:
     """Undo the open transaction unless SQLite already has: on some errors (a full disk
     at COMMIT) it rolls back by itself, and a second ROLLBACK would raise "no
@@ -565,13 +555,11 @@ class Store:
         # One connection, so one transaction at a time: concurrent writers queue here
         # instead of failing with "cannot start a transaction within a transaction".
         self._write_lock = asyncio.Lock()
-        self._checkpoint_due: float | None = None
-        """When the next commit checkpoints (loop time); None: commits never do."""
-        self._checkpoint_failing = False
+        self._checkpointer: asyncio.Task[None] | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_thread: ThreadPoolExecutor | None = None
         self.checkpoints = 0
-        """Checkpoints after a commit that copied pages into the database file."""
+        """Background checkpoints that copied pages into the database file."""
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -607,45 +595,55 @@ class Store:
         # Its thread starts, and its connection opens, at the first `read_aside`.
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="db-reader")
 
-    async def checkpoint_after_commits(self) -> None:
-        """Copy the write-ahead log into the database file right after a commit, at most
-        every CHECKPOINT_INTERVAL, on the connection that commits, instead of in the
-        commit that fills the log (SQLite's default, every 1,000 pages).
+    def checkpoint_in_background(self) -> None:
+        """Copy the write-ahead log into the database file from a second connection on
+        its own thread, every CHECKPOINT_INTERVAL, instead of in the commit that fills
+        the log (SQLite's default, every 1,000 pages).
 
         A checkpoint copies every page written since the last one and syncs the database
         file: when a commit pays for it, that commit takes several times as long (half of
-        all database time in a catch-up of 100,000 envelopes). Run between two commits,
-        a passive checkpoint finds no transaction under way, so it usually copies the
-        whole log, and the next commit starts the log again from its beginning: it
-        overwrites pages of a file already that large instead of growing it, which costs
-        this host less than half as much per page. (Checkpoints from a second connection,
-        as before, raced the commits, never finished the log, and it grew to the
-        backstop; measured, about 6% more CPU per envelope at each node, most of it in
-        writing.) A commit still checkpoints itself if the log reaches
-        CHECKPOINT_BACKSTOP pages. For a running node; until called, commits never do."""
-        await self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BACKSTOP}")
-        self._checkpoint_due = asyncio.get_running_loop().time() + CHECKPOINT_INTERVAL
-
-    def _checkpoint_now(self) -> bool:
-        """Whether the commit about to run checkpoints after it (and the next one is due)."""
-        due = self._checkpoint_due
-        if due is None:
-            return False
-        now = asyncio.get_running_loop().time()
-        if now < due:
-            return False
-        self._checkpoint_due = now + CHECKPOINT_INTERVAL
-        return True
-
-    def _checkpointed(self, copied: int | None) -> None:
-        if copied is None:
-            if not self._checkpoint_failing:  # once per run of failures, not every time
-                log.warning("checkpoint_failed")
-            self._checkpoint_failing = True
+        all database time in a catch-up of 100,000 envelopes). Passive checkpoints never
+        block a writer or a reader; a commit still checkpoints itself if the log reaches
+        CHECKPOINT_BACKSTOP pages. For a running node; the store stops it on `close`."""
+        if self._checkpointer is not None:
             return
-        self._checkpoint_failing = False
-        if copied:
-            self.checkpoints += 1
+        self._checkpointer = asyncio.create_task(self._checkpoints(), name="wal-checkpoint")
+
+    async def _checkpoints(self) -> None:
+        await self.db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BACKSTOP}")
+        connection: sqlite3.Connection | None = None
+        running: asyncio.Future[int] | None = None
+        failing, copied = False, 0
+        try:
+            connection = await asyncio.to_thread(_checkpoint_connection, self._path)
+            while True:
+                await asyncio.sleep(CHECKPOINT_INTERVAL)
+                running = asyncio.ensure_future(asyncio.to_thread(_checkpoint, connection))
+                try:
+                    # Shielded: on close, the connection is closed only once it is done.
+                    now_copied = await asyncio.shield(running)
+                except sqlite3.Error as exc:
+                    if not failing:  # once per run of failures, not every half second
+                        log.warning("checkpoint_failed", error=str(_translate(exc)))
+                    failing = True
+                    continue
+                failing = False
+                if now_copied and now_copied != copied:
+                    self.checkpoints += 1
+                copied = now_copied
+        except sqlite3.Error as exc:
+            log.warning("checkpoint_unavailable", error=str(_translate(exc)))
+        except Exception:
+            log.exception("checkpoint_stopped")  # commits checkpoint themselves from now on
+        finally:
+            if running is not None:
+                if not running.done():
+                    await asyncio.wait([running])
+                if not running.cancelled():
+                    running.exception()  # seen: its failure, if any, was logged or is moot
+            if connection is not None:
+                with suppress(sqlite3.Error):
+                    connection.close()
 
     async def close(self) -> None:
         reader_thread, self._reader_thread = self._reader_thread, None  # refuses new reads
@@ -653,7 +651,11 @@ class Store:
             # After the reads under way (their callers may be gone), on their thread.
             reader_thread.submit(self._close_reader)
             await asyncio.to_thread(reader_thread.shutdown)
-        self._checkpoint_due = None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.cancel()
+            with suppress(asyncio.CancelledError):
+                await checkpointer
         if self._db is not None:
             db, self._db = self._db, None
             try:
@@ -689,14 +691,11 @@ class Store:
                     await db.executemany(sql, rows)
             return
         async with self._write_lock:
-            checkpoint = self._checkpoint_now()
             try:
-                run = cast(Callable[..., Awaitable[int | None]], self.db._execute)
-                copied = await run(_write_in_thread, self.db._conn, todo, durable, checkpoint)
+                run = cast(Callable[..., Awaitable[None]], self.db._execute)
+                await run(_write_in_thread, self.db._conn, todo, durable)
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
-            if checkpoint:
-                self._checkpointed(copied)
 
     @asynccontextmanager
     async def transaction(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
