@@ -59,7 +59,8 @@ PASSPHRASE_MIN = 8
 RESTORED_AT = "restored_at"
 """Meta key set by a restore; the node clears it once it has caught up with its peers."""
 SNAPSHOT_STEP_PAGES = 1024
-"""Database pages copied per step of the online backup (4 MiB with 4 KiB pages)."""
+"""Database pages copied per step of the online backup (16 MiB with the 16 KiB pages of a
+database the node made, 4 MiB with the 4 KiB pages of one made before)."""
 
 Progress = Callable[[str, int, int], None]
 """Called with (phase, done, total): 'database' in pages, 'archive' and 'restore' in bytes."""

@@ -418,7 +418,8 @@ async def test_the_log_is_copied_into_the_database_file_in_the_background(
         # Commits no longer checkpoint every 1,000 pages themselves, only as a backstop.
         async with store.db.execute("PRAGMA wal_autocheckpoint") as cursor:
             row = await cursor.fetchone()
-        assert row is not None and row[0] == store_module.CHECKPOINT_BACKSTOP
+        assert row is not None
+        assert row[0] == store_module.CHECKPOINT_BACKSTOP_BYTES // store_module.PAGE_BYTES
         before = database.stat().st_size
         for batch in range(40):  # about 2.4 MB: below any automatic checkpoint
             rows = [(f"k{batch}-{n}", bytes([n]) * 3000) for n in range(20)]
@@ -435,6 +436,49 @@ async def test_the_log_is_copied_into_the_database_file_in_the_background(
     async with Store(database) as again:
         rows = await again.read_all("SELECT COUNT(*) FROM meta WHERE key LIKE 'k%'")
         assert rows[0][0] == 800
+
+
+async def test_a_new_database_has_16_kib_pages(tmp_path: Path) -> None:
+    async with Store(tmp_path / "node.db") as store:
+        assert await store.page_size() == store_module.PAGE_BYTES == 16 * 1024
+    database = sqlite3.connect(tmp_path / "node.db")
+    try:
+        assert database.execute("PRAGMA page_size").fetchone()[0] == 16 * 1024
+        assert database.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        database.close()
+
+
+async def test_a_database_made_with_4_kib_pages_keeps_them_and_its_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node upgraded from a version that left SQLite's default page size: the store
+    # opens the database as it is, migrations and all, and sizes the log's backstop in
+    # its pages.
+    path = tmp_path / "node.db"
+    monkeypatch.setattr(store_module, "PAGE_BYTES", 4096)
+    async with Store(path) as old:
+        await old.set_meta("kept", b"from before")
+    monkeypatch.undo()
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", 0.05)
+    store = Store(path)
+    await store.open()
+    try:
+        assert await store.page_size() == 4096
+        assert await store.get_meta("kept") == b"from before"
+        store.checkpoint_in_background()
+        await asyncio.sleep(0.2)
+        async with store.db.execute("PRAGMA wal_autocheckpoint") as cursor:
+            row = await cursor.fetchone()
+        assert row is not None and row[0] == store_module.CHECKPOINT_BACKSTOP_BYTES // 4096
+        rows = [(f"row-{n}", bytes([n]) * 3000) for n in range(50)]
+        await store.write_all([("INSERT INTO meta (key, value) VALUES (?, ?)", rows)])
+    finally:
+        await store.close()
+    async with Store(path) as again:
+        assert await again.page_size() == 4096
+        counted = await again.read_all("SELECT COUNT(*) FROM meta WHERE key LIKE 'row-%'")
+        assert counted[0][0] == 50
 
 
 def _bytes_written() -> int:
