@@ -108,7 +108,7 @@ def test_backup_while_the_database_is_written_copies_one_state_without_restartin
     """Between every two steps of the copy another connection commits a pair of rows, as
     a running node would. The copy must neither restart (it would never finish under a
     busy node) nor mix states: it holds exactly the pairs there were when it began."""
-    monkeypatch.setattr(backup_module, "SNAPSHOT_STEP_PAGES", 4)
+    monkeypatch.setattr(backup_module, "SNAPSHOT_STEP_PAGES", 1)  # 16 KiB a step
     db = sqlite3.connect(authority_home.database, isolation_level=None)
     db.execute("CREATE TABLE pairs (n INTEGER, side TEXT, pad BLOB)")
     db.execute("BEGIN")
