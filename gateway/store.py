@@ -59,12 +59,13 @@ PAGE_BYTES = 16 * 1024
 envelope row is about 1.8 kB: a 4 KiB page holds two and leaves 15% of itself unused, a
 16 KiB page holds nine and leaves 3%; and each page is one frame of the write-ahead log
 (a header, a checksum, its own writes) and again one write when the log is copied into
-the database file. Measured in a 100,000-message transfer between two nodes, in
-alternating runs: 21.3-22.3k/s against 16.5-20.6k/s with 4 KiB (won 5 of 5), 8 KiB and
-32 KiB pages both slower than 16 KiB (lost 5 of 6). One-hop latency did not change
-beyond the host's noise. A database created before keeps its page size and works as
-before: SQLite changes it only by rewriting the whole file (`VACUUM` outside WAL mode),
-too long to do unasked while a node starts (see the README, "Upgrading")."""
+the database file. Measured in a 100,000-message transfer between two nodes, in 11
+alternating pairs: 20.1k/s against 18.3k/s with 4 KiB on average (won 9), 9-11% less
+CPU per envelope at each node; 8 KiB and 32 KiB pages were both slower than 16 KiB
+(lost 5 of 6). One-hop latency did not change beyond the host's noise. A database
+created before keeps its page size and works as before: SQLite changes it only by
+rewriting the whole file (`VACUUM` outside WAL mode), too long to do unasked while a
+node starts (see the README, "Upgrading")."""
 
 TEMP_STORE = "MEMORY"
 """Where the node's connection keeps temporary files: in memory. The one that matters is
