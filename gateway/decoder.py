@@ -258,6 +258,12 @@ class Decoder:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+        if process.stdin is not None:
+            # How the input pipe closed (BrokenPipeError when the helper went first), taken
+            # here: left alone, Python 3.11 logs it at exit as "Future exception was never
+            # retrieved".
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(process.stdin.wait_closed(), 1.0)
 
 
 def _serve() -> None:

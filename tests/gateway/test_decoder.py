@@ -4,6 +4,7 @@ process, a fallback when the helper fails, and no helper outliving its node."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -134,6 +135,32 @@ async def test_a_helper_that_dies_is_replaced_and_nothing_is_lost_meanwhile(
     assert decoder.offloaded == before + len(wires)
 
 
+async def test_a_helper_that_dies_leaves_no_pipe_error_unretrieved(decoder: Decoder) -> None:
+    # When the helper goes first, asyncio fails the input pipe's close with BrokenPipeError;
+    # unless the decoder takes that result, Python 3.11 logs "Future exception was never
+    # retrieved" at an error level once the pipe is collected.
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: reported.append(context)
+    )
+    await ready(decoder, batch(OFFLOAD_MIN))
+    pid, process = decoder.helper_pid, decoder._process
+    assert pid is not None and process is not None and process.stdin is not None
+    os.kill(pid, signal.SIGSTOP)  # reads nothing more: what follows stays queued here
+    process.stdin.write(b"\xff" * 1_000_000)
+    os.kill(pid, signal.SIGKILL)
+    del process  # collected below, with its pipe's close result
+    deadline = time.monotonic() + 10
+    while decoder._state is not decoder_module._Helper.FAILED:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await decoder.stop()
+    for _ in range(3):
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert [context.get("message") for context in reported] == []
+
+
 async def test_a_helper_that_answers_nonsense_is_dropped(decoder: Decoder) -> None:
     wires = batch(OFFLOAD_MIN)
     await ready(decoder, wires)
@@ -200,3 +227,6 @@ def test_the_helper_does_not_outlive_a_node_killed_with_sigkill() -> None:
             time.sleep(0.05)  # the helper is not our child: nothing to wait on but its pid
     finally:
         node.kill()
+        node.wait()
+        if node.stdout is not None:
+            node.stdout.close()
