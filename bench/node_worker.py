@@ -39,7 +39,7 @@ from gateway import logging as node_logging
 from gateway.api_files import file_routes
 from gateway.config import Home, load_config
 from gateway.node import Node
-from gateway.process import tune_collector
+from gateway.process import tune
 
 
 async def serve_api(node: Node, port: int) -> web.AppRunner:
@@ -132,7 +132,7 @@ def main() -> None:
         out.write(f"STOPPED {time.monotonic():.6f}\n")
         out.flush()
 
-    tune_collector()  # as `kakehashi run` does
+    tune()  # as `kakehashi run` does
     asyncio.run(serve())
 
 

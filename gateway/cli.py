@@ -145,12 +145,12 @@ def init(
 def run(home: str) -> None:
     """Run the node until interrupted (Ctrl-C or SIGTERM stops it cleanly)."""
     from .node import Node
-    from .process import tune_collector
+    from .process import tune
 
     target = resolve_home(home)
     config = load_config(target)
     node_logging.configure(config.log_format, config.log_level)
-    tune_collector()
+    tune()
 
     async def serve() -> None:
         node = Node(target)
