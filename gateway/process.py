@@ -14,20 +14,19 @@ peaked at 109 MB instead of 102 MB.
 The C allocator (glibc's malloc): a batch on its way to or from a peer is a few
 buffers of up to `MAX_BATCH_REQUEST_BYTES` (the frame, its masked copy, what TLS
 reads and writes, the database's parameters). By default glibc gives a block above a
-threshold that starts at 128 KiB pages of its own straight from the kernel and hands
-them back when it is freed, and it hands back the free top of its heaps once that
-passes twice the threshold. It raises the threshold as such blocks are freed, but
-batches vary in size and are made on three threads, so in a 100,000-envelope
-transfer the sending node took about 145,000 page faults (1.45 per envelope: each page
-given back is zeroed again by the kernel on its next use), the receiving node about
-36,000. With `ALLOCATOR_MMAP_THRESHOLD` above the largest batch and
-`ALLOCATOR_TRIM_THRESHOLD` above what a few batches take, each took about 24,000;
-in 15 alternating runs the transfer was 6.8% faster on average (faster in 13), with
-13% less CPU per envelope at the sender and 7% less at the receiver. Memory that is free stays with
-the process up to that much: a node holding 1,000,000 envelopes in an outbox peaked
-at 146 MB against 147 MB. An operator who sets glibc's own malloc settings in the
-environment (`GLIBC_TUNABLES`, `MALLOC_*_`) keeps them; other C libraries are left as
-they are.
+threshold (128 KiB at first) pages of its own straight from the kernel and hands them
+back when it is freed, and it hands back the free top of its heaps once that passes
+twice the threshold. It raises the threshold as such blocks are freed, but batches
+vary in size and are made on three threads, so in a 100,000-envelope transfer the
+sending node took about 145,000 page faults (1.45 per envelope: each page given back
+is zeroed again by the kernel on its next use), the receiving node about 36,000. With
+`ALLOCATOR_MMAP_THRESHOLD` above the largest batch and `ALLOCATOR_TRIM_THRESHOLD`
+above what a few batches take, each took about 24,000; in 15 alternating runs the
+transfer was 6.8% faster on average (faster in 13), with 13% less CPU per envelope at
+the sender and 7% less at the receiver. Memory that is free stays with the process up
+to that much: a node holding 1,000,000 envelopes in an outbox peaked at 146 MB against
+147 MB. An operator who sets glibc's own malloc settings in the environment
+(`GLIBC_TUNABLES`, `MALLOC_*_`) keeps them; other C libraries are left as they are.
 """
 
 from __future__ import annotations
