@@ -9,7 +9,12 @@ vectors describe.
 The outbox is one table for all peers, ordered by an autoincrement position: a
 sender reads its peer's oldest rows, and deletes them only after the peer has
 acknowledged the batch, which it does only after committing it. So an envelope
-stays queued across crashes until its receiver has it.
+stays queued across crashes until its receiver has it. Every queued envelope has a
+position of its own, but one row stands for a run of them (`count`): envelopes of
+one room and origin with consecutive seqs, queued for one peer by one commit, at
+consecutive positions up to the row's `pos`. A node's own messages to a peer are then
+one row per commit, not one each, and so is their delete; an acknowledgement that
+ends inside a run shortens it (`_ACK_STATEMENTS`).
 
 A relay that is not a member of a room keeps what it forwards for that room in
 `relayed` (verified, never part of a timeline), and in `relayed_to` which node
@@ -32,7 +37,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import structlog
 
@@ -212,23 +217,7 @@ class RoomStore:
         if self._last_pos is None:
             raise RuntimeError("load_positions() must run before the first write")
         relayed = list(relayed)
-        queued: Queued = {}
-        outbox_rows: list[tuple[int, str, bytes, str, str, int, int]] = []
-        for peer, envelope in outbox:
-            self._last_pos += 1
-            content = envelope.content
-            outbox_rows.append(
-                (
-                    self._last_pos,
-                    peer,
-                    envelope.id,
-                    content.room,
-                    content.origin,
-                    content.seq,
-                    now_ms,
-                )
-            )
-            queued.setdefault(peer, []).append((self._last_pos, envelope.to_bytes()))
+        queued, outbox_rows = self._plan_outbox(outbox, {e.id for e, _ in relayed}, now_ms)
         rows = list(rows)
         note = self.keys.note
         for row in rows:
@@ -284,17 +273,58 @@ class RoomStore:
                 ],
             ),
             (
-                "INSERT INTO outbox (pos, peer, envelope_id, room_id, origin, seq, enqueued_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO outbox (pos, peer, envelope_id, room_id, origin, seq, enqueued_ms, "
+                "count) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 outbox_rows,
             ),
             # Acknowledged rows go with this transaction (see `outbox_ack`), dropped from
             # memory once it committed (`step_committed`).
-            ("DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?", list(self._acks)),
+            *_ack_statements(self._acks),
         ]
         flush = self.keys.plan_flush()
         statements.extend(flush)
         return PlannedWrite(statements, queued, self._acks_gone + len(self._acks), bool(flush))
+
+    def _plan_outbox(
+        self, outbox: Iterable[tuple[str, Envelope]], relayed: set[bytes], now_ms: int
+    ) -> tuple[Queued, list[list[object]]]:
+        """Positions for the envelopes queued by one step, and the outbox rows that hold
+        them: each peer's envelopes at consecutive positions, in the order given, and
+        runs of one room and origin with consecutive seqs in one row (a relayed copy,
+        found by its id, always alone)."""
+        by_peer: dict[str, list[Envelope]] = {}
+        for peer, envelope in outbox:
+            by_peer.setdefault(peer, []).append(envelope)
+        queued: Queued = {}
+        rows: list[list[object]] = []
+        pos = cast(int, self._last_pos)
+        for peer, envelopes in by_peer.items():
+            wires: list[tuple[int, bytes]] = []
+            queued[peer] = wires
+            row: list[object] = []
+            room, origin, next_seq = "", "", -1
+            for envelope in envelopes:
+                pos += 1
+                wires.append((pos, envelope.to_bytes()))
+                content = envelope.content
+                if (
+                    content.seq == next_seq
+                    and content.room == room
+                    and content.origin == origin
+                    and envelope.id not in relayed
+                ):
+                    row[0] = pos
+                    row[2] = b""  # a run's envelopes are found by seq, never by id
+                    row[7] = cast(int, row[7]) + 1
+                    next_seq += 1
+                    continue
+                room, origin = content.room, content.origin
+                row = [pos, peer, envelope.id, room, origin, content.seq, now_ms, 1]
+                rows.append(row)
+                # A relayed copy ends its row, so nothing follows it in one.
+                next_seq = -1 if envelope.id in relayed else content.seq + 1
+        self._last_pos = pos
+        return queued, rows
 
     # outbox --------------------------------------------------------------------
 
@@ -332,9 +362,8 @@ class RoomStore:
         if not self._acks:
             return True
         through = self._acks_gone + len(self._acks)
-        delete = "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ?"
         try:
-            await self._store.write_all([(delete, list(self._acks))], durable=False)
+            await self._store.write_all(_ack_statements(self._acks), durable=False)
         except KakehashiError as exc:
             log.warning("outbox_ack_not_written", rows=len(self._acks), code=exc.code)
             return False
@@ -367,8 +396,8 @@ class RoomStore:
         how many envelopes that was. Without an fsync: rows back after a power cut are
         dropped again at the next start."""
         await self.flush_acks()
-        row = await self._store.read_one("SELECT COUNT(*) FROM outbox WHERE peer = ?", (peer,))
-        count = int(row[0]) if row else 0
+        row = await self._store.read_one("SELECT SUM(count) FROM outbox WHERE peer = ?", (peer,))
+        count = int(row[0] or 0) if row else 0
         if count:
             delete = "DELETE FROM outbox WHERE peer = ?"
             await self._store.write_all([(delete, [(peer,)])], durable=False)
@@ -382,7 +411,7 @@ class RoomStore:
         """peer -> (queued envelopes, enqueue time in ms of the oldest)."""
         await self.flush_acks()
         rows = await self._store.read_all(
-            "SELECT peer, COUNT(*), MIN(enqueued_ms) FROM outbox GROUP BY peer"
+            "SELECT peer, SUM(count), MIN(enqueued_ms) FROM outbox GROUP BY peer"
         )
         return {row[0]: (row[1], row[2]) for row in rows}
 
@@ -478,34 +507,89 @@ class RoomStore:
 def _outbox_batch(
     connection: sqlite3.Connection, peer: str, after: int, max_count: int, max_bytes: int
 ) -> OutboxBatch | None:
-    """`RoomStore.outbox_batch` on the database thread."""
+    """`RoomStore.outbox_batch` on the database thread: rows in position order, each run
+    read from the envelope table by seq, up to `max_count` envelopes and `max_bytes`."""
     wires: list[bytes] = []
-    total, first, last, rows = 0, 0, 0, 0
+    total, first, last, taken = 0, 0, 0, 0
     cursor = connection.execute(
-        "SELECT o.pos, COALESCE(e.wire, r.wire) FROM outbox o "
-        "LEFT JOIN envelope e ON e.room_id = o.room_id AND e.origin = o.origin "
-        "AND e.seq = o.seq "
-        "LEFT JOIN relayed r ON r.id = o.envelope_id "
-        "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos LIMIT ?",
-        (peer, after, max_count),
+        "SELECT o.pos, o.count, o.room_id, o.origin, o.seq, COALESCE(e.wire, r.wire) "
+        "FROM outbox o "
+        "LEFT JOIN envelope e ON o.count = 1 AND e.room_id = o.room_id "
+        "AND e.origin = o.origin AND e.seq = o.seq "
+        "LEFT JOIN relayed r ON o.count = 1 AND r.id = o.envelope_id "
+        "WHERE o.peer = ? AND o.pos > ? ORDER BY o.pos",
+        (peer, after),
     )
     try:
-        for pos, wire in cursor:
-            rows += 1
-            first = first or pos
-            if wire is None:
-                last = pos  # its envelope is gone (not while envelopes are kept)
-                continue
-            if wires and total + len(wire) > max_bytes:
+        for pos, count, room, origin, seq, wire in cursor:
+            # Positions pos - count + 1 .. pos hold seqs seq .. seq + count - 1.
+            skip = max(0, after - (pos - count))
+            room_left = max_count - taken
+            if count == 1:
+                run = {seq: wire}
+            else:
+                run = _run_wires(connection, room, origin, seq + skip, min(count - skip, room_left))
+            for offset in range(skip, min(count, skip + room_left)):
+                at = pos - count + 1 + offset
+                wire = run.get(seq + offset)
+                taken += 1
+                first = first or at
+                if wire is None:
+                    last = at  # its envelope is gone (not while envelopes are kept)
+                    continue
+                if wires and total + len(wire) > max_bytes:
+                    return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
+                last = at
+                wires.append(bytes(wire))
+                total += len(wire)
+            if taken >= max_count:
                 return OutboxBatch(first_pos=first, last_pos=last, wires=wires)
-            last = pos
-            wires.append(bytes(wire))
-            total += len(wire)
     finally:
         cursor.close()
     if not last:
         return None
-    return OutboxBatch(first_pos=first, last_pos=last, wires=wires, complete=rows < max_count)
+    return OutboxBatch(first_pos=first, last_pos=last, wires=wires, complete=True)
+
+
+def _run_wires(
+    connection: sqlite3.Connection, room: str, origin: str, seq: int, count: int
+) -> dict[int, bytes]:
+    """seq -> wire of the envelopes stored at seqs seq .. seq + count - 1 of a room and
+    origin (a run's, read with its row)."""
+    cursor = connection.execute(
+        "SELECT seq, wire FROM envelope WHERE room_id = ? AND origin = ? AND seq BETWEEN ? AND ?",
+        (room, origin, seq, seq + count - 1),
+    )
+    try:
+        return dict(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+_ACK_STATEMENTS = (
+    # Rows wholly acknowledged go.
+    "DELETE FROM outbox WHERE peer = ? AND pos BETWEEN ? AND ? AND pos - count + 1 >= ?",
+    # A run the acknowledgement ends inside loses its acknowledged head: its first
+    # position and seq move up to just after `last` (every expression reads the row as
+    # it was). A run that began before `first` is left whole: sent again, its repeats
+    # are dropped as duplicates.
+    "UPDATE outbox SET seq = seq + count - (pos - ?), count = pos - ? "
+    "WHERE peer = ? AND pos > ? AND pos - count < ? AND pos - count + 1 >= ?",
+)
+
+
+def _ack_statements(
+    acks: Sequence[tuple[str, int, int]],
+) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """The deletes of acknowledged ranges (peer, first, last), and the shortening of the
+    runs they end inside, range by range in order: the batch after one that ended inside
+    a run begins where the shortened run now begins."""
+    delete, shorten = _ACK_STATEMENTS
+    statements: list[tuple[str, list[tuple[object, ...]]]] = []
+    for peer, first, last in acks:
+        statements.append((delete, [(peer, first, last, first)]))
+        statements.append((shorten, [(last, last, peer, last, last, first)]))
+    return statements
 
 
 def _merged_page(

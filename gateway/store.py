@@ -390,6 +390,14 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO meta (key, value) VALUES
         ('envelope_keys_through', (SELECT COALESCE(MAX(row), 0) FROM envelope));
     """,
+    # An outbox row may stand for a run of envelopes (gateway/roomstore.py): `count` of
+    # one room and origin, seqs from `seq` up, at the positions up to `pos`. A node's own
+    # messages to a peer take one row per commit instead of one each, and so do their
+    # deletes once acknowledged. A run's envelope_id is empty: its envelopes are found by
+    # seq. Rows written before stand for one envelope each.
+    """
+    ALTER TABLE outbox ADD COLUMN count INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 

@@ -86,6 +86,128 @@ async def test_a_batch_cut_by_count_or_bytes_is_not_complete(tmp_path: Path) -> 
         assert await rooms.outbox_batch("ise", 100, 1 << 20, after=rest.last_pos) is None
 
 
+async def _outbox_rows(store: Store) -> list[tuple[str, int, int, int]]:
+    rows = await store.read_all("SELECT peer, pos, count, seq FROM outbox ORDER BY pos")
+    return [tuple(row) for row in rows]
+
+
+async def test_a_commits_envelopes_for_a_peer_are_one_row_per_run_of_seqs(
+    tmp_path: Path,
+) -> None:
+    """Queued as a node queues its own messages (each envelope for every peer in turn),
+    each peer's envelopes get consecutive positions and one row; the senders read them
+    back one by one, in order, and the queues count envelopes, not rows."""
+    envelopes = _envelopes(10)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        planned = rooms.plan_write(
+            [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes],
+            [(peer, e) for e in envelopes for peer in ("ise", "kameyama")],
+            [(ROOM, "tsu")],
+            1_000,
+        )
+        await store.write_all(planned.statements)
+        rooms.step_committed(planned.acks_through)
+        ise = [pos for pos, _ in planned.queued["ise"]]
+        kameyama = [pos for pos, _ in planned.queued["kameyama"]]
+        assert ise == list(range(ise[0], ise[0] + 10))
+        assert kameyama == list(range(kameyama[0], kameyama[0] + 10))
+        assert await _outbox_rows(store) == [
+            ("ise", ise[-1], 10, 1),
+            ("kameyama", kameyama[-1], 10, 1),
+        ]
+        for peer, positions in (("ise", ise), ("kameyama", kameyama)):
+            batch = await rooms.outbox_batch(peer, 100, 1 << 20)
+            assert batch is not None and batch.complete
+            assert (batch.first_pos, batch.last_pos) == (positions[0], positions[-1])
+            assert batch.wires == [e.to_bytes() for e in envelopes]
+            middle = await rooms.outbox_batch(peer, 3, 1 << 20, after=positions[4])
+            assert middle is not None and not middle.complete
+            assert (middle.first_pos, middle.last_pos) == (positions[5], positions[7])
+            assert middle.wires == [e.to_bytes() for e in envelopes[5:8]]
+        depths = await rooms.outbox_depths()
+        assert {peer: count for peer, (count, _) in depths.items()} == {"ise": 10, "kameyama": 10}
+        assert await rooms.drop_outbox("kameyama") == 10
+        await rooms.stop_acks()
+
+
+async def test_an_acknowledgement_ending_inside_a_run_shortens_it_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    envelopes = _envelopes(10)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        positions = await _queue(rooms, store, envelopes, "ise")
+        batch = await rooms.outbox_batch("ise", 4, 1 << 20)
+        assert batch is not None and batch.wires == [e.to_bytes() for e in envelopes[:4]]
+        rooms.outbox_ack("ise", batch.first_pos, batch.last_pos)
+        await rooms.stop_acks()
+        assert await _outbox_rows(store) == [("ise", positions[-1], 6, 5)]
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)  # a sender after a restart starts from the oldest row
+        rest = await rooms.outbox_batch("ise", 100, 1 << 20)
+        assert rest is not None and rest.complete
+        assert (rest.first_pos, rest.last_pos) == (positions[4], positions[-1])
+        assert rest.wires == [e.to_bytes() for e in envelopes[4:]]
+        assert {p: n for p, (n, _) in (await rooms.outbox_depths()).items()} == {"ise": 6}
+        # A range that begins inside a run (not how a sender acknowledges: it goes in
+        # order) deletes nothing of it: the run is sent again, and its repeats dropped.
+        rooms.outbox_ack("ise", positions[6], positions[7])
+        await rooms.flush_acks()
+        assert await _rows(store) == positions[4:]
+        rooms.outbox_ack("ise", positions[4], positions[-1])
+        await rooms.stop_acks()
+        assert await _rows(store) == []
+
+
+async def test_acknowledgements_of_consecutive_batches_of_a_run_written_together(
+    tmp_path: Path,
+) -> None:
+    """Batches of one run, acknowledged before either delete is written: the second
+    begins where the first shortened the run, so it takes the rest of it."""
+    envelopes = _envelopes(10)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        positions = await _queue(rooms, store, envelopes, "ise")
+        rooms.outbox_ack("ise", positions[0], positions[3])
+        rooms.outbox_ack("ise", positions[4], positions[6])
+        rooms.outbox_ack("ise", positions[7], positions[9])
+        await rooms.flush_acks()
+        assert await _rows(store) == []
+        assert await rooms.outbox_depths() == {}
+        await rooms.stop_acks()
+
+
+async def test_relayed_copies_and_other_origins_are_rows_of_their_own(tmp_path: Path) -> None:
+    """A run is one room, one origin, consecutive seqs, all in the envelope table: a
+    copy kept only to forward (found by its id) is always alone, and an envelope whose
+    row is gone is skipped, its position still covered by the batch."""
+    key = SigningKey.generate()
+    own = _envelopes(4)
+    forwarded = sealed_messages("!elsewhere:ise", "ise", range(1, 3), key=key, sender="a@ise")
+    other = sealed_messages(ROOM, "ise", range(1, 3), key=key, sender="b@ise", others={"tsu": 1})
+    async with Store(tmp_path / "node.db") as store:
+        rooms = await _opened(store)
+        queued = [*own[:2], *forwarded, *other, *own[2:]]
+        planned = rooms.plan_write(
+            [EnvelopeRow(e, Status.ACCEPTED) for e in [*own, *other]],
+            [("kameyama", e) for e in queued],
+            [(ROOM, "tsu")],
+            1_000,
+            relayed=[(e, "kameyama") for e in forwarded],
+        )
+        await store.write_all(planned.statements)
+        rooms.step_committed(planned.acks_through)
+        positions = [pos for pos, _ in planned.queued["kameyama"]]
+        assert [count for _, _, count, _ in await _outbox_rows(store)] == [2, 1, 1, 2, 2]
+        await store.write_all([("DELETE FROM envelope WHERE origin = 'tsu' AND seq = 4", [()])])
+        batch = await rooms.outbox_batch("kameyama", 100, 1 << 20)
+        assert batch is not None and batch.complete
+        assert (batch.first_pos, batch.last_pos) == (positions[0], positions[-1])
+        assert batch.wires == [e.to_bytes() for e in queued[:-1]]
+        await rooms.stop_acks()
+
+
 async def test_acknowledged_ranges_of_several_batches_are_deleted_together(
     tmp_path: Path,
 ) -> None:
@@ -107,7 +229,9 @@ async def test_acknowledged_ranges_of_several_batches_are_deleted_together(
 
 
 async def _rows(store: Store) -> list[int]:
-    return [row[0] for row in await store.read_all("SELECT pos FROM outbox ORDER BY pos")]
+    """The positions queued, of every outbox row (a run of `count` ends at `pos`)."""
+    rows = await store.read_all("SELECT pos, count FROM outbox ORDER BY pos")
+    return [pos for last, count in rows for pos in range(last - count + 1, last + 1)]
 
 
 async def test_the_next_commit_takes_acknowledged_deletes_along(tmp_path: Path) -> None:
