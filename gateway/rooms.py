@@ -101,6 +101,24 @@ _LocalRequest = tuple[str, list[tuple[Kind, dict[str, Any], str]], "asyncio.Futu
 """A waiting local send: room, (kind, body, sender) items, and the caller's future."""
 
 
+def _new_future() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _mark_committing(group: Sequence[_Write]) -> None:
+    """On the event loop: the transaction of `group` has reached its COMMIT."""
+    for write in group:
+        if not write.committing.done():
+            write.committing.set_result(None)
+
+
+def _fail_local(requests: Sequence[_LocalRequest], exc: BaseException) -> None:
+    """Fail every caller of a round of local sends not answered yet."""
+    for _, _, future in requests:
+        if not future.done():
+            future.set_exception(exc)
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """An envelope refused before it reached a timeline, and why."""
@@ -137,6 +155,9 @@ class _Write:
     taken: bool = False
     """Taken into a transaction: its own, or that of a step planned before it (see
     `RoomService._write`)."""
+    committing: asyncio.Future[None] = field(default_factory=_new_future)
+    """Done when the transaction that carries it reaches its COMMIT (see `_flush_local`);
+    never, if it fails before."""
 
 
 @dataclass(slots=True)
@@ -247,6 +268,8 @@ class RoomService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._commits: set[asyncio.Task[None]] = set()
         """Steps committing (see `_commit`): waited for, not cancelled, at stop."""
+        self._settling: set[asyncio.Task[None]] = set()
+        """Rounds of local sends waiting for their commit (see `_flush_local`)."""
         self._unanswered: list[Envelope] = []
         self.counts = EnvelopeCounts()
         self._answered: set[bytes] = set()
@@ -598,6 +621,17 @@ class RoomService:
         return await future
 
     async def _flush_local(self) -> None:
+        """Plan the waiting local sends round after round; each round is committed and
+        answered by a task of its own (`_settle_local`).
+
+        The next round is planned once this one's transaction reaches its COMMIT: the
+        log write and its fsync, a third of the transaction's time, hold no interpreter
+        lock, so sealing the next round fits there. Planned any earlier, while the
+        statements are being stepped, the sealing and the statements contend for the
+        interpreter lock and both take longer (docs/benchmarks.md, twenty-third round).
+        As for received batches, memory then runs ahead of disk by a step, commits happen
+        in plan order (`_write`), and if this commit fails the round planned after it
+        fails unwritten and memory is rebuilt from disk."""
         while self._local_queue:
             requests, self._local_queue = self._local_queue, []
             step = _Step()
@@ -617,19 +651,38 @@ class RoomService:
                                 if not future.done():
                                     future.set_exception(exc)
                     write = self._plan(step)
-                await self._commit(write, step)
             except BaseException as exc:
-                # Every caller of this round gets the failure, including those whose
-                # envelopes were not planned yet (e.g. a message too large to seal).
-                for _, _, future in requests:
-                    if not future.done():
-                        future.set_exception(exc)
+                _fail_local(requests, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for future, ids in planned:
-                if not future.done():
-                    future.set_result(ids)
+            task = asyncio.create_task(
+                self._settle_local(write, step, requests, planned), name="local-settle"
+            )
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+            await asyncio.wait((task, write.committing), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _settle_local(
+        self,
+        write: _Write,
+        step: _Step,
+        requests: list[_LocalRequest],
+        planned: list[tuple[asyncio.Future[list[bytes]], list[bytes]]],
+    ) -> None:
+        """Commit one round of local sends and answer its callers."""
+        try:
+            await self._commit(write, step)
+        except BaseException as exc:
+            # Every caller of this round gets the failure, including those whose
+            # envelopes were not planned (e.g. a message too large to seal).
+            _fail_local(requests, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for future, ids in planned:
+            if not future.done():
+                future.set_result(ids)
 
     def _plan_local(
         self, room: str, group: Sequence[_LocalRequest], step: _Step
@@ -1217,7 +1270,11 @@ class RoomService:
                     for statement in taken.planned.statements
                 ]
                 if statements:
-                    await self._store.write_all(statements)
+                    loop = asyncio.get_running_loop()
+                    await self._store.write_all(
+                        statements,
+                        committing=lambda: loop.call_soon_threadsafe(_mark_committing, group),
+                    )
         except BaseException as exc:
             earlier = isinstance(exc, _EarlierCommitFailed)
             write.done.set_exception(
@@ -1276,7 +1333,7 @@ class RoomService:
     async def stop(self) -> None:
         """Cancel background work (state-request answers, the commit queue) and wait for
         the commits under way (`settle`)."""
-        await cancel_all([*self._tasks, self._flusher])
+        await cancel_all([*self._tasks, self._flusher, *self._settling])
         self._tasks.clear()
         await self.settle()
         await self._decoder.stop()

@@ -401,7 +401,12 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-def _write_in_thread(connection: sqlite3.Connection, statements: Statements, durable: bool) -> None:
+def _write_in_thread(
+    connection: sqlite3.Connection,
+    statements: Statements,
+    durable: bool,
+    committing: Callable[[], object] | None = None,
+) -> None:
     """`Store.write_all`'s transaction, run on the connection's own thread."""
     if not durable:
         connection.execute("PRAGMA synchronous=NORMAL")
@@ -410,6 +415,8 @@ def _write_in_thread(connection: sqlite3.Connection, statements: Statements, dur
         try:
             for sql, rows in statements:
                 _insert_rows(connection, sql, rows)
+            if committing is not None:
+                committing()
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -702,11 +709,20 @@ class Store:
         for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
             await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
 
-    async def write_all(self, statements: Statements, *, durable: bool = True) -> None:
+    async def write_all(
+        self,
+        statements: Statements,
+        *,
+        durable: bool = True,
+        committing: Callable[[], object] | None = None,
+    ) -> None:
         """One transaction of prepared statements (SQL and its rows; empty ones skipped),
         committed or rolled back as `transaction` does, in one round trip to the database
         thread instead of one per statement: under load each round trip waits behind the
-        event loop's other work, and a commit paid for every one of them."""
+        event loop's other work, and a commit paid for every one of them.
+
+        `committing` is called on the database thread once every statement ran, as the
+        COMMIT begins (not on the fallback path without a round trip)."""
         todo = [(sql, rows) for sql, rows in statements if rows]
         if not todo:
             return
@@ -718,7 +734,7 @@ class Store:
         async with self._write_lock:
             try:
                 run = cast(Callable[..., Awaitable[None]], self.db._execute)
-                await run(_write_in_thread, self.db._conn, todo, durable)
+                await run(_write_in_thread, self.db._conn, todo, durable, committing)
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
 

@@ -365,22 +365,31 @@ async def _unsent_batches(
 
 
 def _first_commit_held(
-    node: Node, monkeypatch: pytest.MonkeyPatch, *, fails: bool = False
+    node: Node, monkeypatch: pytest.MonkeyPatch, *, fails: bool = False, at_commit: bool = False
 ) -> tuple[asyncio.Event, list[str]]:
-    """Hold `node`'s next commit until the event is set, then write it (or fail it as a
-    full disk would); the list records each commit: "held", then "written" or "failed"."""
+    """Hold the transaction of `node`'s next step until the event is set, then write it
+    (or fail it as a full disk would); the list records each step's transaction: "held",
+    then "written" or "failed". `at_commit`: held once its statements ran, as its COMMIT
+    begins (the node is told so, as by the database thread); else before them.
+    Other transactions (acknowledged rows deleted in the background) go through."""
     write_all = node.store.write_all
     gate = asyncio.Event()
     commits: list[str] = []
 
-    async def held(statements: Any) -> None:
+    async def held(statements: Any, **kwargs: Any) -> None:
+        committing = kwargs.get("committing")
+        if committing is None:
+            await write_all(statements, **kwargs)
+            return
         if not commits:
             commits.append("held")
+            if at_commit:
+                committing()
             await gate.wait()
             if fails:
                 commits.append("failed")
                 raise StorageError("database or disk is full", code="disk_full")
-        await write_all(statements)
+        await write_all(statements, **kwargs)
         commits.append("written")
 
     monkeypatch.setattr(node.store, "write_all", held)
@@ -497,6 +506,84 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     assert (await _push(mie, "tsu", first))["accepted"] == 2
     assert (await _push(mie, "tsu", second))["accepted"] == 1
     assert tsu.rooms.vector(room) == {"mie-pref": 4}
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def _room_with_tsu(cluster: Cluster) -> tuple[Node, Node, str]:
+    mie, tsu, _ = await three_nodes(cluster)
+    room = await mie.rooms.create("順番", nodes=["tsu"])
+    await eventually(holds(tsu, room, 1))
+    return mie, tsu, room
+
+
+async def test_the_next_round_of_local_sends_is_sealed_while_the_last_one_commits(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room = await _room_with_tsu(cluster)
+    gate, commits = _first_commit_held(mie, monkeypatch, at_commit=True)
+    one = asyncio.create_task(mie.rooms.send(room, ["一"]))
+    await eventually(lambda: commits == ["held"])
+    two = asyncio.create_task(mie.rooms.send(room, ["二"]))
+    # The second round is sealed and in memory while the first one's COMMIT runs, and
+    # neither caller is answered before its own round is durable.
+    await eventually(lambda: mie.rooms.vector(room) == {"mie-pref": 3})
+    await asyncio.sleep(0.3)
+    assert not one.done() and not two.done()
+    gate.set()
+    first, second = await one, await two
+    assert commits == ["held", "written", "written"]
+    assert texts(await timeline(mie, room)) == ["一", "二"]
+    assert (await timeline_ids(mie, room))[1:] == [*first, *second]  # each its own round's
+    await eventually(holds(tsu, room, 3))
+    assert texts(await timeline(tsu, room)) == ["一", "二"]
+    assert_once(applied, "tsu", await timeline_ids(tsu, room))
+
+
+async def test_the_next_round_of_local_sends_waits_while_the_last_ones_statements_run(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, _, room = await _room_with_tsu(cluster)
+    gate, commits = _first_commit_held(mie, monkeypatch)
+    one = asyncio.create_task(mie.rooms.send(room, ["一"]))
+    await eventually(lambda: commits == ["held"])
+    two = asyncio.create_task(mie.rooms.send(room, ["二"]))
+    await asyncio.sleep(0.3)
+    assert mie.rooms.vector(room) == {"mie-pref": 2}  # the second is not sealed yet
+    gate.set()
+    await one
+    await two
+    assert commits == ["held", "written", "written"]
+    assert texts(await timeline(mie, room)) == ["一", "二"]
+
+
+async def test_a_failed_commit_fails_the_round_of_local_sends_sealed_during_it(
+    cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mie, tsu, room = await _room_with_tsu(cluster)
+    before = await timeline_ids(mie, room)
+    gate, commits = _first_commit_held(mie, monkeypatch, fails=True, at_commit=True)
+    one = asyncio.create_task(mie.rooms.send(room, ["一"]))
+    await eventually(lambda: commits == ["held"])
+    two = asyncio.create_task(mie.rooms.send(room, ["二"]))
+    await eventually(lambda: mie.rooms.vector(room) == {"mie-pref": 3})
+    gate.set()
+    with pytest.raises(KakehashiError) as failed:
+        await one
+    assert failed.value.code == "disk_full"
+    with pytest.raises(KakehashiError) as after:
+        await two
+    assert after.value.code == "commit_failed"
+    assert commits == ["held", "failed"]  # the second was not written on top of it
+    # Memory was rebuilt from disk; nothing of either round was kept or handed on, so
+    # the next message takes the first round's place, and tsu gets only that one.
+    assert mie.rooms.vector(room) == {"mie-pref": 1}
+    assert await timeline_ids(mie, room) == before
+    (three,) = await mie.rooms.send(room, ["三"])
+    assert mie.rooms.vector(room) == {"mie-pref": 2}
+    await eventually(holds(tsu, room, 2))
+    await asyncio.sleep(0.3)
+    assert texts(await timeline(tsu, room)) == ["三"]
+    assert (await timeline_ids(tsu, room))[-1] == three
     assert_once(applied, "tsu", await timeline_ids(tsu, room))
 
 
