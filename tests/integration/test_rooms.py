@@ -396,6 +396,21 @@ def _first_commit_held(
     return gate, commits
 
 
+async def _held_fails_and_the_next_is_not_written(
+    gate: asyncio.Event, commits: list[str], held: Awaitable[Any], planned_during: Awaitable[Any]
+) -> None:
+    """Release the held commit (`_first_commit_held(fails=True)`): it fails as a full disk
+    would, and the step planned while it was held fails unwritten after it."""
+    gate.set()
+    with pytest.raises(KakehashiError) as failed:
+        await held
+    assert failed.value.code == "disk_full"
+    with pytest.raises(KakehashiError) as after:
+        await planned_during
+    assert after.value.code == "commit_failed"
+    assert commits == ["held", "failed"]  # the second was not written on top of it
+
+
 async def test_a_batch_is_processed_while_the_one_before_commits_and_committed_after_it(
     cluster: Cluster, applied: Applied, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,14 +505,7 @@ async def test_a_failed_commit_fails_the_batches_planned_after_it_and_memory_fol
     await eventually(lambda: commits == ["held"])
     two = asyncio.create_task(_push(mie, "tsu", second))
     await eventually(lambda: tsu.rooms.vector(room) == {"mie-pref": 4})
-    gate.set()
-    with pytest.raises(KakehashiError) as failed:
-        await one
-    assert failed.value.code == "disk_full"
-    with pytest.raises(KakehashiError) as after:
-        await two
-    assert after.value.code == "commit_failed"
-    assert commits == ["held", "failed"]  # the second was not written on top of it
+    await _held_fails_and_the_next_is_not_written(gate, commits, one, two)
     # Memory was rebuilt from disk: neither batch is held, and none was applied.
     assert tsu.rooms.vector(room) == {"mie-pref": 1}
     assert len(await timeline_ids(tsu, room)) == 1
@@ -566,14 +574,7 @@ async def test_a_failed_commit_fails_the_round_of_local_sends_sealed_during_it(
     await eventually(lambda: commits == ["held"])
     two = asyncio.create_task(mie.rooms.send(room, ["二"]))
     await eventually(lambda: mie.rooms.vector(room) == {"mie-pref": 3})
-    gate.set()
-    with pytest.raises(KakehashiError) as failed:
-        await one
-    assert failed.value.code == "disk_full"
-    with pytest.raises(KakehashiError) as after:
-        await two
-    assert after.value.code == "commit_failed"
-    assert commits == ["held", "failed"]  # the second was not written on top of it
+    await _held_fails_and_the_next_is_not_written(gate, commits, one, two)
     # Memory was rebuilt from disk; nothing of either round was kept or handed on, so
     # the next message takes the first round's place, and tsu gets only that one.
     assert mie.rooms.vector(room) == {"mie-pref": 1}
