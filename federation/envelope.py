@@ -51,6 +51,7 @@ __all__ = [
     "complete_batches",
     "contents_in_series",
     "merkle_root",
+    "peek_id",
     "peek_place",
     "room_home",
     "root_from_path",
@@ -883,6 +884,19 @@ def peek_place(wire: bytes) -> tuple[str, str, int] | None:
     if type(room) is not str or type(origin) is not str or type(seq) is not int:
         return None
     return room, origin, seq
+
+
+def peek_id(wire: bytes) -> bytes | None:
+    """The id an encoded envelope would have (SHA-256 of its content bytes), read without
+    any check, or None if it cannot be read that far. Only for telling a repeat of an
+    envelope held from a different envelope claiming the same place (`peek_place`)."""
+    try:
+        content = codec.unpack(wire, ENVELOPE_LIMITS)["c"]
+    except (ProtocolError, TypeError, KeyError, IndexError):
+        return None
+    if type(content) is not bytes:
+        return None
+    return _sha256(content).digest()
 
 
 class RootCache:

@@ -10,7 +10,9 @@ never runs ahead of disk; the peer gets no acknowledgement and sends again.
 
 A peer's batch is acknowledged only after that transaction committed; duplicates
 are recognised by (room, origin, seq) in the version vector and dropped, which
-makes delivery exactly-once at every node.
+makes delivery exactly-once at every node. Once dropped, a duplicate's id is compared
+with that of the envelope held at its place: a different envelope there is refused and
+logged (tampered on the way, or signed twice by its origin: see `_check_repeats`).
 
 A node restored from a backup has forgotten the envelopes it made after the
 backup, but its peers have not: making new ones at once would reuse those
@@ -48,6 +50,7 @@ from federation.envelope import (
     check_room_id,
     complete_batches,
     contents_in_series,
+    peek_id,
     peek_place,
     room_home,
     seal_batch,
@@ -174,6 +177,9 @@ class _Step:
     accepted: list[Envelope] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     duplicates: int = 0
+    repeats: list[tuple[tuple[str, str, int], Envelope | bytes]] = field(default_factory=list)
+    """Envelopes dropped as duplicates by their place (room, origin, seq), decoded or as
+    received, for `RoomService._check_repeats`."""
     recipients: dict[str, tuple[RoomState, list[str]]] = field(default_factory=dict)
     """room -> its state and the nodes that an envelope made here in that state goes to
     (see `RoomService._recipients`)."""
@@ -1033,7 +1039,12 @@ class RoomService:
                     # under way; not now, the lock is ours) or as on its way in another
                     # batch. If that commit failed, or the other batch is not in yet, it
                     # goes the full way here.
-                    again = [wire for wire, place in held if not self._buffer.seen(*place)]
+                    again: list[bytes] = []
+                    for wire, place in held:
+                        if self._buffer.seen(*place):
+                            step.repeats.append((place, wire))
+                        else:
+                            again.append(wire)
                     if again:
                         more, more_refused = self._verified(peer, decode_here(again))
                         accepted += more
@@ -1042,6 +1053,7 @@ class RoomService:
                 self._take_in(accepted, step)
                 write = self._plan(step)
             await self._commit(write, step)
+            await self._check_repeats(peer, step)
         finally:
             self._unclaim(claimed)
             if decoded_ahead is not None:
@@ -1096,6 +1108,7 @@ class RoomService:
             step.outbox.extend((destination, envelope) for envelope in decoded)
             write = self._plan(step)
         await self._commit(write, step)
+        await self._check_repeats(peer, step)
         self._count(peer, step)
         return len(decoded), step.refused
 
@@ -1104,6 +1117,62 @@ class RoomService:
         if step.accepted:
             self.counts.accepted[peer] += len(step.accepted)
         self.counts.refused.update(refusal.code for refusal in step.refused)
+
+    async def _check_repeats(self, peer: str, step: _Step) -> None:
+        """Of the envelopes `step` dropped as duplicates by their place, refuse (and log)
+        those that are not the envelope this node holds at that place; they were never
+        applied. After the step committed: whichever step wrote the envelopes at those
+        places, they are durable by then, and read back by their unique key.
+
+        A copy whose content was changed on the way fails its origin's signature and is
+        refused as any tampered envelope is. One that verifies is a second envelope its
+        origin signed for the same place (equivocation: a node restored from an old backup
+        that did not wait for catch-up, or one that misbehaves). Nodes that took the other
+        one first show a different timeline there, so that is logged as an error
+        (`envelope_equivocation`) and refused with the code `equivocation`.
+
+        Free while nothing repeats; after an outage, when a peer's outbox pushes what
+        catch-up already pulled, one hash and one indexed lookup per repeat."""
+        repeats = step.repeats
+        if not repeats:
+            return
+        ids = [item.id if isinstance(item, Envelope) else peek_id(item) for _, item in repeats]
+        held = await self._rooms.ids_at(place for place, _ in repeats)
+        differing = [
+            (place, item)
+            for (place, item), envelope_id in zip(repeats, ids, strict=True)
+            if envelope_id is not None and held.get(place, envelope_id) != envelope_id
+        ]
+        if not differing:
+            return
+        step.duplicates -= len(differing)
+        signed = [item for _, item in differing if isinstance(item, Envelope)]
+        wires = [item for _, item in differing if not isinstance(item, Envelope)]
+        if wires:
+            accepted, refused = self._verified(peer, decode_here(wires))  # refusals logged
+            step.refused += refused
+            signed += accepted
+        for envelope in signed:
+            content = envelope.content
+            held_id = held[(content.room, content.origin, content.seq)].hex()[:16]
+            log.error(
+                "envelope_equivocation",
+                reason="equivocation",
+                peer=peer,
+                room=content.room,
+                origin=content.origin,
+                seq=content.seq,
+                envelope_id=envelope.id.hex()[:16],
+                held_id=held_id,
+            )
+            step.refused.append(
+                Refusal(
+                    envelope.id,
+                    "equivocation",
+                    f"{content.origin} signed another envelope for seq {content.seq} of "
+                    f"{content.room}: this node holds {held_id}",
+                )
+            )
 
     def _take_in(self, decoded: Sequence[Envelope], step: _Step) -> None:
         """Advance the clock past, note the rooms of, and process envelopes from a peer."""
@@ -1122,6 +1191,8 @@ class RoomService:
             offer = self._buffer.offer(envelope)
             if offer.status is OfferStatus.DUPLICATE:
                 step.duplicates += 1
+                content = envelope.content
+                step.repeats.append(((content.room, content.origin, content.seq), envelope))
                 continue
             if offer.status is OfferStatus.BUFFERED:
                 step.rows[envelope.id] = EnvelopeRow(envelope, Status.PENDING)

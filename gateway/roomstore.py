@@ -44,7 +44,7 @@ import structlog
 from federation.envelope import Envelope
 from federation.errors import KakehashiError
 
-from .envelopekeys import EnvelopeKeys
+from .envelopekeys import EnvelopeKeys, Place
 from .store import Store
 from .tasks import cancel_all
 
@@ -469,6 +469,16 @@ class RoomStore:
             streams.append([(r[0], r[1], r[2], bytes(r[3])) for r in rows])
         return _merged_page(streams, limit, max_bytes)
 
+    async def ids_at(self, places: Iterable[Place]) -> dict[Place, bytes]:
+        """The id of the envelope held at each of `places` (room, origin, seq) that holds
+        one: read on the read-only connection, so only what is committed. Point lookups
+        on the table's unique (room, origin, seq) key, the seqs of one room and origin
+        together."""
+        streams: dict[tuple[str, str], list[int]] = {}
+        for room, origin, seq in places:
+            streams.setdefault((room, origin), []).append(seq)
+        return await self._store.read_aside(_ids_at, streams)
+
     async def history(
         self, room: str, limit: int, before_hlc: int | None = None
     ) -> list[tuple[bytes, bytes]]:
@@ -502,6 +512,29 @@ class RoomStore:
             "SELECT room_id, SUM(status = 1), SUM(status = 0) FROM envelope GROUP BY room_id"
         )
         return {row[0]: (int(row[1] or 0), int(row[2] or 0)) for row in rows}
+
+
+_IDS_AT_CHUNK = 500
+"""Seqs one `ids_at` statement asks for at most (well within SQLite's parameter limit)."""
+
+
+def _ids_at(
+    connection: sqlite3.Connection, streams: Mapping[tuple[str, str], Sequence[int]]
+) -> dict[Place, bytes]:
+    """`RoomStore.ids_at` on the database thread."""
+    found: dict[Place, bytes] = {}
+    for (room, origin), seqs in streams.items():
+        unique = sorted(set(seqs))
+        for start in range(0, len(unique), _IDS_AT_CHUNK):
+            chunk = unique[start : start + _IDS_AT_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            for seq, envelope_id in connection.execute(
+                "SELECT seq, id FROM envelope WHERE room_id = ? AND origin = ? "  # noqa: S608
+                f"AND seq IN ({marks})",  # only question marks
+                (room, origin, *chunk),
+            ):
+                found[(room, origin, seq)] = bytes(envelope_id)
+    return found
 
 
 def _outbox_batch(

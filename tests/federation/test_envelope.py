@@ -27,6 +27,7 @@ from federation.envelope import (
     check_room_id,
     contents_in_series,
     merkle_root,
+    peek_id,
     peek_place,
     room_home,
     root_from_path,
@@ -1012,6 +1013,8 @@ def test_decoding_a_mutated_envelope_raises_only_protocol_error(
     # Peeking at its place never raises either: it reads a place or gives None.
     place = peek_place(bytes(data[:cut]))
     assert place is None or (type(place[0]) is str and type(place[2]) is int)
+    peeked = peek_id(bytes(data[:cut]))
+    assert peeked is None or len(peeked) == 32
     try:
         env = Envelope.from_bytes(bytes(data[:cut]))
     except ProtocolError:
@@ -1073,6 +1076,27 @@ def test_peek_place_reads_room_origin_and_seq_without_decoding_the_rest() -> Non
 )
 def test_peek_place_gives_none_for_what_it_cannot_read(data: bytes) -> None:
     assert peek_place(data) is None
+
+
+def test_peek_id_reads_the_id_the_full_decode_gives() -> None:
+    sealed = seal_batch([content(1), content(2, body={"text": "別の本文"})], KEY)
+    assert [peek_id(e.to_bytes()) for e in sealed] == [e.id for e in sealed]
+    assert sealed[0].id != sealed[1].id
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb(7),
+        msgpack.packb({"sig": b"x"}),
+        msgpack.packb({"c": "not bytes"}),
+    ],
+)
+def test_peek_id_gives_none_for_what_it_cannot_read(data: bytes) -> None:
+    assert peek_id(data) is None
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 200, 300])

@@ -1,5 +1,6 @@
 """Tests for the envelope queries of gateway.roomstore: history, pending and state, each
-answered from its own index (messages, other accepted kinds, envelopes still waiting)."""
+answered from its own index (messages, other accepted kinds, envelopes still waiting);
+the ids held at given places."""
 
 from __future__ import annotations
 
@@ -78,3 +79,20 @@ async def test_history_pending_and_state_read_the_right_envelopes_in_timeline_or
         by_seq = sorted(states, key=lambda e: e.content.seq)
         assert sorted(await rooms.state_envelopes(ROOM)) == sorted(e.to_bytes() for e in by_seq)
         assert await rooms.history("!otherroom:tsu", 10) == []
+
+
+async def test_ids_at_gives_the_id_held_at_each_place_and_leaves_out_places_with_none(
+    tmp_path: Path,
+) -> None:
+    # More seqs of one origin than one statement asks for, given out of order and twice.
+    envelopes = _stream("tsu", 1_200, 0) + _stream("ise", 30, 1)
+    async with Store(tmp_path / "node.db") as store:
+        rooms = RoomStore(store)
+        await rooms.load_positions()
+        rows = [EnvelopeRow(e, Status.ACCEPTED) for e in envelopes]
+        await store.write_all(rooms.plan_write(rows, [], [(ROOM, "tsu")], 1_000).statements)
+        held = {(e.content.room, e.content.origin, e.content.seq): e.id for e in envelopes}
+        asked = [*reversed(held), *held]
+        missing = [(ROOM, "tsu", 1_201), (ROOM, "nabari", 1), ("!otherroom:tsu", "tsu", 1)]
+        assert await rooms.ids_at(asked + missing) == held
+        assert await rooms.ids_at([]) == {}

@@ -134,7 +134,7 @@ async def post(s: Setup, sender: Node, receiver: Node, wires: Sequence[bytes]) -
 
 def logged(logs: list[dict[str, Any]], reason: str) -> list[dict[str, Any]]:
     """The refusal/rejection events with `reason` among captured log events."""
-    events = ("envelope_refused", "envelope_rejected")
+    events = ("envelope_refused", "envelope_rejected", "envelope_equivocation")
     return [e for e in logs if e["event"] in events and e.get("reason") == reason]
 
 
@@ -209,6 +209,65 @@ async def test_envelope_with_an_altered_inclusion_path_is_refused(setup: Setup) 
     # The untampered envelope of the same batch is still good: the refusal was the path's.
     answer = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
     assert (answer["accepted"], answer["refused"]) == (1, [])
+
+
+# --------------------------------------------------------------------------- repeats
+
+
+def altered(genuine: Envelope) -> Envelope:
+    """`genuine` with one byte of its signed content changed: the same place, another id."""
+    raw = codec.decode_map(genuine.to_bytes())
+    assert raw["c"].count(b"hello") == 1
+    raw["c"] = raw["c"].replace(b"hello", b"hellp")
+    return Envelope.from_bytes(codec.encode(raw))
+
+
+async def accepted_and_repeated(s: Setup, genuine: Envelope) -> None:
+    """Send `genuine` from tsu, then again: mie holds it, and takes tsu for a peer whose
+    batches repeat what it holds (it sets their envelopes aside before decoding them)."""
+    answer = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
+    assert (answer["accepted"], answer["refused"]) == (1, [])
+    again = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
+    assert (again["accepted"], again["duplicates"], again["refused"]) == (0, 1, [])
+
+
+async def test_a_tampered_copy_of_an_envelope_held_is_refused_though_set_aside_undecoded(
+    setup: Setup,
+) -> None:
+    # A copy for a place mie holds, from a peer whose batches repeat: it is set aside by
+    # its place without the full decode, then found to differ from the envelope held.
+    s = setup
+    (genuine,) = seal_batch([content(s.mie, s.room, "tsu", s.key("tsu"))], s.key("tsu"))
+    await accepted_and_repeated(s, genuine)
+    tampered = altered(genuine)
+    await assert_refused(s, tampered.to_bytes(), "bad_envelope_signature", envelope_id=tampered.id)
+    assert genuine.id in await timeline_ids(s.mie, s.room)
+    await assert_still_serving(s)
+
+
+@pytest.mark.parametrize("repeating", [False, True], ids=["decoded", "set-aside"])
+async def test_a_second_envelope_its_origin_signed_for_a_held_place_is_refused_as_equivocation(
+    setup: Setup, repeating: bool
+) -> None:
+    s = setup
+    first = content(s.mie, s.room, "tsu", s.key("tsu"))
+    (genuine,) = seal_batch([first], s.key("tsu"))
+    if repeating:
+        await accepted_and_repeated(s, genuine)
+    else:
+        answer = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
+        assert (answer["accepted"], answer["refused"]) == (1, [])
+    # tsu signs other content for the same seq (as a node restored from an old backup
+    # would if it did not wait for catch-up): validly signed, never applied.
+    (other,) = seal_batch([dataclasses.replace(first, body={"text": "別の内容"})], s.key("tsu"))
+    assert other.content.seq == genuine.content.seq and other.id != genuine.id
+    (event,) = await assert_refused(s, other.to_bytes(), "equivocation", envelope_id=other.id)
+    assert event["log_level"] == "error"
+    assert (event["origin"], event["seq"]) == ("tsu", genuine.content.seq)
+    assert event["held_id"] == genuine.id.hex()[:16]
+    assert genuine.id in await timeline_ids(s.mie, s.room)
+    assert s.mie.rooms.counts.refused["equivocation"] == 1
+    await assert_still_serving(s)
 
 
 # --------------------------------------------------------------------------- room rules

@@ -204,8 +204,8 @@ def test_a_tampering_relay_is_refused_and_catch_up_fills_the_gap(
         log_start = fed.log("town-a").stat().st_size
         batch = [f"town-b: 観光客数 {i}" for i in range(20)]
         # pref, the only other holder of genuine copies town-a can reach, is down until
-        # the tampered copies are in: a copy of a place town-a already holds is dropped
-        # as a duplicate unread, so only this order shows each one refused.
+        # the tampered copies are in: each is refused on its signature alone, with no
+        # genuine copy held to compare it with, and none is applied meanwhile.
         fed.kill("pref")
         try:
             fed.send("town-b", room, batch)
