@@ -891,9 +891,12 @@ def peek_id(wire: bytes) -> bytes | None:
     any check, or None if it cannot be read that far. Only for telling a repeat of an
     envelope held from a different envelope claiming the same place (`peek_place`)."""
     try:
-        content = codec.unpack(wire, ENVELOPE_LIMITS)["c"]
-    except (ProtocolError, TypeError, KeyError, IndexError):
-        return None
+        content = _FRAME_DECODER.decode(wire).c  # the common framing, read fast
+    except _MSGSPEC_ERRORS:
+        try:
+            content = codec.unpack(wire, ENVELOPE_LIMITS)["c"]
+        except (ProtocolError, TypeError, KeyError, IndexError):
+            return None
     if type(content) is not bytes:
         return None
     return _sha256(content).digest()
