@@ -348,9 +348,12 @@ class Federation:
         return f"--- {path} (last {lines} lines) ---\n" + "\n".join(text[-lines:])
 
     def log_problems(self) -> dict[str, list[str]]:
-        """Lines of node logs that mean a bug rather than a crash: tracebacks, failed tasks."""
+        """Lines of node logs that mean a bug rather than a crash: tracebacks, failed tasks,
+        an envelope taken for a second one its origin signed for the same place (no node
+        here signs twice, however it is killed)."""
         markers = (
             "Traceback",
+            '"envelope_equivocation"',
             '"sender_failed"',
             '"catch_up_failed"',
             '"handler_failed"',
