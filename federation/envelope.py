@@ -871,14 +871,47 @@ def screen(wires: Sequence[bytes]) -> list[Screened]:
     return verdicts
 
 
+class _Place(msgspec.Struct):
+    """The fields of signed content that say where an envelope belongs (the others are
+    skipped unread)."""
+
+    room: str
+    origin: str
+    seq: int
+
+
+_PLACE_DECODER = msgspec.msgpack.Decoder(_Place)
+
+
+def _peek_content(wire: bytes) -> bytes | None:
+    """The content bytes of an encoded envelope, read without any check, or None."""
+    try:
+        return _FRAME_DECODER.decode(wire).c  # the common framing, read fast
+    except _MSGSPEC_ERRORS:
+        pass
+    try:
+        content = codec.unpack(wire, ENVELOPE_LIMITS)["c"]
+    except (ProtocolError, TypeError, KeyError, IndexError):
+        return None
+    return content if type(content) is bytes else None
+
+
 def peek_place(wire: bytes) -> tuple[str, str, int] | None:
     """(room, origin, seq) an encoded envelope claims, read without any check, or None if
     it cannot be read that far. Only for dropping what is already held before paying for
     a full decode: nothing read here may be trusted for anything else."""
+    content = _peek_content(wire)
+    if content is None:
+        return None
     try:
-        outer = codec.unpack(wire, ENVELOPE_LIMITS)
-        content = codec.unpack(outer["c"], ENVELOPE_LIMITS)
-        room, origin, seq = content["room"], content["origin"], content["seq"]
+        place = _PLACE_DECODER.decode(content)
+    except _MSGSPEC_ERRORS:
+        pass
+    else:
+        return place.room, place.origin, place.seq
+    try:
+        fields = codec.unpack(content, ENVELOPE_LIMITS)
+        room, origin, seq = fields["room"], fields["origin"], fields["seq"]
     except (ProtocolError, TypeError, KeyError, IndexError):
         return None
     if type(room) is not str or type(origin) is not str or type(seq) is not int:
@@ -890,16 +923,8 @@ def peek_id(wire: bytes) -> bytes | None:
     """The id an encoded envelope would have (SHA-256 of its content bytes), read without
     any check, or None if it cannot be read that far. Only for telling a repeat of an
     envelope held from a different envelope claiming the same place (`peek_place`)."""
-    try:
-        content = _FRAME_DECODER.decode(wire).c  # the common framing, read fast
-    except _MSGSPEC_ERRORS:
-        try:
-            content = codec.unpack(wire, ENVELOPE_LIMITS)["c"]
-        except (ProtocolError, TypeError, KeyError, IndexError):
-            return None
-    if type(content) is not bytes:
-        return None
-    return _sha256(content).digest()
+    content = _peek_content(wire)
+    return None if content is None else _sha256(content).digest()
 
 
 class RootCache:
