@@ -331,6 +331,7 @@ class Node:
             on_enqueued=lambda queued: self.outbox.enqueued(queued),
             decoder=Decoder(use_helper=self.config.decode_helper),
         )
+        self._rooms.audit_refusal = self._audit.refused  # an origin that signed twice
         self._streams = PeerStreams(self._client, enabled=self.config.streams)
         self._outbox = Outbox(
             store=self._rooms.store,

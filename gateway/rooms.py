@@ -278,6 +278,9 @@ class RoomService:
         """Rounds of local sends waiting for their commit (see `_flush_local`)."""
         self._unanswered: list[Envelope] = []
         self.counts = EnvelopeCounts()
+        self.audit_refusal: Callable[..., None] | None = None
+        """Where a refusal that is evidence against a member node is recorded (the node's
+        audit log, `AuditLog.refused`, once it runs): a reason, then fields."""
         self._answered: set[bytes] = set()
         self._repeating: set[str] = set()
         """Peers whose last batch held duplicates (see `receive`)."""
@@ -1129,7 +1132,8 @@ class RoomService:
         origin signed for the same place (equivocation: a node restored from an old backup
         that did not wait for catch-up, or one that misbehaves). Nodes that took the other
         one first show a different timeline there, so that is logged as an error
-        (`envelope_equivocation`) and refused with the code `equivocation`.
+        (`envelope_equivocation`), refused with the code `equivocation`, and recorded in
+        the audit log against the origin (`audit_refusal`).
 
         Free while nothing repeats; after an outage, when a peer's outbox pushes what
         catch-up already pulled, one hash and one indexed lookup per repeat."""
@@ -1155,6 +1159,12 @@ class RoomService:
         for envelope in signed:
             content = envelope.content
             held_id = held[(content.room, content.origin, content.seq)].hex()[:16]
+            message = (
+                f"{content.origin} signed another envelope for seq {content.seq} of "
+                f"{content.room}: this node holds {held_id}"
+            )
+            if self.audit_refusal is not None:
+                self.audit_refusal("equivocation", peer=content.origin, message=message)
             log.error(
                 "envelope_equivocation",
                 reason="equivocation",
@@ -1165,14 +1175,7 @@ class RoomService:
                 envelope_id=envelope.id.hex()[:16],
                 held_id=held_id,
             )
-            step.refused.append(
-                Refusal(
-                    envelope.id,
-                    "equivocation",
-                    f"{content.origin} signed another envelope for seq {content.seq} of "
-                    f"{content.room}: this node holds {held_id}",
-                )
-            )
+            step.refused.append(Refusal(envelope.id, "equivocation", message))
 
     def _take_in(self, decoded: Sequence[Envelope], step: _Step) -> None:
         """Advance the clock past, note the rooms of, and process envelopes from a peer."""

@@ -20,6 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from federation import codec
+from federation.audit import AuditRecord
 from federation.envelope import (
     SIGNING_CONTEXT,
     Content,
@@ -31,6 +32,7 @@ from federation.envelope import (
 )
 from federation.errors import KakehashiError, ProtocolError
 from federation.signing import SigningKey
+from gateway.audit import read_records
 from gateway.node import Node
 
 from .conftest import Cluster, eventually
@@ -267,7 +269,22 @@ async def test_a_second_envelope_its_origin_signed_for_a_held_place_is_refused_a
     assert event["held_id"] == genuine.id.hex()[:16]
     assert genuine.id in await timeline_ids(s.mie, s.room)
     assert s.mie.rooms.counts.refused["equivocation"] == 1
+    # Evidence against tsu, in mie's audit log: the origin, not the peer that brought it.
+    await eventually(lambda: equivocations(s.mie) != [])
+    (record,) = equivocations(s.mie)
+    assert record["source"] == "tsu"
+    assert genuine.id.hex()[:16] in record["message"]
     await assert_still_serving(s)
+
+
+def equivocations(node: Node) -> list[dict[str, Any]]:
+    """The fields of `node`'s audit records of refused equivocations."""
+    records = [
+        dict(r.fields)
+        for r in read_records(node.home.database, event="peer_refused")
+        if isinstance(r, AuditRecord)
+    ]
+    return [fields for fields in records if fields.get("reason") == "equivocation"]
 
 
 # --------------------------------------------------------------------------- room rules
