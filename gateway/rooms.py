@@ -1136,12 +1136,21 @@ class RoomService:
         the audit log against the origin (`audit_refusal`).
 
         Free while nothing repeats; after an outage, when a peer's outbox pushes what
-        catch-up already pulled, one hash and one indexed lookup per repeat."""
+        catch-up already pulled, one hash and one indexed lookup per repeat. If that
+        lookup fails, the repeats are logged as not checked (`repeats_not_checked`)."""
         repeats = step.repeats
         if not repeats:
             return
         ids = [item.id if isinstance(item, Envelope) else peek_id(item) for _, item in repeats]
-        held = await self._rooms.ids_at(place for place, _ in repeats)
+        try:
+            held = await self._rooms.ids_at(place for place, _ in repeats)
+        except StorageError as exc:
+            # The step is committed and nothing it dropped was applied: the batch is
+            # answered as it is, rather than sent again and again for a check.
+            log.warning(
+                "repeats_not_checked", peer=peer, count=len(repeats), code=exc.code, error=str(exc)
+            )
+            return
         differing = [
             (place, item)
             for (place, item), envelope_id in zip(repeats, ids, strict=True)

@@ -30,10 +30,11 @@ from federation.envelope import (
     room_home,
     seal_batch,
 )
-from federation.errors import KakehashiError, ProtocolError
+from federation.errors import KakehashiError, ProtocolError, StorageError
 from federation.signing import SigningKey
 from gateway.audit import read_records
 from gateway.node import Node
+from gateway.roomstore import RoomStore
 
 from .conftest import Cluster, eventually
 
@@ -274,6 +275,31 @@ async def test_a_second_envelope_its_origin_signed_for_a_held_place_is_refused_a
     (record,) = equivocations(s.mie)
     assert record["source"] == "tsu"
     assert genuine.id.hex()[:16] in record["message"]
+    await assert_still_serving(s)
+
+
+async def test_a_batch_whose_repeats_cannot_be_checked_is_answered_and_nothing_applied(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = setup
+    first = content(s.mie, s.room, "tsu", s.key("tsu"))
+    (genuine,) = seal_batch([first], s.key("tsu"))
+    answer = await post(s, s.tsu, s.mie, [genuine.to_bytes()])
+    assert (answer["accepted"], answer["refused"]) == (1, [])
+    (other,) = seal_batch([dataclasses.replace(first, body={"text": "別の内容"})], s.key("tsu"))
+
+    async def failing(self: RoomStore, places: object) -> dict[object, bytes]:
+        raise StorageError("database error: disk I/O error", code="database_error")
+
+    monkeypatch.setattr(RoomStore, "ids_at", failing)
+    with capture_logs() as logs:
+        answer = await post(s, s.tsu, s.mie, [other.to_bytes()])
+    # Committed as a duplicate (nothing applied); the check is logged as not done.
+    assert (answer["accepted"], answer["duplicates"], answer["refused"]) == (0, 1, [])
+    (event,) = [e for e in logs if e["event"] == "repeats_not_checked"]
+    assert (event["peer"], event["count"], event["code"]) == ("tsu", 1, "database_error")
+    assert other.id not in await timeline_ids(s.mie, s.room)
+    monkeypatch.undo()
     await assert_still_serving(s)
 
 
