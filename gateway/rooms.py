@@ -1056,11 +1056,11 @@ class RoomService:
                 self._take_in(accepted, step)
                 write = self._plan(step)
             await self._commit(write, step)
-            await self._check_repeats(peer, step)
         finally:
             self._unclaim(claimed)
             if decoded_ahead is not None:
                 self.release(decoded_ahead)
+        await self._check_repeats(peer, step)  # with the claims released: only a read
         if step.duplicates:
             self._repeating.add(peer)
         else:
