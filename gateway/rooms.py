@@ -656,9 +656,7 @@ class RoomService:
                         except KakehashiError as exc:
                             # Refused before anything entered memory (e.g. too large
                             # to seal): this room's callers fail, the others go on.
-                            for _, _, future in group:
-                                if not future.done():
-                                    future.set_exception(exc)
+                            _fail_local(group, exc)
                     write = self._plan(step)
             except BaseException as exc:
                 _fail_local(requests, exc)
